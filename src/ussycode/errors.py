@@ -1,0 +1,101 @@
+"""The one error tree of ussycode.
+
+Every error a person can cause or see derives from :class:`UssyError`; each frontend renders it its own way
+(``error: …`` on SSH, ``{"error", "code"}`` over HTTP, a page in the admin panel)::
+
+    UssyError                 user_message, log_message, reason, http_status, exit_code
+    ├── UsageError            bad arguments (exit 2, HTTP 400)
+    ├── NotFound              no such VM, key, user… (HTTP 404)
+    ├── Conflict              name taken, wrong state (HTTP 409)
+    │   └── StateError        a lifecycle call in a state that does not allow it
+    ├── Forbidden             not allowed for this actor (HTTP 403)
+    ├── QuotaExceeded         over a trust-tier limit (HTTP 403)
+    ├── RateLimited           too many requests (HTTP 429, carries retry_after)
+    ├── Unauthenticated       no or bad credentials (HTTP 401)
+    └── RuntimeFailure        a backend failed; carries evidence (command line, console tail)
+        └── ImageError        an image is missing, corrupt or could not be built
+"""
+
+from __future__ import annotations
+
+
+class UssyError(Exception):
+    """Base error: a user-facing message, a log message with detail, and a machine reason."""
+
+    http_status = 400
+    exit_code = 1
+    reason = "error"
+
+    def __init__(self, user_message: str, *, log_message: str = "", reason: str | None = None) -> None:
+        super().__init__(user_message)
+        self.user_message = user_message
+        self.log_message = log_message or user_message
+        if reason is not None:
+            self.reason = reason
+
+
+class UsageError(UssyError):
+    http_status = 400
+    exit_code = 2
+    reason = "usage"
+
+    def __init__(self, user_message: str, *, usage: str = "", **kw: str) -> None:
+        super().__init__(user_message, **kw)
+        self.usage = usage
+
+
+class NotFound(UssyError):
+    http_status = 404
+    reason = "not_found"
+
+
+class Conflict(UssyError):
+    http_status = 409
+    reason = "conflict"
+
+
+class StateError(Conflict):
+    reason = "wrong_state"
+
+
+class Forbidden(UssyError):
+    http_status = 403
+    reason = "forbidden"
+
+
+class QuotaExceeded(Forbidden):
+    reason = "quota"
+
+
+class Unauthenticated(UssyError):
+    http_status = 401
+    reason = "unauthenticated"
+
+
+class RateLimited(UssyError):
+    http_status = 429
+    reason = "rate_limited"
+
+    def __init__(self, user_message: str, *, retry_after: float, **kw: str) -> None:
+        super().__init__(user_message, **kw)
+        self.retry_after = retry_after
+
+
+class RuntimeFailure(UssyError):
+    """A backend failed. ``evidence`` carries what helps a person fix it (argv, console tail)."""
+
+    http_status = 500
+    reason = "runtime"
+
+    def __init__(self, user_message: str, *, evidence: str = "", **kw: str) -> None:
+        super().__init__(user_message, **kw)
+        self.evidence = evidence
+
+    def __str__(self) -> str:
+        if self.evidence:
+            return f"{self.user_message}\n{self.evidence}"
+        return self.user_message
+
+
+class ImageError(RuntimeFailure):
+    reason = "image"

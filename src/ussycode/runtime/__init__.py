@@ -1,0 +1,1 @@
+"""VM backends. Each implements :class:`ussycode.runtime.base.Runtime`."""

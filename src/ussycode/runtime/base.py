@@ -1,0 +1,95 @@
+"""The runtime interface every VM backend implements.
+
+A runtime turns a :class:`~ussycode.types.VmSpec` into a running machine and back. The core owns all state: what
+a runtime needs to find its VM again after the server restarts goes into the JSON blob returned by
+:meth:`Runtime.get_state`, which the core stores in the DB and hands back to :meth:`Runtime.load_state`.
+
+An implementation **must**:
+
+- ``create(spec)``: make the VM's persistent disk from the image (the disk size is a hard limit). Not started.
+- ``start(vm_id)``: boot it; return only when the guest's sshd accepts connections on port 22, or raise
+  :class:`~ussycode.errors.RuntimeFailure` carrying the command line and console tail. Idempotent when running.
+- ``stop(vm_id)``: shut it down in order (then kill after a timeout); the disk survives. Idempotent.
+- ``destroy(vm_id)``: stop it and remove everything it owns on the host (disk, mounts, namespaces, sockets).
+- ``status(vm_id)``: what is true now (``RUNNING`` or ``STOPPED``; ``ERROR`` if it cannot tell).
+- ``open_connection(vm_id, port)``: a TCP stream to ``port`` inside the VM, made from the host side without
+  routing to a guest address (a socket made inside the VM's network namespace, a vsock, a unix forwarder).
+- ``copy_disk(src_id, dst_spec)``: a new, independent VM disk with the source's contents (the source is stopped).
+- ``exec(vm_id, argv, ...)``: run a process in the guest with pipes (used by tests, the doctor and init tasks).
+- ``get_state(vm_id)`` / ``load_state(vm_id, state)``: re-attach to a running VM after a server restart.
+
+An implementation **may** override ``check()`` to say whether it can run on this host (``doctor`` prints it).
+Guest contract: user ``ussycode`` (uid 1000, passwordless sudo), sshd on port 22 accepting the gateway key, the
+whole root filesystem persists across stop/start, environment from the spec in login shells.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+from ussycode.types import VmSpec, VmStatus
+
+
+@dataclass(frozen=True)
+class HostCheck:
+    ok: bool
+    reason: str
+
+
+@dataclass
+class ExecResult:
+    exit_status: int
+    stdout: bytes
+    stderr: bytes
+
+
+class Runtime(abc.ABC):
+    name: str = "abstract"
+
+    @classmethod
+    def check(cls) -> HostCheck:
+        """Whether this runtime can run on this host, with a reason a person can act on."""
+        return HostCheck(True, "available")
+
+    @abc.abstractmethod
+    async def create(self, spec: VmSpec) -> None: ...
+
+    @abc.abstractmethod
+    async def start(self, spec: VmSpec) -> None: ...
+
+    @abc.abstractmethod
+    async def stop(self, vm_id: str, timeout: float = 10.0) -> None: ...
+
+    @abc.abstractmethod
+    async def destroy(self, vm_id: str) -> None: ...
+
+    @abc.abstractmethod
+    async def status(self, vm_id: str) -> VmStatus: ...
+
+    @abc.abstractmethod
+    async def open_connection(self, vm_id: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        ...
+
+    @abc.abstractmethod
+    async def copy_disk(self, src_id: str, dst: VmSpec) -> None: ...
+
+    @abc.abstractmethod
+    async def exec(
+        self, vm_id: str, argv: list[str], *, stdin: bytes = b"", user: str = "ussycode", timeout: float = 60.0
+    ) -> ExecResult: ...
+
+    @abc.abstractmethod
+    def get_state(self, vm_id: str) -> dict[str, Any]: ...
+
+    @abc.abstractmethod
+    async def load_state(self, vm_id: str, state: dict[str, Any]) -> None: ...
+
+    async def disk_usage(self, vm_id: str) -> int:
+        """Bytes the VM's disk really occupies on the host (sparse-aware). Optional."""
+        return 0
+
+    async def close(self) -> None:
+        """Release host resources held by the server process (not the VMs: they keep running)."""
