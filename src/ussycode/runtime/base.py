@@ -12,7 +12,7 @@ An implementation **must**:
 - ``stop(vm_id)``: shut it down in order (then kill after a timeout); the disk survives. Idempotent.
 - ``destroy(vm_id)``: stop it and remove everything it owns on the host (disk, mounts, namespaces, sockets).
 - ``status(vm_id)``: what is true now (``RUNNING`` or ``STOPPED``; ``ERROR`` if it cannot tell).
-- ``open_connection(vm_id, port)``: a TCP stream to ``port`` inside the VM, made from the host side without
+- ``open_socket(vm_id, port)`` (and so ``open_connection``): a TCP connection to ``port`` inside the VM, made from the host side without
   routing to a guest address (a socket made inside the VM's network namespace, a vsock, a unix forwarder).
 - ``copy_disk(src_id, dst_spec)``: a new, independent VM disk with the source's contents (the source is stopped).
 - ``exec(vm_id, argv, ...)``: run a process in the guest with pipes (used by tests, the doctor and init tasks).
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,9 +70,14 @@ class Runtime(abc.ABC):
     @abc.abstractmethod
     async def status(self, vm_id: str) -> VmStatus: ...
 
-    @abc.abstractmethod
+    async def open_socket(self, vm_id: str, port: int) -> socket.socket:
+        """A connected, non-blocking socket to ``port`` inside the VM (the gateway hands it to asyncssh)."""
+        raise NotImplementedError(f"{self.name} runtime cannot open sockets into VMs")
+
     async def open_connection(self, vm_id: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        ...
+        """Streams to ``port`` inside the VM; by default over :meth:`open_socket`."""
+        sock = await self.open_socket(vm_id, port)
+        return await asyncio.open_connection(sock=sock)
 
     @abc.abstractmethod
     async def copy_disk(self, src_id: str, dst: VmSpec) -> None: ...
