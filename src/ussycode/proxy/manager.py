@@ -1,0 +1,212 @@
+"""The Caddy process: a managed child (``caddy run --config``) or an existing Caddy we attach to.
+
+A managed Caddy keeps everything under ``<data-dir>/caddy``: the config we start it with, its admin socket,
+its log, and (through ``XDG_DATA_HOME``/``XDG_CONFIG_HOME`` and the config's ``storage``) its local CA and
+certificates. Start waits until the admin API answers and the config is loaded; a failure raises
+:class:`~ussycode.errors.RuntimeFailure` carrying the command line and the tail of Caddy's log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import json
+import os
+import shutil
+import signal
+from pathlib import Path
+
+from ussycode.errors import RuntimeFailure, StateError
+from ussycode.proxy.caddy import CaddyAdmin
+from ussycode.proxy.routes import JSON
+
+MAX_UNIX_PATH = 107
+
+
+class CaddyState(enum.StrEnum):
+    NEW = "new"
+    RUNNING = "running"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+class ManagedCaddy:
+    """A child ``caddy run`` owned by this server.
+
+    ``config`` comes from :func:`ussycode.proxy.routes.build_config`; its ``admin.listen`` and ``storage`` are
+    filled in here (unix socket and storage under ``base_dir``) unless already set.
+    """
+
+    def __init__(
+        self, base_dir: Path, config: JSON, *, caddy_bin: str = "caddy", ready_timeout: float = 15.0
+    ) -> None:
+        self.base_dir = Path(base_dir)
+        self.caddy_bin = caddy_bin
+        self.ready_timeout = ready_timeout
+        self.state = CaddyState.NEW
+        self.config_path = self.base_dir / "config.json"
+        self.log_path = self.base_dir / "caddy.log"
+        self.admin_socket = self.base_dir / "admin.sock"
+        self.storage_dir = self.base_dir / "data" / "caddy"
+        self.config = json.loads(json.dumps(config))
+        admin_cfg = self.config.setdefault("admin", {})
+        admin_cfg.setdefault("listen", f"unix/{self.admin_socket}")
+        admin_cfg.setdefault("config", {"persist": False})
+        self.config.setdefault("storage", {"module": "file_system", "root": str(self.storage_dir)})
+        self.admin_address: str = admin_cfg["listen"]
+        self._proc: asyncio.subprocess.Process | None = None
+        self.admin: CaddyAdmin | None = None
+
+    @property
+    def argv(self) -> list[str]:
+        return [self.caddy_bin, "run", "--config", str(self.config_path)]
+
+    @property
+    def root_ca_path(self) -> Path:
+        """The local CA's root certificate (``--tls internal``); exists once Caddy issued a certificate."""
+        root = Path(self.config.get("storage", {}).get("root", str(self.storage_dir)))
+        return root / "pki" / "authorities" / "local" / "root.crt"
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+    def _failure(self, message: str) -> RuntimeFailure:
+        self.state = CaddyState.FAILED
+        return RuntimeFailure(
+            message,
+            log_message=f"{message}: {' '.join(self.argv)}",
+            evidence=f"command: {' '.join(self.argv)}\nlog ({self.log_path}):\n{self.log_tail()}",
+        )
+
+    async def start(self) -> CaddyAdmin:
+        """Start Caddy and return its admin client once the admin API answers with our config loaded."""
+        if self.state is CaddyState.RUNNING:
+            raise StateError("the managed Caddy is already running")
+        if shutil.which(self.caddy_bin) is None:
+            raise RuntimeFailure(
+                f"caddy not found ({self.caddy_bin}); install it with: apt-get install -y caddy",
+                reason="caddy_missing",
+            )
+        if self.admin_address.startswith("unix/") and len(str(self.admin_socket)) > MAX_UNIX_PATH:
+            raise RuntimeFailure(
+                f"Caddy admin socket path too long: {self.admin_socket}; use a shorter data dir"
+            )
+        self.base_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.storage_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with contextlib.suppress(FileNotFoundError):
+            self.admin_socket.unlink()
+        self.config_path.write_text(json.dumps(self.config, indent=1))
+        env = dict(os.environ)
+        env["XDG_DATA_HOME"] = str(self.base_dir / "data")
+        env["XDG_CONFIG_HOME"] = str(self.base_dir / "config")
+        env["HOME"] = str(self.base_dir)
+        with self.log_path.open("ab") as log_file:
+            self._proc = await asyncio.create_subprocess_exec(
+                *self.argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=log_file,
+                env=env,
+                start_new_session=True,  # a terminal's Ctrl-C reaches us, and we stop Caddy in order
+            )
+        self.admin = CaddyAdmin(self.admin_address)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.ready_timeout
+        while True:
+            if self._proc.returncode is not None:
+                await self.admin.aclose()
+                raise self._failure(f"Caddy exited at start-up with status {self._proc.returncode}")
+            # The admin API comes up before the apps: ready means our listeners accept connections too.
+            if await self.admin.ping() and await self._listeners_up():
+                break
+            if loop.time() > deadline:
+                await self.stop()
+                raise self._failure(f"Caddy did not become ready in {self.ready_timeout:.0f} s")
+            await asyncio.sleep(0.05)
+        # Someone else on our port also "accepts": Caddy then exits right after its bind fails.
+        await asyncio.sleep(0.1)
+        if self._proc.returncode is not None:
+            await self.admin.aclose()
+            raise self._failure(f"Caddy exited at start-up with status {self._proc.returncode}")
+        self.state = CaddyState.RUNNING
+        return self.admin
+
+    def _listen_addresses(self) -> list[tuple[str, int]]:
+        result = []
+        for server in self.config.get("apps", {}).get("http", {}).get("servers", {}).values():
+            for addr in server.get("listen", []):
+                host, _, port = str(addr).rpartition(":")
+                host = host.strip("[]") or "127.0.0.1"
+                if host in ("0.0.0.0", "::"):
+                    host = "127.0.0.1" if host == "0.0.0.0" else "::1"
+                if port.isdigit() and int(port) > 0:
+                    result.append((host, int(port)))
+        return result
+
+    async def _listeners_up(self) -> bool:
+        for host, port in self._listen_addresses():
+            try:
+                _, writer = await asyncio.open_connection(host, port)
+            except OSError:
+                return False
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+        return True
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM, wait up to ``grace`` seconds, then SIGKILL. Idempotent."""
+        proc, self._proc = self._proc, None
+        if self.admin is not None:
+            await self.admin.aclose()
+            self.admin = None
+        if proc is not None and proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), grace)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+        if self.state is not CaddyState.FAILED:
+            self.state = CaddyState.STOPPED
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+
+class ExternalCaddy:
+    """An existing Caddy (``--caddy-admin``): we add our server to it and never stop it."""
+
+    def __init__(self, admin_address: str, server: JSON, apps: JSON | None = None) -> None:
+        self.admin_address = admin_address
+        self.server = server
+        self.apps = apps
+        self.admin: CaddyAdmin | None = None
+        self.state = CaddyState.NEW
+
+    async def start(self) -> CaddyAdmin:
+        admin = CaddyAdmin(self.admin_address)
+        if not await admin.ping():
+            await admin.aclose()
+            raise RuntimeFailure(
+                f"no Caddy admin API answers at {self.admin_address} (--caddy-admin)",
+                reason="caddy_unreachable",
+            )
+        await admin.ensure_server(self.server, self.apps)
+        self.admin = admin
+        self.state = CaddyState.RUNNING
+        return admin
+
+    async def stop(self, grace: float = 10.0) -> None:
+        if self.admin is not None:
+            await self.admin.aclose()
+            self.admin = None
+        self.state = CaddyState.STOPPED

@@ -1,0 +1,325 @@
+"""Pure builders: :class:`Route` and :class:`ServerSettings` -> Caddy JSON. No I/O here.
+
+Every route we own carries ``@id`` = ``ussycode-<kind>-<host>`` so the admin client can find, replace and
+delete it without touching anyone else's routes. Each route, in order:
+
+1. deletes every client-sent ``X-Ussy-*`` request header (identity headers come only from forward-auth);
+2. for a private route, asks the forward-auth endpoint (Caddy's ``forward_auth`` Caddyfile directive, expanded
+   by hand because Caddy's JSON has no such handler: a ``reverse_proxy`` with ``rewrite`` GET + URI and a
+   ``handle_response`` for 2xx that copies the identity headers onto the request). Any non-2xx answer (login
+   redirect, 401 JSON, 403, 404, share-link cookie redirect) goes back to the client as is;
+3. proxies to the upstream (a port bridge's unix socket, or the app server for the apex) with
+   ``X-Forwarded-Proto``/``X-Forwarded-Host`` set from what Caddy itself saw, and streaming flushes.
+
+The server config ends with a catch-all route (``ussycode-catchall``, unknown host -> 404) and an error
+handler that turns a 502 from a VM route (the bridge refused: VM stopped or nothing listening) into a page.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+JSON = dict[str, Any]
+
+ROUTE_ID_PREFIX = "ussycode-"
+CATCHALL_ID = "ussycode-catchall"
+SERVER_NAME = "ussycode"
+
+# Headers forward-auth may set on the request to the VM. Client-sent copies never get through.
+IDENTITY_HEADERS = ("X-Ussy-User-Id", "X-Ussy-Handle", "X-Ussy-Email", "X-Ussy-Access")
+
+_HOST_RE = re.compile(
+    r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$"
+)
+
+NOT_FOUND_HTML = (
+    "<!doctype html><html><head><title>No such VM</title></head><body>"
+    "<h1>404 &mdash; no such VM</h1><p>Nothing is served at this address. Check the name with "
+    "<code>ls</code> in the ussycode lobby.</p></body></html>\n"
+)
+VM_DOWN_HTML = (
+    "<!doctype html><html><head><title>VM not answering</title></head><body>"
+    "<h1>This VM is not answering</h1><p>The VM is stopped, or nothing listens on this port inside it. "
+    "Start it with <code>start &lt;vm&gt;</code> in the ussycode lobby, and make sure your app listens on "
+    "<code>0.0.0.0:8080</code> (or the port in the URL).</p></body></html>\n"
+)
+
+
+class RouteKind(enum.StrEnum):
+    VM = "vm"  # <vm>.<domain> -> the VM's port 8080
+    PORT = "port"  # <port>-<vm>.<domain> -> another port of the VM
+    CNAME = "cname"  # a verified custom domain -> the VM's port 8080
+    APEX = "apex"  # <domain> -> the app server (API, login, forward-auth)
+
+
+class TlsMode(enum.StrEnum):
+    INTERNAL = "internal"
+    ACME = "acme"
+    OFF = "off"
+
+
+def valid_host(host: str) -> bool:
+    """A lower-case ASCII DNS name (punycode allowed), no port, no trailing dot."""
+    return bool(_HOST_RE.match(host))
+
+
+@dataclass(frozen=True)
+class Route:
+    """One host served by Caddy.
+
+    ``upstream`` is a Caddy dial address: ``unix//abs/path.sock`` for a port bridge, ``127.0.0.1:8080`` for
+    the app server. ``auth_url`` is the forward-auth endpoint (``http://127.0.0.1:8080/__ussy/auth``); it is
+    required unless the route is public. Apex routes are always "public" at this layer: the app server does
+    its own auth.
+    """
+
+    kind: RouteKind
+    host: str
+    upstream: str
+    public: bool = False
+    auth_url: str = ""
+
+    def __post_init__(self) -> None:
+        if not valid_host(self.host):
+            raise ValueError(f"not a valid route host: {self.host!r}")
+        if not self.upstream:
+            raise ValueError("a route needs an upstream dial address")
+        if not self.public and self.kind is not RouteKind.APEX:
+            auth_target(self.auth_url)  # raises on a bad or missing URL: fail closed at build time
+
+    @property
+    def route_id(self) -> str:
+        return f"{ROUTE_ID_PREFIX}{self.kind.value}-{self.host}"
+
+    @property
+    def needs_auth(self) -> bool:
+        return not self.public and self.kind is not RouteKind.APEX
+
+
+def auth_target(url: str) -> tuple[str, str]:
+    """Split a forward-auth URL into (Caddy dial address, request URI). Only plain http on a host:port."""
+    parts = urlsplit(url)
+    if parts.scheme != "http" or not parts.netloc or not parts.path.startswith("/"):
+        raise ValueError(f"forward-auth URL must look like http://127.0.0.1:8080/path, got {url!r}")
+    dial = parts.netloc if parts.port else f"{parts.netloc}:80"
+    uri = parts.path + (f"?{parts.query}" if parts.query else "")
+    return dial, uri
+
+
+def strip_client_headers() -> JSON:
+    """Delete every client-sent X-Ussy-* request header (wildcard delete; Caddy >= 2.6 supports it)."""
+    return {"handler": "headers", "request": {"delete": ["X-Ussy-*"]}}
+
+
+def forward_auth_handler(auth_url: str, copy_headers: tuple[str, ...] = IDENTITY_HEADERS) -> JSON:
+    """The JSON that Caddy's ``forward_auth`` directive expands to (newer-Caddy shape; works on 2.6 too).
+
+    The auth request is a GET to ``auth_url`` carrying the client's headers (cookies, Authorization) plus the
+    original method, URI, host and scheme. On 2xx each copied header is first deleted, then set only if the
+    auth response has a non-empty value (so a missing X-Ussy-Email does not arrive as an empty header).
+    """
+    dial, uri = auth_target(auth_url)
+    copy_routes: list[JSON] = []
+    for name in copy_headers:
+        placeholder = "{http.reverse_proxy.header." + name + "}"
+        copy_routes.append({"handle": [{"handler": "headers", "request": {"delete": [name]}}]})
+        copy_routes.append(
+            {
+                "match": [{"not": [{"vars": {placeholder: [""]}}]}],
+                "handle": [{"handler": "headers", "request": {"set": {name: [placeholder]}}}],
+            }
+        )
+    return {
+        "handler": "reverse_proxy",
+        "upstreams": [{"dial": dial}],
+        "rewrite": {"method": "GET", "uri": uri},
+        "headers": {
+            "request": {
+                "set": {
+                    "X-Forwarded-Method": ["{http.request.method}"],
+                    "X-Forwarded-Uri": ["{http.request.uri}"],
+                    "X-Forwarded-Host": ["{http.request.hostport}"],
+                    "X-Forwarded-Proto": ["{http.request.scheme}"],
+                }
+            }
+        },
+        "handle_response": [{"match": {"status_code": [2]}, "routes": copy_routes}],
+    }
+
+
+def proxy_handler(upstream: str) -> JSON:
+    """Reverse-proxy to ``upstream`` with forwarding headers from what Caddy saw; flush at once (SSE)."""
+    return {
+        "handler": "reverse_proxy",
+        "upstreams": [{"dial": upstream}],
+        "flush_interval": -1,
+        "headers": {
+            "request": {
+                "set": {
+                    "X-Forwarded-Proto": ["{http.request.scheme}"],
+                    "X-Forwarded-Host": ["{http.request.hostport}"],
+                }
+            }
+        },
+    }
+
+
+def build_route(route: Route) -> JSON:
+    """Route -> one Caddy route object (with ``@id``), to go before the catch-all."""
+    handle: list[JSON] = [strip_client_headers()]
+    if route.needs_auth:
+        handle.append(forward_auth_handler(route.auth_url))
+    handle.append(proxy_handler(route.upstream))
+    return {"@id": route.route_id, "match": [{"host": [route.host]}], "handle": handle, "terminal": True}
+
+
+def build_catchall() -> JSON:
+    """Unknown host -> 404 page. Always the last route of our server."""
+    return {
+        "@id": CATCHALL_ID,
+        "handle": [
+            {
+                "handler": "static_response",
+                "status_code": 404,
+                "headers": {"Content-Type": ["text/html; charset=utf-8"]},
+                "body": NOT_FOUND_HTML,
+            }
+        ],
+        "terminal": True,
+    }
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """What the Caddy config needs from ``ussycode serve`` settings.
+
+    ``admin_listen`` is a Caddy network address (``unix//path/admin.sock`` or ``127.0.0.1:2019``);
+    ``storage_dir`` holds Caddy's CA and certificates (under the data dir); ``ask_url`` is the on-demand TLS
+    ``ask`` endpoint that says yes only for verified custom domains (and VM hosts in acme mode).
+    """
+
+    domain: str
+    https_addr: str = ":8443"
+    http_addr: str = "127.0.0.1:8080"
+    tls: TlsMode = TlsMode.INTERNAL
+    acme_email: str = ""
+    ask_url: str = ""
+    admin_listen: str = ""
+    storage_dir: str = ""
+    grace_period: str = "5s"
+
+    def __post_init__(self) -> None:
+        if not valid_host(self.domain):
+            raise ValueError(f"not a valid domain: {self.domain!r}")
+        if self.tls is TlsMode.ACME and not self.acme_email:
+            raise ValueError("--tls acme needs --acme-email")
+
+
+def listen_address(addr: str) -> str:
+    """``:8443`` / ``127.0.0.1:8443`` / ``[::1]:8443`` as Caddy's listen syntax (the same form)."""
+    host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"listen address needs a port: {addr!r}")
+    return addr
+
+
+def build_errors(domain: str) -> JSON:
+    """Server error routes: a 502/503/504 on a VM host (bridge refused or closed) -> "not answering" page."""
+    return {
+        "routes": [
+            {
+                "match": [
+                    {
+                        "vars": {"{http.error.status_code}": ["502", "503", "504"]},
+                        "not": [{"host": [domain]}],
+                    }
+                ],
+                "handle": [
+                    {
+                        "handler": "static_response",
+                        "status_code": 502,
+                        "headers": {"Content-Type": ["text/html; charset=utf-8"]},
+                        "body": VM_DOWN_HTML,
+                    }
+                ],
+                "terminal": True,
+            },
+            {
+                "handle": [
+                    {
+                        "handler": "static_response",
+                        "status_code": "{http.error.status_code}",
+                        "body": "{http.error.status_code} {http.error.status_text}\n",
+                    }
+                ],
+                "terminal": True,
+            },
+        ]
+    }
+
+
+def build_server(settings: ServerSettings, routes: list[Route] | tuple[Route, ...] = ()) -> JSON:
+    """Our HTTP server: listen address, routes (apex first, then ``routes``, catch-all last), TLS mode."""
+    apex = Route(RouteKind.APEX, settings.domain, settings.http_addr, public=True)
+    all_routes = [build_route(apex)] + [build_route(r) for r in routes if r.route_id != apex.route_id]
+    server: JSON = {
+        "listen": [listen_address(settings.https_addr)],
+        "routes": [*all_routes, build_catchall()],
+        "errors": build_errors(settings.domain),
+    }
+    if settings.tls is TlsMode.OFF:
+        server["automatic_https"] = {"disable": True}
+    else:
+        # TLS on our listener whatever its port; never start an :80 redirect server.
+        server["tls_connection_policies"] = [{}]
+        server["automatic_https"] = {"disable_redirects": True}
+    return server
+
+
+def build_tls_app(settings: ServerSettings) -> JSON | None:
+    """The ``tls`` app for internal/acme modes (None for off)."""
+    if settings.tls is TlsMode.OFF:
+        return None
+    if settings.tls is TlsMode.INTERNAL:
+        issuer: JSON = {"module": "internal"}
+        policies: list[JSON] = [{"subjects": [f"*.{settings.domain}", settings.domain], "issuers": [issuer]}]
+    else:
+        # No wildcard with ACME (it needs a DNS challenge): each VM host gets its own certificate.
+        issuer = {"module": "acme", "email": settings.acme_email}
+        policies = [{"subjects": [settings.domain], "issuers": [issuer]}]
+    automation: JSON = {"policies": policies}
+    if settings.ask_url:
+        # Hosts not covered above (custom domains; VM hosts under acme) get a certificate on demand, only if
+        # the ask endpoint says 200 for that name.
+        policies.append({"issuers": [issuer], "on_demand": True})
+        automation["on_demand"] = {"ask": settings.ask_url}
+    return {"automation": automation}
+
+
+def build_config(settings: ServerSettings, routes: list[Route] | tuple[Route, ...] = ()) -> JSON:
+    """A complete Caddy config for a managed Caddy (``caddy run --config``, or ``POST /load``)."""
+    config: JSON = {
+        "admin": {"config": {"persist": False}},
+        "apps": {
+            "http": {
+                "grace_period": settings.grace_period,
+                "servers": {SERVER_NAME: build_server(settings, routes)},
+            },
+        },
+    }
+    if settings.admin_listen:
+        config["admin"]["listen"] = settings.admin_listen
+    if settings.storage_dir:
+        config["storage"] = {"module": "file_system", "root": settings.storage_dir}
+    tls_app = build_tls_app(settings)
+    if tls_app is not None:
+        config["apps"]["tls"] = tls_app
+        # Never try to install our local CA into the host's trust stores.
+        config["apps"]["pki"] = {"certificate_authorities": {"local": {"install_trust": False}}}
+        _, _, port = settings.https_addr.rpartition(":")
+        config["apps"]["http"]["https_port"] = int(port)
+    return config
