@@ -118,9 +118,10 @@ class PortBridge:
                 upstream = await asyncio.wait_for(
                     self.opener.open_connection(self.vm_id, self.port), self.connect_timeout
                 )
-            except (OSError, TimeoutError, UssyError) as exc:
-                # VM stopped / nothing listening: close now so Caddy answers 502 at once.
-                log.debug("bridge %s:%d: connect failed: %r", self.vm_id, self.port, exc)
+            except Exception as exc:  # fail closed: whatever the runtime raised, Caddy gets a fast 502
+                expected = isinstance(exc, OSError | TimeoutError | UssyError)
+                level = logging.DEBUG if expected else logging.WARNING
+                log.log(level, "bridge %s:%d: connect failed: %r", self.vm_id, self.port, exc)
                 await _close(client_writer, abort=True)
                 return
             await pipe((client_reader, client_writer), upstream)
