@@ -1,0 +1,95 @@
+"""The composition root: builds every part from the settings, starts them in order, stops them in reverse."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from typing import Any
+
+from ussycode.auth.keys import load_or_create_private_key
+from ussycode.config import Settings
+from ussycode.runtime.base import Runtime
+from ussycode.services.container import Services
+from ussycode.services.events import EventBus
+from ussycode.services.ratelimit import RateLimiter
+from ussycode.services.users import UserService
+from ussycode.services.vms import VmService
+from ussycode.ssh.server import Gateway
+from ussycode.store.db import Store
+from ussycode.tasks import TaskGroup
+
+log = logging.getLogger(__name__)
+
+
+class App:
+    def __init__(self, settings: Settings, runtime: Runtime | None = None, images: Any = None) -> None:
+        self.settings = settings
+        self._runtime = runtime
+        self._images = images
+        self.tasks = TaskGroup("app")
+        self.services: Services | None = None
+        self.gateway: Gateway | None = None
+        self.ssh_port: int | None = None
+        self._stopped = asyncio.Event()
+
+    def _prepare_dirs(self) -> None:
+        s = self.settings
+        for path in (s.data_dir, s.disks_dir, s.run_dir):
+            path.mkdir(parents=True, exist_ok=True)
+        os.chmod(s.data_dir, 0o700)
+        s.images_path.mkdir(parents=True, exist_ok=True)
+
+    def _make_runtime(self) -> tuple[Runtime, Any]:
+        from ussycode.runtime.images import ImageStore
+        from ussycode.runtime.registry import make_runtime
+
+        images = self._images or ImageStore(self.settings.images_path)
+        runtime = self._runtime or make_runtime(str(self.settings.runtime), settings=self.settings, images=images)
+        return runtime, images
+
+    async def start(self) -> None:
+        s = self.settings
+        self._prepare_dirs()
+        store = Store(s.db_url)
+        backup = await asyncio.to_thread(store.migrate)
+        if backup:
+            log.info("database migrated; the previous version is kept at %s", backup)
+        runtime, images = self._make_runtime()
+        host_key = load_or_create_private_key(s.host_key_path)
+        client_key = load_or_create_private_key(s.gateway_key_path)
+        gateway_pub = client_key.export_public_key("openssh").decode().strip()
+        events = EventBus()
+        vms = VmService(store, runtime, s, images, gateway_pub, events)
+        self.services = Services(settings=s, store=store, events=events, users=UserService(store), vms=vms,
+                                 limiter=RateLimiter(s.rate_per_minute, s.rate_burst))
+        log.info("runtime: %s", runtime.name)
+        await vms.reconcile()
+        self.gateway = Gateway(self.services, host_key, client_key)
+        self.ssh_port = await self.gateway.start()
+        log.info("SSH gateway listening on %s (port %d)", s.ssh_addr, self.ssh_port)
+        self.tasks.spawn(vms.watch(), "vm-watch")
+
+    async def stop(self) -> None:
+        """Stop accepting, close sessions, stop background work. VMs keep running (and are re-attached)."""
+        if self.gateway is not None:
+            try:
+                await self.gateway.close(timeout=10)
+            except TimeoutError:
+                log.warning("some SSH sessions did not close in time")
+        await self.tasks.close()
+        if self.services is not None:
+            await self.services.vms.runtime.close()
+            self.services.store.close()
+        self._stopped.set()
+
+    async def run_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await self.start()
+        await stop.wait()
+        log.info("shutting down")
+        await asyncio.wait_for(self.stop(), 30)

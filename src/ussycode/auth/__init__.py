@@ -1,0 +1,1 @@
+"""Identity, credentials and the pure access policy."""

@@ -1,0 +1,111 @@
+"""Command registration, argument parsing and dispatch.
+
+A command is an async function ``(ctx, args) -> int`` registered with :func:`command`, which also declares its
+argparse arguments. Every frontend calls :func:`dispatch` with the raw command line: it is split like a POSIX
+shell, parsed, rate limited and run; :class:`~ussycode.errors.UssyError` propagates for the frontend to render.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import NoReturn
+
+from ussycode.commands.context import CommandContext
+from ussycode.errors import Forbidden, UsageError
+
+MAX_LINE = 64 * 1024
+Handler = Callable[[CommandContext, argparse.Namespace], Awaitable[int]]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of printing and exiting."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message, usage=self.format_usage().strip())
+
+    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
+        raise UsageError(message or "invalid arguments", usage=self.format_usage().strip())
+
+
+@dataclass
+class Command:
+    name: str
+    summary: str
+    handler: Handler
+    parser: _Parser
+    group: str = "basics"
+    interactive_only: bool = False
+    admin_only: bool = False
+    aliases: tuple[str, ...] = ()
+    subcommands: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def usage(self) -> str:
+        return self.parser.format_usage().strip().removeprefix("usage: ")
+
+
+REGISTRY: dict[str, Command] = {}
+_ALIASES: dict[str, str] = {}
+
+
+def command(name: str, summary: str, *, group: str = "basics", interactive_only: bool = False,
+            admin_only: bool = False, aliases: tuple[str, ...] = (),
+            args: Callable[[argparse.ArgumentParser], None] | None = None) -> Callable[[Handler], Handler]:
+    def register(handler: Handler) -> Handler:
+        parser = _Parser(prog=name, description=summary, add_help=False, allow_abbrev=False)
+        parser.add_argument("-h", "--help", action="store_true", help="show this help")
+        if args:
+            args(parser)
+        REGISTRY[name] = Command(name, summary, handler, parser, group, interactive_only, admin_only, aliases)
+        for alias in aliases:
+            _ALIASES[alias] = name
+        return handler
+
+    return register
+
+
+def lookup(name: str) -> Command | None:
+    return REGISTRY.get(_ALIASES.get(name, name))
+
+
+def split(line: str) -> list[str]:
+    if len(line) > MAX_LINE:
+        raise UsageError(f"command line too long ({len(line)} bytes; the limit is {MAX_LINE})")
+    if "\x00" in line:
+        raise UsageError("command line contains a NUL byte")
+    try:
+        return shlex.split(line, comments=False, posix=True)
+    except ValueError as exc:
+        raise UsageError(f"cannot parse the command line: {exc} (check your quotes)") from None
+
+
+def load_all() -> None:
+    """Import every command module so that they register (idempotent)."""
+    from ussycode.commands import account, help, vm  # noqa: F401
+
+
+async def dispatch(ctx: CommandContext, argv: list[str]) -> int:
+    """Run one command. Returns the exit status; raises UssyError for the frontend to render."""
+    load_all()
+    if not argv:
+        return 0
+    cmd = lookup(argv[0])
+    if cmd is None:
+        raise UsageError(f"unknown command: {argv[0][:40]!r}; type 'help' for commands")
+    actor = ctx.actor
+    if actor.allowed_commands is not None and cmd.name not in actor.allowed_commands:
+        raise Forbidden(f"command {cmd.name!r} is not permitted by this token")
+    if cmd.admin_only and not actor.is_admin:
+        raise Forbidden(f"{cmd.name} is for admins only")
+    if not ctx.interactive:
+        ctx.services.limiter.take(actor.id)
+    ns = cmd.parser.parse_args(argv[1:])
+    if ns.help:
+        ctx.out.print(cmd.parser.format_help().rstrip())
+        return 0
+    return await cmd.handler(ctx, ns)
+
+

@@ -1,0 +1,179 @@
+"""VM commands: ls, new, start, stop, restart, rm, rename, tag, cp, ssh."""
+
+from __future__ import annotations
+
+import argparse
+
+from ussycode.commands.context import CommandContext
+from ussycode.commands.output import table, vm_json
+from ussycode.commands.registry import command
+from ussycode.errors import UsageError
+from ussycode.services.vms import DEFAULT_CPU, DEFAULT_DISK_GB, DEFAULT_MEMORY_MB, parse_env
+
+
+def _json_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _vm_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("vm", help="VM name")
+
+
+def _ls_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-l", dest="long", action="store_true", help="long listing (sizes, URL)")
+    _json_flag(p)
+
+
+@command("ls", "list your VMs", group="vm", args=_ls_args)
+async def ls(ctx: CommandContext, a: argparse.Namespace) -> int:
+    vms = await ctx.services.vms.list(ctx.actor)
+    if a.json:
+        ctx.out.json([vm_json(ctx.services, v) for v in vms])
+        return 0
+    if not vms:
+        ctx.out.print("no VMs yet. create one with: new")
+        return 0
+    if a.long:
+        rows = [[v.name, str(v.status), v.image, str(v.cpu), f"{v.memory_mb}MB", f"{v.disk_gb}GB",
+                 ctx.services.vms.url(v.name), ",".join(v.tags)] for v in vms]
+        ctx.out.print(table(rows, ["name", "status", "image", "cpu", "mem", "disk", "url", "tags"]))
+    else:
+        rows = [[v.name, str(v.status), v.image, ctx.services.vms.url(v.name)] for v in vms]
+        ctx.out.print(table(rows, ["name", "status", "image", "url"]))
+    return 0
+
+
+def _new_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--name", help="VM name (default: a random adjective-noun)")
+    p.add_argument("--image", help="image (default: the server's default image)")
+    p.add_argument("--cpu", type=int, default=DEFAULT_CPU, help="vCPUs")
+    p.add_argument("--memory", type=int, default=DEFAULT_MEMORY_MB, help="memory in MB")
+    p.add_argument("--disk", type=int, default=DEFAULT_DISK_GB, help="disk in GB")
+    p.add_argument("--env", action="append", default=[], metavar="K=V", help="environment variable (repeatable)")
+    _json_flag(p)
+
+
+@command("new", "create and start a VM", group="vm", args=_new_args)
+async def new(ctx: CommandContext, a: argparse.Namespace) -> int:
+    env = parse_env(a.env)
+
+    async def progress(msg: str) -> None:
+        if not a.json:
+            ctx.out.print(f"  {msg}…")
+
+    vm = await ctx.services.vms.create(ctx.actor, name=a.name, image=a.image, cpu=a.cpu, memory_mb=a.memory,
+                                       disk_gb=a.disk, env=env, progress=progress)
+    if a.json:
+        ctx.out.json(vm_json(ctx.services, vm))
+    else:
+        _print_ready(ctx, vm.name, vm.image)
+    return 0
+
+
+def _print_ready(ctx: CommandContext, name: str, image: str) -> None:
+    ctx.out.print(f"{name} is running ({image})")
+    ctx.out.print(f"  url: {ctx.services.vms.url(name)}")
+    ctx.out.print(f"  ssh: {ctx.services.vms.ssh_command(name)}")
+
+
+def _vm_json_args(p: argparse.ArgumentParser) -> None:
+    _vm_arg(p)
+    _json_flag(p)
+
+
+@command("start", "start a stopped VM", group="vm", args=_vm_json_args)
+async def start(ctx: CommandContext, a: argparse.Namespace) -> int:
+    vm = await ctx.services.vms.start(ctx.actor, a.vm)
+    ctx.out.json(vm_json(ctx.services, vm)) if a.json else ctx.out.print(f"{vm.name} started")
+    return 0
+
+
+@command("stop", "stop a VM (its disk is kept)", group="vm", args=_vm_json_args)
+async def stop(ctx: CommandContext, a: argparse.Namespace) -> int:
+    vm = await ctx.services.vms.stop(ctx.actor, a.vm)
+    ctx.out.json(vm_json(ctx.services, vm)) if a.json else ctx.out.print(f"{vm.name} stopped")
+    return 0
+
+
+@command("restart", "stop and start a VM", group="vm", args=_vm_json_args)
+async def restart(ctx: CommandContext, a: argparse.Namespace) -> int:
+    vm = await ctx.services.vms.restart(ctx.actor, a.vm)
+    ctx.out.json(vm_json(ctx.services, vm)) if a.json else ctx.out.print(f"{vm.name} restarted")
+    return 0
+
+
+def _rm_args(p: argparse.ArgumentParser) -> None:
+    _vm_arg(p)
+    p.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+
+
+@command("rm", "delete a VM, its disk, routes and shares", group="vm", args=_rm_args, aliases=("delete",))
+async def rm(ctx: CommandContext, a: argparse.Namespace) -> int:
+    vm = await ctx.services.vms.get(ctx.actor, a.vm)
+    if not a.yes:
+        if not ctx.interactive:
+            raise UsageError(f"rm needs confirmation; run 'rm {vm.name} --yes' to delete it without asking")
+        answer = await ctx.ask(f"this deletes {vm.name} and its disk for good. type the name to confirm: ")
+        if (answer or "").strip() != vm.name:
+            ctx.out.print("cancelled.")
+            return 1
+    await ctx.services.vms.remove(ctx.actor, vm.name)
+    ctx.out.print(f"{vm.name} removed")
+    return 0
+
+
+def _rename_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("old", help="current name")
+    p.add_argument("new", help="new name")
+    _json_flag(p)
+
+
+@command("rename", "rename a VM (its URL follows)", group="vm", args=_rename_args)
+async def rename(ctx: CommandContext, a: argparse.Namespace) -> int:
+    vm = await ctx.services.vms.rename(ctx.actor, a.old, a.new)
+    ctx.out.json(vm_json(ctx.services, vm)) if a.json else ctx.out.print(f"{a.old} is now {vm.name}")
+    return 0
+
+
+def _tag_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-d", dest="delete", action="store_true", help="remove the tag")
+    _vm_arg(p)
+    p.add_argument("tag", help="tag")
+
+
+@command("tag", "add (or with -d remove) a tag on a VM", group="vm", args=_tag_args)
+async def tag(ctx: CommandContext, a: argparse.Namespace) -> int:
+    changed = await ctx.services.vms.tag(ctx.actor, a.vm, a.tag, remove=a.delete)
+    verb = "removed from" if a.delete else "added to"
+    ctx.out.print(f"tag {a.tag} {verb} {a.vm}" if changed else f"nothing to do: {a.vm} "
+                  f"{'does not have' if a.delete else 'already has'} tag {a.tag}")
+    return 0
+
+
+def _cp_args(p: argparse.ArgumentParser) -> None:
+    _vm_arg(p)
+    p.add_argument("new", nargs="?", help="name of the copy (default: <vm>-copy)")
+    _json_flag(p)
+
+
+@command("cp", "copy a VM and its disk into a new VM", group="vm", args=_cp_args)
+async def cp(ctx: CommandContext, a: argparse.Namespace) -> int:
+    vm = await ctx.services.vms.copy(ctx.actor, a.vm, a.new)
+    if a.json:
+        ctx.out.json(vm_json(ctx.services, vm))
+    else:
+        _print_ready(ctx, vm.name, vm.image)
+    return 0
+
+
+def _ssh_args(p: argparse.ArgumentParser) -> None:
+    _vm_arg(p)
+    p.add_argument("command", nargs=argparse.REMAINDER, help="command to run (default: a shell)")
+
+
+@command("ssh", "open a shell (or run a command) in a VM", group="vm", args=_ssh_args)
+async def ssh(ctx: CommandContext, a: argparse.Namespace) -> int:
+    if ctx.attach is None:
+        raise UsageError("ssh works only over SSH; from a terminal use: " + ctx.services.vms.ssh_command(a.vm))
+    vm = await ctx.services.vms.get(ctx.actor, a.vm)
+    return await ctx.attach(vm.name, " ".join(a.command) if a.command else None)

@@ -1,0 +1,148 @@
+"""Settings: one typed, frozen object built once at start-up.
+
+Precedence, highest first: command-line flag > environment (``USSYCODE_<NAME>``) > config file (``--config``,
+TOML) > default. Every field carries a description (a test fails if one does not); paths not set explicitly derive
+from ``data_dir``.
+"""
+
+from __future__ import annotations
+
+import enum
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+
+class TlsMode(enum.StrEnum):
+    INTERNAL = "internal"
+    ACME = "acme"
+    OFF = "off"
+
+
+class RuntimeName(enum.StrEnum):
+    AUTO = "auto"
+    CONTAINER = "container"
+    QEMU = "qemu"
+    FIRECRACKER = "firecracker"
+
+
+def parse_addr(addr: str) -> tuple[str, int]:
+    """``":2222"`` → ``("0.0.0.0", 2222)``; ``"127.0.0.1:8080"`` → ``("127.0.0.1", 8080)``; ``[::1]:22`` too."""
+    host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"invalid address {addr!r}: expected HOST:PORT or :PORT")
+    host = host.strip("[]") or "0.0.0.0"
+    return host, int(port)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="USSYCODE_", frozen=True, extra="forbid")
+
+    data_dir: Path = Field(Path("/var/lib/ussycode"), description="DB, host keys, disks and run state live here.")
+    images_dir: Path | None = Field(None, description="Built/pulled image cache; default <data-dir>/images.")
+    domain: str = Field("localhost", description="VM URLs are <vm>.<domain>.")
+    ssh_addr: str = Field(":2222", description="SSH gateway address (lobby and direct VM access).")
+    https_addr: str = Field(":8443", description="Public HTTPS entry (Caddy) for VM URLs, the API and login.")
+    http_addr: str = Field("127.0.0.1:8080", description="App server behind Caddy (API, auth, forward-auth).")
+    admin_addr: str = Field("127.0.0.1:9090", description="Admin panel address.")
+    smtp_addr: str = Field(":2525", description="Inbound mail (SMTP) address.")
+    runtime: RuntimeName = Field(RuntimeName.AUTO, description="VM runtime: auto, container, qemu, firecracker.")
+    tls: TlsMode = Field(TlsMode.INTERNAL, description="internal (Caddy's local CA), acme, or off (plain HTTP).")
+    acme_email: str = Field("", description="Contact e-mail for ACME certificates (with --tls acme).")
+    caddy_admin: str = Field("", description="Use this existing Caddy admin API instead of starting one.")
+    database_url: str = Field("", description="SQLAlchemy URL; default SQLite at <data-dir>/ussycode.db.")
+    default_image: str = Field("ussyuntu", description="Image used by `new` when --image is not given.")
+    log_level: str = Field("INFO", description="Log level: DEBUG, INFO, WARNING, ERROR.")
+    rate_per_minute: int = Field(120, description="Commands per minute per user (SSH one-shot and API).")
+    rate_burst: int = Field(30, description="Burst size of the per-user command rate limit.")
+    max_sessions_per_key: int = Field(20, description="Concurrent SSH sessions allowed per public key.")
+
+    @field_validator("ssh_addr", "https_addr", "http_addr", "admin_addr", "smtp_addr")
+    @classmethod
+    def _valid_addr(cls, v: str) -> str:
+        parse_addr(v)
+        return v
+
+    @field_validator("domain")
+    @classmethod
+    def _valid_domain(cls, v: str) -> str:
+        v = v.strip().lower().rstrip(".")
+        if not v or len(v) > 200 or any(c.isspace() or c in "/:@" for c in v):
+            raise ValueError(f"invalid domain {v!r}")
+        return v
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if _CONFIG_FILE is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=_CONFIG_FILE))
+        return tuple(sources)
+
+    # Derived paths -------------------------------------------------------------------------------------------
+    @property
+    def images_path(self) -> Path:
+        return self.images_dir or self.data_dir / "images"
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'ussycode.db'}"
+
+    @property
+    def host_key_path(self) -> Path:
+        return self.data_dir / "ssh_host_ed25519_key"
+
+    @property
+    def gateway_key_path(self) -> Path:
+        """The key the gateway uses to log in to guests (never the host key)."""
+        return self.data_dir / "gateway_client_ed25519_key"
+
+    @property
+    def disks_dir(self) -> Path:
+        return self.data_dir / "disks"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.data_dir / "run"
+
+    @property
+    def caddy_dir(self) -> Path:
+        return self.data_dir / "caddy"
+
+    @property
+    def public_scheme(self) -> str:
+        return "http" if self.tls is TlsMode.OFF else "https"
+
+    def public_url(self, host: str) -> str:
+        _, port = parse_addr(self.https_addr)
+        default = 80 if self.tls is TlsMode.OFF else 443
+        suffix = "" if port == default else f":{port}"
+        return f"{self.public_scheme}://{host}{suffix}"
+
+
+_CONFIG_FILE: Path | None = None
+
+
+def load_settings(config_file: Path | None = None, **flags: Any) -> Settings:
+    """Build the settings: ``flags`` (only those given on the command line) override env, which overrides TOML."""
+    global _CONFIG_FILE
+    if config_file is not None and not config_file.is_file():
+        raise FileNotFoundError(f"config file {config_file} does not exist")
+    _CONFIG_FILE = config_file
+    try:
+        return Settings(**{k: v for k, v in flags.items() if v is not None})
+    finally:
+        _CONFIG_FILE = None

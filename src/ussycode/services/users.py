@@ -1,0 +1,105 @@
+"""Accounts and SSH keys."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+from ussycode.auth.identity import Actor
+from ussycode.auth.keys import PublicKey, parse_authorized_key
+from ussycode.errors import Conflict, NotFound, UsageError
+from ussycode.store import audit
+from ussycode.store import users as q
+from ussycode.store import vms as vmq
+from ussycode.store.db import Store
+from ussycode.store.users import SshKey, User
+from ussycode.types import HANDLE_RE, RESERVED_NAMES
+
+
+def validate_handle(handle: str) -> str:
+    handle = handle.strip().lower()
+    if not HANDLE_RE.match(handle):
+        raise UsageError(
+            "invalid handle: use 2-20 characters: lower-case letters, digits and '-', starting with a letter"
+        )
+    if handle in RESERVED_NAMES:
+        raise UsageError(f"the handle {handle!r} is reserved; pick another")
+    return handle
+
+
+class UserService:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    async def by_fingerprint(self, fingerprint: str) -> User | None:
+        return await self.store.read(lambda c: q.by_fingerprint(c, fingerprint))
+
+    async def by_handle(self, handle: str) -> User | None:
+        return await self.store.read(lambda c: q.by_handle(c, handle))
+
+    async def register(self, handle: str, key: PublicKey, source: str = "ssh") -> User:
+        handle = validate_handle(handle)
+
+        def tx(c: sa.Connection) -> User:
+            if q.by_handle(c, handle) is not None:
+                raise Conflict(f"the handle {handle!r} is taken; pick another")
+            if q.key_by_fingerprint(c, key.fingerprint) is not None:
+                raise Conflict("this key is already registered")
+            user = q.create_user(c, handle, key.key_type, key.openssh, key.fingerprint, key.comment)
+            audit.record(c, actor_id=user.id, source=source, action="user.register", target=handle,
+                         fingerprint=key.fingerprint, trust_level=str(user.trust_level))
+            return user
+
+        return await self.store.write(tx)
+
+    async def keys(self, user_id: str) -> list[SshKey]:
+        return await self.store.read(lambda c: q.keys_of(c, user_id))
+
+    async def add_key(self, actor: Actor, line: str) -> SshKey:
+        key = parse_authorized_key(line)
+
+        def tx(c: sa.Connection) -> SshKey:
+            if q.key_by_fingerprint(c, key.fingerprint) is not None:
+                raise Conflict("that key is already registered (to you or to another account)")
+            if len(q.keys_of(c, actor.id)) >= 50:
+                raise Conflict("you have 50 keys; remove one first")
+            row = q.add_key(c, actor.id, key.key_type, key.openssh, key.fingerprint, key.comment)
+            audit.record(c, actor_id=actor.id, source=actor.source, action="key.add", target=key.fingerprint)
+            return row
+
+        return await self.store.write(tx)
+
+    @staticmethod
+    def _find(keys: list[SshKey], ref: str) -> SshKey:
+        for key in keys:
+            if ref == str(key.id) or ref == key.fingerprint or ref == key.fingerprint.removeprefix("SHA256:"):
+                return key
+        raise NotFound(f"no key {ref!r}; see 'ssh-key list'")
+
+    async def remove_key(self, actor: Actor, ref: str) -> SshKey:
+        def tx(c: sa.Connection) -> SshKey:
+            keys = q.keys_of(c, actor.id)
+            key = self._find(keys, ref)
+            if len(keys) == 1:
+                raise Conflict("that is your last key; add another before removing it")
+            q.remove_key(c, key.id)
+            audit.record(c, actor_id=actor.id, source=actor.source, action="key.remove", target=key.fingerprint)
+            return key
+
+        return await self.store.write(tx)
+
+    async def rename_key(self, actor: Actor, ref: str, comment: str) -> SshKey:
+        comment = comment.strip()
+        if len(comment) > 200 or any(ord(ch) < 32 for ch in comment):
+            raise UsageError("a key comment is at most 200 printable characters")
+
+        def tx(c: sa.Connection) -> SshKey:
+            key = self._find(q.keys_of(c, actor.id), ref)
+            q.rename_key(c, key.id, comment)
+            audit.record(c, actor_id=actor.id, source=actor.source, action="key.rename", target=key.fingerprint,
+                         comment=comment)
+            return key
+
+        return await self.store.write(tx)
+
+    async def vm_count(self, user_id: str) -> int:
+        return await self.store.read(lambda c: vmq.count_of_owner(c, user_id))

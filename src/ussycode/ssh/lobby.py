@@ -1,0 +1,200 @@
+"""The lobby: registration, the ``ussy>`` prompt and one-shot commands, all through the command registry."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any
+
+import asyncssh
+from asyncssh.process import SSHServerProcess
+
+from ussycode.auth.identity import Actor
+from ussycode.commands.context import CommandContext, Output
+from ussycode.commands.registry import dispatch, split
+from ussycode.errors import UsageError, UssyError
+from ussycode.ssh.passthrough import connect_to_vm, forward
+
+if TYPE_CHECKING:
+    from ussycode.ssh.server import ConnState, Gateway
+
+log = logging.getLogger(__name__)
+PROMPT = "ussy> "
+HANDLE_ATTEMPTS = 5
+
+
+def render_error(exc: BaseException) -> tuple[str, int]:
+    """The text (for stderr) and exit status of a failed command."""
+    if isinstance(exc, UsageError):
+        text = f"error: {exc.user_message}"
+        if exc.usage:
+            text += f"\n{exc.usage}"
+        return text, exc.exit_code
+    if isinstance(exc, UssyError):
+        return f"error: {exc.user_message}", exc.exit_code
+    log.exception("command failed", exc_info=exc)
+    return "error: internal error; it has been logged", 1
+
+
+class Lobby:
+    def __init__(self, gateway: Gateway, state: ConnState) -> None:
+        self.gateway = gateway
+        self.state = state
+        self.services = gateway.services
+
+    # I/O helpers -----------------------------------------------------------------------------------------
+    def _out(self, process: SSHServerProcess[Any], text: str) -> None:
+        process.stdout.write(text)
+
+    def _err(self, process: SSHServerProcess[Any], text: str) -> None:
+        process.stderr.write(text)
+
+    async def _readline(self, process: SSHServerProcess[Any]) -> str | None:
+        """One line from the person; None at EOF (Ctrl-D) or hang-up. Ctrl-C gives an empty line."""
+        while True:
+            try:
+                line: str = await process.stdin.readline()
+            except (asyncssh.TerminalSizeChanged, asyncssh.SignalReceived):
+                continue
+            except asyncssh.BreakReceived:
+                return ""
+            except (asyncssh.Error, ConnectionError, asyncio.IncompleteReadError):
+                return None
+            if line == "":
+                return None
+            return line.rstrip("\r\n")
+
+    # Entry ------------------------------------------------------------------------------------------------
+    async def run(self, process: SSHServerProcess[Any]) -> None:
+        key = self.state.key
+        assert key is not None
+        if not self.gateway.sessions.acquire(key.fingerprint):
+            self._err(process, "error: too many concurrent sessions for this key; close some and retry\n")
+            process.exit(1)
+            return
+        self.gateway.live.add(process)
+        try:
+            status = await self._run(process)
+        except (asyncssh.Error, ConnectionError, BrokenPipeError):
+            status = 255
+        finally:
+            self.gateway.live.discard(process)
+            self.gateway.sessions.release(key.fingerprint)
+        try:
+            process.exit(status)
+        except (asyncssh.Error, OSError):
+            pass
+
+    async def _run(self, process: SSHServerProcess[Any]) -> int:
+        if process.subsystem:
+            self._err(process, f"error: the lobby has no {process.subsystem[:20]} subsystem; "
+                               "use <vm>@host for sftp\n")
+            return 1
+        if self.state.user is None:
+            if process.command is not None:
+                return await self._register_oneshot(process, process.command)
+            if not await self._register_interactive(process):
+                return 1
+        if process.command is not None:
+            return await self.run_line(process, process.command, interactive=False)
+        return await self._repl(process)
+
+    # Registration ------------------------------------------------------------------------------------------
+    async def _register(self, process: SSHServerProcess[Any], handle: str) -> bool:
+        key = self.state.key
+        assert key is not None
+        try:
+            self.state.user = await self.services.users.register(handle, key)
+        except UssyError as exc:
+            self._err(process, f"error: {exc.user_message}\n")
+            return False
+        user = self.state.user
+        self._out(process, f"welcome, {user.handle}. you're in (trust level: {user.trust_level}).\n")
+        return True
+
+    async def _register_oneshot(self, process: SSHServerProcess[Any], command: str) -> int:
+        try:
+            argv = split(command)
+        except UsageError as exc:
+            self._err(process, f"error: {exc.user_message}\n")
+            return 2
+        if not argv or argv[0] != "register":
+            self._err(process, "error: unregistered key; run 'register <handle>'\n")
+            return 1
+        if len(argv) != 2:
+            self._err(process, "error: usage: register <handle>\n")
+            return 2
+        return 0 if await self._register(process, argv[1]) else 1
+
+    async def _register_interactive(self, process: SSHServerProcess[Any]) -> bool:
+        self._out(process, "welcome to ussycode. this key is new here: pick a handle to register it.\n"
+                           "handles are 2-20 characters: a-z, 0-9 and '-', starting with a letter.\n")
+        for _ in range(HANDLE_ATTEMPTS):
+            self._out(process, "handle: ")
+            line = await self._readline(process)
+            if line is None:
+                self._out(process, "\ncancelled.\n")
+                return False
+            if await self._register(process, line.strip()):
+                return True
+        self._err(process, "error: too many attempts\n")
+        return False
+
+    # Commands ------------------------------------------------------------------------------------------------
+    def _actor(self) -> Actor:
+        user = self.state.user
+        assert user is not None
+        return Actor(user=user, source="ssh", fingerprint=self.state.key.fingerprint if self.state.key else None)
+
+    async def run_line(self, process: SSHServerProcess[Any], line: str, *, interactive: bool) -> int:
+        out = Output(write=lambda s: self._out(process, s), write_err=lambda s: self._err(process, s))
+
+        async def prompt(question: str) -> str | None:
+            self._out(process, question)
+            return await self._readline(process)
+
+        async def attach(vm_name: str, command: str | None) -> int:
+            vm = await self.services.vms.by_name(vm_name)
+            assert vm is not None
+            conn = await connect_to_vm(self.gateway, vm.id, vm.name)
+            chan: Any = process.channel  # the line-editor channel: raw mode while the VM owns the terminal
+            if process.term_type:
+                chan.set_line_mode(False)
+                chan.set_echo(False)
+            try:
+                return await forward(conn, process, command=command)
+            finally:
+                conn.close()
+                if process.term_type:
+                    chan.set_line_mode(True)
+                    chan.set_echo(True)
+
+        ctx = CommandContext(actor=self._actor(), services=self.services, out=out, interactive=interactive,
+                             prompt=prompt, attach=attach)
+        try:
+            argv = split(line)
+            return await dispatch(ctx, argv)
+        except Exception as exc:  # every failure is rendered; the session goes on
+            text, status = render_error(exc)
+            self._err(process, text + "\n")
+            return status
+
+    async def _repl(self, process: SSHServerProcess[Any]) -> int:
+        user = self.state.user
+        assert user is not None
+        count = await self.services.users.vm_count(user.id)
+        self._out(process, f"~ ussycode ~\nwelcome back, {user.handle}. you have {count} VM"
+                           f"{'' if count == 1 else 's'}. type 'help' for commands, 'exit' to leave.\n")
+        while True:
+            self._out(process, PROMPT)
+            line = await self._readline(process)
+            if line is None:
+                self._out(process, "\ngoodbye.\n")
+                return 0
+            line = line.strip()
+            if not line:
+                continue
+            if line in ("exit", "quit", "logout"):
+                self._out(process, "goodbye.\n")
+                return 0
+            await self.run_line(process, line, interactive=True)

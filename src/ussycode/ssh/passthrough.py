@@ -1,0 +1,95 @@
+"""Direct VM access: the client's session is carried to the guest's sshd, through the runtime's socket.
+
+The gateway never routes to a guest address: it asks the runtime for a socket into the VM (port 22) and runs an
+SSH client over it, logging in as ``ussycode`` with the gateway's own client key (which the runtime installs in
+the guest). PTY requests and resizes, exec commands, subsystems (sftp), stdin/stdout/stderr (binary-safe), EOF,
+signals and the exit status all pass through.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import asyncssh
+from asyncssh.process import SSHServerProcess
+
+from ussycode.errors import RuntimeFailure, StateError
+from ussycode.types import VmStatus
+
+if TYPE_CHECKING:
+    from ussycode.ssh.server import ConnState, Gateway
+
+log = logging.getLogger(__name__)
+GUEST_USER = "ussycode"
+
+
+async def connect_to_vm(gateway: Gateway, vm_id: str, vm_name: str) -> asyncssh.SSHClientConnection:
+    vm = await gateway.services.vms.by_name(vm_name)
+    if vm is None or vm.id != vm_id:
+        raise StateError(f"{vm_name} no longer exists")
+    if vm.status is not VmStatus.RUNNING:
+        raise StateError(f"{vm_name} is {vm.status}; start it with 'start {vm_name}'")
+    runtime = gateway.services.vms.runtime
+    try:
+        sock = await runtime.open_socket(vm_id, 22)
+        # The socket leads into this VM's own namespace, so nobody can sit in the middle: the guest's host key
+        # need not be checked here.
+        return await asyncssh.connect(
+            sock=sock, username=GUEST_USER, client_keys=[gateway.client_key], known_hosts=None,
+            agent_path=None, config=[], preferred_auth="publickey", connect_timeout=15,
+            keepalive_interval=30,
+        )
+    except (OSError, asyncssh.Error) as exc:
+        raise RuntimeFailure(f"cannot reach {vm_name}'s SSH server: {exc}", log_message=repr(exc)) from exc
+
+
+class VmPassthrough:
+    def __init__(self, gateway: Gateway, state: ConnState) -> None:
+        self.gateway = gateway
+        self.state = state
+
+    async def upstream(self) -> asyncssh.SSHClientConnection:
+        if self.state.upstream is None:
+            vm = self.state.vm
+            assert vm is not None
+            self.state.upstream = await connect_to_vm(self.gateway, vm.id, vm.name)
+        conn: asyncssh.SSHClientConnection = self.state.upstream
+        return conn
+
+    async def run(self, process: SSHServerProcess[Any]) -> None:
+        key = self.state.key
+        assert key is not None
+        if not self.gateway.sessions.acquire(key.fingerprint):
+            process.stderr.write(b"error: too many concurrent sessions for this key\r\n")
+            process.exit(1)
+            return
+        self.gateway.live.add(process)
+        try:
+            try:
+                conn = await self.upstream()
+            except (StateError, RuntimeFailure) as exc:
+                process.stderr.write(f"error: {exc.user_message}\r\n".encode())
+                process.exit(1)
+                return
+            status = await forward(conn, process)
+            process.exit(status)
+        finally:
+            self.gateway.live.discard(process)
+            self.gateway.sessions.release(key.fingerprint)
+
+
+async def forward(conn: asyncssh.SSHClientConnection, process: SSHServerProcess[Any],
+                  command: str | None = None) -> int:
+    """Run the client's session (or ``command``) in the VM; returns the exit status to report."""
+    encoding, errors = process.channel.get_encoding()
+    upstream = await conn.create_process(
+        command=command if command is not None else process.command, subsystem=process.subsystem,
+        env=process.env, term_type=process.term_type, term_size=process.term_size,
+        term_modes=process.term_modes, encoding=encoding, errors=errors,
+        stdin=process.stdin, stdout=process.stdout, stderr=process.stderr,
+    )
+    await upstream.wait_closed()
+    if upstream.exit_signal is not None:
+        return 128 + 15
+    return upstream.exit_status if upstream.exit_status is not None else 255

@@ -1,0 +1,1 @@
+"""Storage: SQLAlchemy Core over SQLite (WAL, the default) or PostgreSQL. One query module per aggregate."""

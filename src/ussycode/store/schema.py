@@ -1,0 +1,81 @@
+"""Tables. Migrations in ``migrations/versions`` create exactly these (a test compares them)."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import sqlalchemy as sa
+
+metadata = sa.MetaData()
+
+
+def utcnow() -> dt.datetime:
+    """Naive UTC (both SQLite and PostgreSQL store it the same way)."""
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None, microsecond=0)
+
+
+def iso(value: dt.datetime | None) -> str | None:
+    return None if value is None else value.replace(microsecond=0).isoformat() + "Z"
+
+
+users = sa.Table(
+    "users",
+    metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("handle", sa.String(20), nullable=False, unique=True),
+    sa.Column("email", sa.String(254), nullable=True, unique=True),
+    sa.Column("trust_level", sa.String(16), nullable=False),
+    sa.Column("created_at", sa.DateTime, nullable=False),
+)
+
+ssh_keys = sa.Table(
+    "ssh_keys",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("user_id", sa.String(32), sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False, index=True),
+    sa.Column("fingerprint", sa.String(64), nullable=False, unique=True),
+    sa.Column("key_type", sa.String(40), nullable=False),
+    sa.Column("public_key", sa.Text, nullable=False),
+    sa.Column("comment", sa.String(200), nullable=False, server_default=""),
+    sa.Column("created_at", sa.DateTime, nullable=False),
+)
+
+vms = sa.Table(
+    "vms",
+    metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("name", sa.String(30), nullable=False, unique=True),
+    sa.Column("owner_id", sa.String(32), sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False, index=True),
+    sa.Column("image", sa.String(64), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    # What the owner asked for: "running" or "stopped". The reconciler makes reality match it.
+    sa.Column("desired", sa.String(16), nullable=False),
+    sa.Column("cpu", sa.Integer, nullable=False),
+    sa.Column("memory_mb", sa.Integer, nullable=False),
+    sa.Column("disk_gb", sa.Integer, nullable=False),
+    sa.Column("env", sa.JSON, nullable=False),
+    sa.Column("runtime", sa.String(16), nullable=False),
+    sa.Column("runtime_state", sa.JSON, nullable=False),
+    sa.Column("error", sa.Text, nullable=False, server_default=""),
+    sa.Column("created_at", sa.DateTime, nullable=False),
+    sa.Column("updated_at", sa.DateTime, nullable=False),
+)
+
+vm_tags = sa.Table(
+    "vm_tags",
+    metadata,
+    sa.Column("vm_id", sa.String(32), sa.ForeignKey("vms.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("tag", sa.String(40), primary_key=True),
+)
+
+audit_log = sa.Table(
+    "audit_log",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("at", sa.DateTime, nullable=False, index=True),
+    sa.Column("actor_id", sa.String(32), nullable=True, index=True),
+    sa.Column("source", sa.String(16), nullable=False),
+    sa.Column("action", sa.String(64), nullable=False),
+    sa.Column("target", sa.String(200), nullable=False, server_default=""),
+    sa.Column("detail", sa.JSON, nullable=False),
+)

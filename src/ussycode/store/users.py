@@ -1,0 +1,109 @@
+"""Users and their SSH keys."""
+
+from __future__ import annotations
+
+import datetime as dt
+import secrets
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+
+from ussycode.store.schema import ssh_keys, users, utcnow
+from ussycode.types import TrustLevel
+
+
+@dataclass(frozen=True)
+class User:
+    id: str
+    handle: str
+    email: str | None
+    trust_level: TrustLevel
+    created_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class SshKey:
+    id: int
+    user_id: str
+    fingerprint: str
+    key_type: str
+    public_key: str
+    comment: str
+    created_at: dt.datetime
+
+
+def new_id() -> str:
+    return secrets.token_hex(8)
+
+
+def _user(row: sa.Row[tuple[object, ...]]) -> User:
+    m = row._mapping
+    return User(m["id"], m["handle"], m["email"], TrustLevel(m["trust_level"]), m["created_at"])
+
+
+def _key(row: sa.Row[tuple[object, ...]]) -> SshKey:
+    m = row._mapping
+    return SshKey(
+        m["id"], m["user_id"], m["fingerprint"], m["key_type"], m["public_key"], m["comment"], m["created_at"]
+    )
+
+
+def create_user(conn: sa.Connection, handle: str, key_type: str, public_key: str, fingerprint: str,
+                comment: str = "") -> User:
+    """Create a user with its first key. The first user on an empty database is an admin."""
+    first = conn.execute(sa.select(sa.func.count()).select_from(users)).scalar_one() == 0
+    uid, now = new_id(), utcnow()
+    level = TrustLevel.ADMIN if first else TrustLevel.NEWBIE
+    conn.execute(users.insert().values(id=uid, handle=handle, email=None, trust_level=level, created_at=now))
+    add_key(conn, uid, key_type, public_key, fingerprint, comment)
+    return User(uid, handle, None, level, now)
+
+
+def by_id(conn: sa.Connection, user_id: str) -> User | None:
+    row = conn.execute(sa.select(users).where(users.c.id == user_id)).first()
+    return _user(row) if row else None
+
+
+def by_handle(conn: sa.Connection, handle: str) -> User | None:
+    row = conn.execute(sa.select(users).where(users.c.handle == handle)).first()
+    return _user(row) if row else None
+
+
+def by_fingerprint(conn: sa.Connection, fingerprint: str) -> User | None:
+    row = conn.execute(
+        sa.select(users).join(ssh_keys, ssh_keys.c.user_id == users.c.id).where(ssh_keys.c.fingerprint == fingerprint)
+    ).first()
+    return _user(row) if row else None
+
+
+def set_trust(conn: sa.Connection, user_id: str, level: TrustLevel) -> None:
+    conn.execute(users.update().where(users.c.id == user_id).values(trust_level=level))
+
+
+def add_key(conn: sa.Connection, user_id: str, key_type: str, public_key: str, fingerprint: str,
+            comment: str = "") -> SshKey:
+    now = utcnow()
+    kid = conn.execute(
+        ssh_keys.insert().values(user_id=user_id, fingerprint=fingerprint, key_type=key_type,
+                                 public_key=public_key, comment=comment, created_at=now)
+    ).inserted_primary_key
+    assert kid is not None
+    return SshKey(int(kid[0]), user_id, fingerprint, key_type, public_key, comment, now)
+
+
+def keys_of(conn: sa.Connection, user_id: str) -> list[SshKey]:
+    rows = conn.execute(sa.select(ssh_keys).where(ssh_keys.c.user_id == user_id).order_by(ssh_keys.c.id))
+    return [_key(r) for r in rows]
+
+
+def key_by_fingerprint(conn: sa.Connection, fingerprint: str) -> SshKey | None:
+    row = conn.execute(sa.select(ssh_keys).where(ssh_keys.c.fingerprint == fingerprint)).first()
+    return _key(row) if row else None
+
+
+def remove_key(conn: sa.Connection, key_id: int) -> None:
+    conn.execute(ssh_keys.delete().where(ssh_keys.c.id == key_id))
+
+
+def rename_key(conn: sa.Connection, key_id: int, comment: str) -> None:
+    conn.execute(ssh_keys.update().where(ssh_keys.c.id == key_id).values(comment=comment))

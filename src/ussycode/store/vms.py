@@ -1,0 +1,111 @@
+"""VM rows and their tags."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Any
+
+import sqlalchemy as sa
+
+from ussycode.store.schema import utcnow, vm_tags, vms
+from ussycode.types import VmStatus
+
+
+@dataclass(frozen=True)
+class Vm:
+    id: str
+    name: str
+    owner_id: str
+    image: str
+    status: VmStatus
+    desired: str
+    cpu: int
+    memory_mb: int
+    disk_gb: int
+    env: dict[str, str]
+    runtime: str
+    runtime_state: dict[str, Any]
+    error: str
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    tags: tuple[str, ...] = field(default=())
+
+
+def _vm(row: sa.Row[tuple[object, ...]], tags: tuple[str, ...] = ()) -> Vm:
+    m = row._mapping
+    return Vm(
+        m["id"], m["name"], m["owner_id"], m["image"], VmStatus(m["status"]), m["desired"], m["cpu"],
+        m["memory_mb"], m["disk_gb"], dict(m["env"] or {}), m["runtime"], dict(m["runtime_state"] or {}),
+        m["error"], m["created_at"], m["updated_at"], tags,
+    )
+
+
+def _with_tags(conn: sa.Connection, rows: list[sa.Row[tuple[object, ...]]]) -> list[Vm]:
+    ids = [r._mapping["id"] for r in rows]
+    tags: dict[str, list[str]] = {i: [] for i in ids}
+    if ids:
+        for vm_id, tag in conn.execute(
+            sa.select(vm_tags.c.vm_id, vm_tags.c.tag).where(vm_tags.c.vm_id.in_(ids)).order_by(vm_tags.c.tag)
+        ):
+            tags[vm_id].append(tag)
+    return [_vm(r, tuple(tags[r._mapping["id"]])) for r in rows]
+
+
+def insert(conn: sa.Connection, *, id: str, name: str, owner_id: str, image: str, cpu: int, memory_mb: int,
+           disk_gb: int, env: dict[str, str], runtime: str, status: VmStatus = VmStatus.CREATING,
+           desired: str = "running", tags: tuple[str, ...] = ()) -> None:
+    now = utcnow()
+    conn.execute(vms.insert().values(
+        id=id, name=name, owner_id=owner_id, image=image, status=status, desired=desired, cpu=cpu,
+        memory_mb=memory_mb, disk_gb=disk_gb, env=env, runtime=runtime, runtime_state={}, error="",
+        created_at=now, updated_at=now,
+    ))
+    for tag in tags:
+        conn.execute(vm_tags.insert().values(vm_id=id, tag=tag))
+
+
+def by_name(conn: sa.Connection, name: str) -> Vm | None:
+    row = conn.execute(sa.select(vms).where(vms.c.name == name)).first()
+    return _with_tags(conn, [row])[0] if row else None
+
+
+def by_id(conn: sa.Connection, vm_id: str) -> Vm | None:
+    row = conn.execute(sa.select(vms).where(vms.c.id == vm_id)).first()
+    return _with_tags(conn, [row])[0] if row else None
+
+
+def of_owner(conn: sa.Connection, owner_id: str) -> list[Vm]:
+    rows = conn.execute(sa.select(vms).where(vms.c.owner_id == owner_id).order_by(vms.c.created_at.desc(),
+                                                                                  vms.c.name)).all()
+    return _with_tags(conn, list(rows))
+
+
+def all_vms(conn: sa.Connection) -> list[Vm]:
+    return _with_tags(conn, list(conn.execute(sa.select(vms).order_by(vms.c.name)).all()))
+
+
+def count_of_owner(conn: sa.Connection, owner_id: str) -> int:
+    return int(conn.execute(sa.select(sa.func.count()).select_from(vms).where(vms.c.owner_id == owner_id))
+               .scalar_one())
+
+
+def update(conn: sa.Connection, vm_id: str, **values: Any) -> None:
+    conn.execute(vms.update().where(vms.c.id == vm_id).values(updated_at=utcnow(), **values))
+
+
+def delete(conn: sa.Connection, vm_id: str) -> None:
+    conn.execute(vm_tags.delete().where(vm_tags.c.vm_id == vm_id))
+    conn.execute(vms.delete().where(vms.c.id == vm_id))
+
+
+def add_tag(conn: sa.Connection, vm_id: str, tag: str) -> bool:
+    exists = conn.execute(sa.select(vm_tags).where(vm_tags.c.vm_id == vm_id, vm_tags.c.tag == tag)).first()
+    if exists:
+        return False
+    conn.execute(vm_tags.insert().values(vm_id=vm_id, tag=tag))
+    return True
+
+
+def remove_tag(conn: sa.Connection, vm_id: str, tag: str) -> bool:
+    return conn.execute(vm_tags.delete().where(vm_tags.c.vm_id == vm_id, vm_tags.c.tag == tag)).rowcount > 0
