@@ -71,15 +71,22 @@ def migrate(engine: sa.Engine) -> Path | None:
     current, head = current_revision(engine), head_revision()
     if current == head:
         return None
-    backup: Path | None = None
-    db_file = engine.url.database if engine.url.get_backend_name() == "sqlite" else None
-    if db_file and db_file != ":memory:" and Path(db_file).exists() and current is not None:
-        backup = Path(f"{db_file}.bak-{current}-{utcnow():%Y%m%dT%H%M%S}")
-        with engine.connect() as conn:  # a consistent copy even in WAL mode
-            conn.exec_driver_sql(f"VACUUM INTO '{backup}'")
-        log.info("backed up %s to %s before migrating %s -> %s", db_file, backup, current, head)
+    backup = backup_sqlite(engine, current) if current is not None else None
+    if backup:
+        log.info("backed up the database to %s before migrating %s -> %s", backup, current, head)
     with engine.begin() as conn:
         command.upgrade(_alembic_config(conn), "head")
+    return backup
+
+
+def backup_sqlite(engine: sa.Engine, tag: str) -> Path | None:
+    """A consistent copy of a SQLite database file (even in WAL mode) beside it; None for other databases."""
+    db_file = engine.url.database if engine.url.get_backend_name() == "sqlite" else None
+    if not db_file or db_file == ":memory:" or not Path(db_file).exists():
+        return None
+    backup = Path(f"{db_file}.bak-{tag}-{utcnow():%Y%m%dT%H%M%S}")
+    with engine.connect() as conn:
+        conn.exec_driver_sql("VACUUM INTO ?", (str(backup),))
     return backup
 
 

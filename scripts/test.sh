@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The whole check: lint, types, layering, then the test suite (with a PostgreSQL server for the store tests).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$PWD/.venv/bin:$PATH"
+
+status=0
+echo "== ruff";          ruff check src tests bench || status=1
+echo "== mypy";          mypy || status=1
+echo "== import-linter"; lint-imports --no-cache || status=1
+
+# PostgreSQL for the store tests: start the local cluster and make a throwaway database.
+if [ -z "${USSYCODE_TEST_PG_URL:-}" ] && [ "$(id -u)" -eq 0 ] && command -v pg_lsclusters >/dev/null; then
+  cluster=$(pg_lsclusters -h | awk 'NR==1 {print $1" "$2}')
+  if [ -n "$cluster" ]; then
+    pg_ctlcluster $cluster start 2>/dev/null || true
+    if su postgres -c "psql -qtAc 'select 1'" >/dev/null 2>&1; then
+      su postgres -c "psql -qc \"DROP DATABASE IF EXISTS ussycode_test\"" >/dev/null
+      su postgres -c "psql -qc \"DO \\\$\\\$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname='ussycode') THEN CREATE ROLE ussycode LOGIN PASSWORD 'ussycode'; END IF; END \\\$\\\$\"" >/dev/null
+      su postgres -c "psql -qc \"CREATE DATABASE ussycode_test OWNER ussycode\"" >/dev/null
+      port=$(pg_lsclusters -h | awk 'NR==1 {print $3}')
+      export USSYCODE_TEST_PG_URL="postgresql://ussycode:ussycode@127.0.0.1:${port}/ussycode_test"
+    fi
+  fi
+fi
+
+echo "== pytest"
+pytest "$@"
+rc=$?
+if [ $rc -eq 5 ]; then echo "pytest collected no tests"; rc=1; fi
+[ $rc -ne 0 ] && status=$rc
+exit $status

@@ -1,0 +1,100 @@
+"""``ussycode doctor``: what this host can run, and why not where it cannot."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ussycode.config import Settings
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+def _binary(name: str, package: str, purpose: str) -> Check:
+    path = shutil.which(name)
+    if path:
+        return Check(name, True, path)
+    return Check(name, False, f"not found: {purpose} needs it (apt-get install {package})")
+
+
+def _cgroups() -> Check:
+    if Path("/sys/fs/cgroup/cgroup.controllers").exists():
+        return Check("cgroups", True, "cgroup v2 (unified)")
+    v1 = [c for c in ("memory", "cpu", "pids") if Path(f"/sys/fs/cgroup/{c}").is_dir()]
+    if len(v1) == 3:
+        return Check("cgroups", True, "cgroup v1 (memory, cpu, pids controllers mounted)")
+    return Check("cgroups", False, f"no usable cgroup hierarchy (found v1 controllers: {v1 or 'none'})")
+
+
+def _filesystem(fs: str) -> Check:
+    try:
+        known = Path("/proc/filesystems").read_text().split()
+    except OSError:
+        known = []
+    if fs in known:
+        return Check(fs, True, "supported by the kernel")
+    return Check(fs, False, f"the kernel does not list {fs} in /proc/filesystems (modprobe {fs})")
+
+
+def _privileges() -> Check:
+    if os.geteuid() == 0:
+        return Check("root", True, "running as root (needed for namespaces, loop devices and cgroups)")
+    return Check("root", False, "not root: VM runtimes need root for namespaces, loop mounts and cgroups")
+
+
+def host_checks() -> list[Check]:
+    return [
+        _privileges(),
+        Check("/dev/kvm", os.path.exists("/dev/kvm"), "present" if os.path.exists("/dev/kvm") else "missing"),
+        _binary("firecracker", "firecracker (not in Debian; install the release binary)", "the firecracker runtime"),
+        _binary("qemu-system-x86_64", "qemu-system-x86", "the qemu runtime"),
+        _binary("bwrap", "bubblewrap", "the container runtime"),
+        _binary("caddy", "caddy", "HTTPS URLs"),
+        _binary("mmdebstrap", "mmdebstrap", "image builds"),
+        _binary("pasta", "passt", "VM internet egress"),
+        _binary("nft", "nftables", "VM network isolation"),
+        _cgroups(),
+        _filesystem("overlay"),
+        Check("netns", Path("/proc/self/ns/net").exists(), "network namespaces"),
+        Check("loop", Path("/dev/loop-control").exists(), "/dev/loop-control (loop-mounted VM disks)"),
+    ]
+
+
+def runtime_checks() -> list[Check]:
+    from ussycode.runtime.registry import runtime_classes
+
+    checks = []
+    for name, cls in runtime_classes().items():
+        result = cls.check()
+        checks.append(Check(f"runtime {name}", result.ok, result.reason))
+    return checks
+
+
+def run_doctor(settings: Settings, as_json: bool = False) -> int:
+    from ussycode.runtime.kvm import choose_auto, kvm_verdict
+
+    cache = settings.data_dir / "cache"
+    checks = host_checks()
+    verdict = kvm_verdict(cache)
+    checks.append(Check("kvm usable", verdict.usable, verdict.reason))
+    checks += runtime_checks()
+    choice = choose_auto(cache)
+    if as_json:
+        print(json.dumps({"checks": [asdict(c) for c in checks],
+                          "auto": {"runtime": choice.name, "reason": choice.reason},
+                          "configured": str(settings.runtime)}, indent=2))
+        return 0
+    for c in checks:
+        print(f"  [{'ok' if c.ok else '--'}] {c.name:<22} {c.detail}")
+    print(f"\n--runtime auto picks: {choice.name} ({choice.reason})")
+    if str(settings.runtime) != "auto":
+        print(f"configured runtime: {settings.runtime}")
+    return 0

@@ -1,0 +1,114 @@
+"""The store on SQLite and on PostgreSQL (USSYCODE_TEST_PG_URL, set up by `make test`)."""
+
+import asyncio
+import os
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+
+from ussycode.store import audit, users, vms
+from ussycode.store.db import Store, backup_sqlite, head_revision
+from ussycode.store.schema import metadata
+from ussycode.types import TrustLevel, VmStatus
+
+PG_URL = os.environ.get("USSYCODE_TEST_PG_URL")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    if request.param == "sqlite":
+        s = Store(f"sqlite:///{tmp_path / 'u.db'}")
+    else:
+        if not PG_URL:
+            pytest.skip("PostgreSQL not available: set USSYCODE_TEST_PG_URL (make test starts a local cluster)")
+        s = Store(PG_URL)
+        with s.engine.begin() as conn:
+            for table in ("audit_log", "vm_tags", "vms", "ssh_keys", "users", "alembic_version"):
+                conn.exec_driver_sql(f"DROP TABLE IF EXISTS {table} CASCADE")
+    s.migrate()
+    yield s
+    s.close()
+
+
+def test_migrations_create_exactly_the_schema(store: Store) -> None:
+    with store.engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), metadata)
+    assert diff == []
+    with store.engine.connect() as conn:
+        assert MigrationContext.configure(conn).get_current_revision() == head_revision()
+    assert store.migrate() is None  # idempotent
+
+
+def test_sqlite_is_in_wal_mode(tmp_path: Path) -> None:
+    s = Store(f"sqlite:///{tmp_path / 'w.db'}")
+    s.migrate()
+    with s.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+    s.close()
+
+
+def test_backup_is_a_consistent_copy(tmp_path: Path) -> None:
+    s = Store(f"sqlite:///{tmp_path / 'b.db'}")
+    s.migrate()
+    with s.engine.begin() as conn:
+        users.create_user(conn, "demo", "ssh-ed25519", "ssh-ed25519 AAAA", "SHA256:abc")
+    backup = backup_sqlite(s.engine, "0001")
+    assert backup is not None and backup.exists()
+    copy = sqlite3.connect(backup)
+    assert copy.execute("select handle from users").fetchall() == [("demo",)]
+    copy.close()
+    s.close()
+
+
+async def test_users_keys_and_first_admin(store: Store) -> None:
+    first = await store.write(lambda c: users.create_user(c, "alice", "ssh-ed25519", "k1", "SHA256:a"))
+    second = await store.write(lambda c: users.create_user(c, "bob", "ssh-ed25519", "k2", "SHA256:b"))
+    assert first.trust_level is TrustLevel.ADMIN and second.trust_level is TrustLevel.NEWBIE
+    found = await store.read(lambda c: users.by_fingerprint(c, "SHA256:b"))
+    assert found is not None and found.handle == "bob"
+    with pytest.raises(sa.exc.IntegrityError):
+        await store.write(lambda c: users.create_user(c, "alice", "ssh-ed25519", "k3", "SHA256:c"))
+    with pytest.raises(sa.exc.IntegrityError):
+        await store.write(lambda c: users.create_user(c, "carol", "ssh-ed25519", "k1", "SHA256:a"))
+    # a failed transaction leaves nothing behind
+    assert await store.read(lambda c: users.by_handle(c, "carol")) is None
+
+
+async def test_vms_tags_and_audit(store: Store) -> None:
+    owner = await store.write(lambda c: users.create_user(c, "alice", "ssh-ed25519", "k1", "SHA256:a"))
+
+    def make(c: sa.Connection) -> None:
+        vms.insert(c, id="v1", name="box1", owner_id=owner.id, image="ussyuntu", cpu=1, memory_mb=512,
+                   disk_gb=1, env={"A": "b"}, runtime="container", tags=("web",))
+        audit.record(c, actor_id=owner.id, source="ssh", action="vm.create", target="box1", cpu=1)
+
+    await store.write(make)
+    vm = await store.read(lambda c: vms.by_name(c, "box1"))
+    assert vm is not None and vm.status is VmStatus.CREATING and vm.env == {"A": "b"} and vm.tags == ("web",)
+    await store.write(lambda c: vms.update(c, "v1", status=VmStatus.RUNNING, runtime_state={"pid": 1}))
+    vm = await store.read(lambda c: vms.by_id(c, "v1"))
+    assert vm is not None and vm.status is VmStatus.RUNNING and vm.runtime_state == {"pid": 1}
+    assert await store.write(lambda c: vms.add_tag(c, "v1", "db")) is True
+    assert await store.write(lambda c: vms.add_tag(c, "v1", "db")) is False
+    rows = await store.read(lambda c: audit.recent(c))
+    assert rows[0]["action"] == "vm.create" and rows[0]["detail"] == {"cpu": 1}
+    await store.write(lambda c: vms.delete(c, "v1"))
+    assert await store.read(lambda c: vms.by_name(c, "box1")) is None
+
+
+async def test_parallel_writes_never_lock(store: Store) -> None:
+    owner = await store.write(lambda c: users.create_user(c, "alice", "ssh-ed25519", "k1", "SHA256:a"))
+
+    async def one(i: int) -> None:
+        await store.write(lambda c: audit.record(c, actor_id=owner.id, source="ssh", action="x", target=str(i)))
+        await store.read(lambda c: users.by_id(c, owner.id))
+
+    await asyncio.gather(*(one(i) for i in range(200)))
+    rows = await store.read(lambda c: audit.recent(c, limit=1000, action="x"))
+    assert len(rows) == 200

@@ -1,0 +1,104 @@
+import pytest
+
+from ussycode.commands.registry import REGISTRY, load_all, lookup, split
+from ussycode.errors import UsageError
+from ussycode.services.quotas import check_count, check_size
+from ussycode.services.ratelimit import RateLimiter
+from ussycode.services.vms import parse_env, validate_vm_name
+from ussycode.services.users import validate_handle
+from ussycode.errors import QuotaExceeded, RateLimited
+from ussycode.types import TrustLevel, VmStatus, check_transition
+from ussycode.errors import StateError
+
+
+def test_split_is_posix() -> None:
+    assert split("new --name=box1 --env 'A=hello world'") == ["new", "--name=box1", "--env", "A=hello world"]
+    assert split('tag box1 "x y"') == ["tag", "box1", "x y"]
+    assert split("ls   -l") == ["ls", "-l"]
+
+
+@pytest.mark.parametrize("line", ["new --name='unbalanced", 'tag "x', "a\x00b", "x" * (64 * 1024 + 1)])
+def test_split_rejects_bad_lines(line: str) -> None:
+    with pytest.raises(UsageError):
+        split(line)
+
+
+def test_registry_has_the_contract_commands() -> None:
+    load_all()
+    for name in ("help", "whoami", "ls", "new", "start", "stop", "restart", "rm", "rename", "tag", "cp",
+                 "ssh-key", "ssh"):
+        assert name in REGISTRY, name
+    assert lookup("delete") is REGISTRY["rm"]
+
+
+def test_parser_errors_are_usage_errors() -> None:
+    load_all()
+    with pytest.raises(UsageError) as err:
+        REGISTRY["new"].parser.parse_args(["--cpu=lots"])
+    assert "invalid int value" in err.value.user_message
+    assert err.value.usage.startswith("usage: new")
+    with pytest.raises(UsageError):
+        REGISTRY["rm"].parser.parse_args([])
+    with pytest.raises(UsageError):
+        REGISTRY["ssh-key"].parser.parse_args(["frobnicate"])
+
+
+@pytest.mark.parametrize("name", ["ab1", "box1", "a-b-c", "x" * 30])
+def test_valid_vm_names(name: str) -> None:
+    assert validate_vm_name(name) == name
+
+
+@pytest.mark.parametrize("name", ["a", "ab", "1box", "Box", "box-", "x" * 31, "bo_x", "root", "../x", "bøx"])
+def test_invalid_vm_names(name: str) -> None:
+    with pytest.raises(UsageError):
+        validate_vm_name(name)
+
+
+@pytest.mark.parametrize("handle,ok", [("demo", True), ("ab", True), ("a", False), ("Demo", True),
+                                       ("9lives", False), ("x" * 21, False), ("root", False), ("a-", False)])
+def test_handles(handle: str, ok: bool) -> None:
+    if ok:
+        assert validate_handle(handle) == handle.lower()
+    else:
+        with pytest.raises(UsageError):
+            validate_handle(handle)
+
+
+def test_env_parsing() -> None:
+    assert parse_env(["A=1", "B_2=x=y", "EMPTY="]) == {"A": "1", "B_2": "x=y", "EMPTY": ""}
+    for bad in (["NOEQUALS"], ["1A=x"], ["USSYCODE_VM_NAME=x"], ["A=" + "x" * 5000], ["A=\x00"]):
+        with pytest.raises(UsageError):
+            parse_env(bad)
+    with pytest.raises(UsageError):
+        parse_env([f"K{i}=v" for i in range(65)])
+
+
+def test_quotas_name_the_limit() -> None:
+    check_size(TrustLevel.NEWBIE, 1, 2048, 5)
+    with pytest.raises(QuotaExceeded, match="vCPU limit"):
+        check_size(TrustLevel.NEWBIE, 2, 1024, 5)
+    with pytest.raises(QuotaExceeded, match="memory limit"):
+        check_size(TrustLevel.NEWBIE, 1, 4096, 5)
+    with pytest.raises(QuotaExceeded, match="disk limit"):
+        check_size(TrustLevel.CITIZEN, 1, 1024, 26)
+    check_size(TrustLevel.ADMIN, 64, 262144, 2048)
+    check_count(TrustLevel.NEWBIE, 2)
+    with pytest.raises(QuotaExceeded, match="VM limit reached: you have 3 of 3"):
+        check_count(TrustLevel.NEWBIE, 3)
+    check_count(TrustLevel.ADMIN, 10_000)
+
+
+def test_rate_limiter() -> None:
+    limiter = RateLimiter(per_minute=60, burst=3)
+    for _ in range(3):
+        limiter.take("u")
+    with pytest.raises(RateLimited) as err:
+        limiter.take("u")
+    assert err.value.retry_after >= 1
+    limiter.take("other")  # buckets are per key
+
+
+def test_state_machine() -> None:
+    check_transition("b", VmStatus.STOPPED, VmStatus.RUNNING)
+    with pytest.raises(StateError, match="b is creating; it cannot become creating"):
+        check_transition("b", VmStatus.CREATING, VmStatus.CREATING)
