@@ -199,7 +199,8 @@ def parse_cookies(header: str) -> dict[str, str]:
     """A forgiving Cookie header parser (one bad pair never drops the others); the first of duplicates wins."""
     cookies: dict[str, str] = {}
     for part in header.split(";"):
-        name, sep, value = part.strip().partition("=")
+        name, sep, value = part.partition("=")
+        name = name.strip()
         if sep and name and name not in cookies:
             cookies[name] = value.strip().strip('"')
     return cookies

@@ -30,9 +30,7 @@ _VM_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 class ConnectionOpener(Protocol):
     """What a bridge needs from a runtime (``Runtime`` satisfies it)."""
 
-    async def open_connection(
-        self, vm_id: str, port: int
-    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]: ...
+    async def open_connection(self, vm_id: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]: ...
 
 
 async def _close(writer: asyncio.StreamWriter, abort: bool = False) -> None:
@@ -96,7 +94,8 @@ class PortBridge:
         self.mode = mode
         self.connect_timeout = connect_timeout
         self._server: asyncio.Server | None = None
-        self._handlers: set[asyncio.Task[Any]] = set()
+        self._conns: dict[asyncio.Task[Any], list[asyncio.StreamWriter]] = {}
+        self._closing = False
 
     @property
     def dial(self) -> str:
@@ -111,8 +110,9 @@ class PortBridge:
 
     async def _handle(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
+        writers = [client_writer]
         if task is not None:
-            self._handlers.add(task)
+            self._conns[task] = writers
         try:
             try:
                 upstream = await asyncio.wait_for(
@@ -124,25 +124,35 @@ class PortBridge:
                 log.log(level, "bridge %s:%d: connect failed: %r", self.vm_id, self.port, exc)
                 await _close(client_writer, abort=True)
                 return
+            writers.append(upstream[1])
+            if self._closing:
+                upstream[1].transport.abort()
+                client_writer.transport.abort()
             await pipe((client_reader, client_writer), upstream)
         finally:
             if task is not None:
-                self._handlers.discard(task)
+                self._conns.pop(task, None)
 
     @property
     def connections(self) -> int:
-        return len(self._handlers)
+        return len(self._conns)
 
     async def close(self) -> None:
         """Stop listening, end open connections, remove the socket file."""
         server, self._server = self._server, None
+        self._closing = True
         if server is not None:
             server.close()
-        handlers = list(self._handlers)
-        for task in handlers:
-            task.cancel()
-        if handlers:
-            await asyncio.wait(handlers, timeout=5.0)
+        # End open connections by aborting their sockets (cancelling stream handler tasks makes asyncio log
+        # errors on 3.11); the pumps then finish on their own.
+        tasks = list(self._conns)
+        for writers in list(self._conns.values()):
+            for writer in writers:
+                writer.transport.abort()
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=5.0)
+            for task in pending:
+                task.cancel()
         if server is not None:
             await server.wait_closed()
         with contextlib.suppress(FileNotFoundError):

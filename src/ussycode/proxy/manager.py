@@ -38,9 +38,7 @@ class ManagedCaddy:
     filled in here (unix socket and storage under ``base_dir``) unless already set.
     """
 
-    def __init__(
-        self, base_dir: Path, config: JSON, *, caddy_bin: str = "caddy", ready_timeout: float = 15.0
-    ) -> None:
+    def __init__(self, base_dir: Path, config: JSON, *, caddy_bin: str = "caddy", ready_timeout: float = 15.0) -> None:
         self.base_dir = Path(base_dir)
         self.caddy_bin = caddy_bin
         self.ready_timeout = ready_timeout
@@ -93,9 +91,7 @@ class ManagedCaddy:
                 reason="caddy_missing",
             )
         if self.admin_address.startswith("unix/") and len(str(self.admin_socket)) > MAX_UNIX_PATH:
-            raise RuntimeFailure(
-                f"Caddy admin socket path too long: {self.admin_socket}; use a shorter data dir"
-            )
+            raise RuntimeFailure(f"Caddy admin socket path too long: {self.admin_socket}; use a shorter data dir")
         self.base_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.storage_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         with contextlib.suppress(FileNotFoundError):

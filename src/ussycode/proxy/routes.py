@@ -32,9 +32,7 @@ SERVER_NAME = "ussycode"
 # Headers forward-auth may set on the request to the VM. Client-sent copies never get through.
 IDENTITY_HEADERS = ("X-Ussy-User-Id", "X-Ussy-Handle", "X-Ussy-Email", "X-Ussy-Access")
 
-_HOST_RE = re.compile(
-    r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$"
-)
+_HOST_RE = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
 
 NOT_FOUND_HTML = (
     "<!doctype html><html><head><title>No such VM</title></head><body>"
