@@ -1,0 +1,532 @@
+"""ContainerRuntime: a VM is a set of namespaces on an overlay whose upper layer lives on the VM's own ext4 disk.
+
+Per VM (``vm_id``)::
+
+    disks_dir/<vm_id>.ext4        sparse ext4 disk of exactly disk_gb GiB: the VM's persistent state
+    disks_dir/<vm_id>.json        sidecar: the runtime state (image digest, …), so the disk is self-describing
+    run_dir/<vm_id>/disk          the disk, loop-mounted
+    run_dir/<vm_id>/root          overlay: image rootfs (read-only) + disk/upper = the VM's /
+    run_dir/<vm_id>/meta          authorized_keys and env.sh, bind-mounted read-only into the guest
+    run_dir/<vm_id>/console.log   the guest init's output (the tail goes into boot errors)
+    netns ussy-<hash>             its network namespace (loopback, nftables egress rules, optional pasta)
+    cgroup ussycode/<vm_id>       memory, CPU and pids limits
+
+The guest's PID 1 (``runtime/guest/init.sh``) is started by :mod:`.nsinit` in new PID/mount/UTS/IPC/cgroup
+namespaces, detached from the server: it keeps running when the server exits, and :meth:`load_state` re-attaches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from ussycode.errors import NotFound, RuntimeFailure, StateError
+from ussycode.runtime import disks, netns
+from ussycode.runtime.base import ExecResult, HostCheck, Runtime
+from ussycode.runtime.cgroups import CgroupLimits, Cgroups, detect_version
+from ussycode.runtime.container import nsinit
+from ussycode.runtime.container.state import VmState, alive, kill, start_time
+from ussycode.runtime.images import GUEST_DIR, ImageStore
+from ussycode.types import VmSpec, VmStatus
+
+GUEST_INIT = GUEST_DIR / "init.sh"
+SSH_PORT = 22
+
+
+def env_script(env: dict[str, str]) -> str:
+    """``/etc/profile.d/ussycode.sh`` for ``env``: one shell-quoted export per variable (pure)."""
+    lines = ["# Written by ussycode at every boot; edits are overwritten."]
+    for key in sorted(env):
+        if not key.replace("_", "a").isalnum() or key[0].isdigit():
+            raise RuntimeFailure(f"environment variable name {key!r} is not a valid shell identifier")
+        lines.append(f"export {key}={shlex.quote(env[key])}")
+    return "\n".join(lines) + "\n"
+
+
+def authorized_keys_file(keys: tuple[str, ...]) -> str:
+    """authorized_keys content (pure); a key with a newline in it would smuggle in a second key: refused."""
+    for key in keys:
+        if "\n" in key or "\r" in key:
+            raise RuntimeFailure("an authorized key contains a line break")
+    return "".join(key.strip() + "\n" for key in keys if key.strip())
+
+
+def parse_passwd(passwd: str, group: str, user: str) -> tuple[int, int, list[int], str]:
+    """(uid, gid, supplementary gids, home) of ``user`` from /etc/passwd and /etc/group texts (pure)."""
+    for line in passwd.splitlines():
+        parts = line.split(":")
+        if len(parts) >= 7 and parts[0] == user:
+            uid, gid, home = int(parts[2]), int(parts[3]), parts[5]
+            groups = [gid]
+            for gline in group.splitlines():
+                gparts = gline.split(":")
+                if len(gparts) >= 4 and user in gparts[3].split(",") and gparts[2].isdigit():
+                    groups.append(int(gparts[2]))
+            return uid, gid, groups, home
+    raise NotFound(f"no user {user!r} in the VM")
+
+
+class ContainerRuntime(Runtime):
+    """Container VMs on this host. Needs root. See the module docstring for the layout."""
+
+    name = "container"
+
+    def __init__(
+        self,
+        disks_dir: Path,
+        run_dir: Path,
+        images: ImageStore,
+        *,
+        egress: bool = True,
+        boot_timeout: float = 30.0,
+        python: str = sys.executable,
+    ) -> None:
+        self.disks_dir = Path(disks_dir)
+        self.run_dir = Path(run_dir)
+        self.images = images
+        self.egress = egress and shutil.which("pasta") is not None
+        self.boot_timeout = boot_timeout
+        self.python = python
+        self._states: dict[str, VmState] = {}
+        self._env: dict[str, dict[str, str]] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._cgroups: Cgroups | None = None
+        self._executor: ThreadPoolExecutor | None = None
+
+    # --- host check -----------------------------------------------------------------------------------
+
+    @classmethod
+    def check(cls) -> HostCheck:
+        problems = []
+        if os.geteuid() != 0:
+            problems.append("needs root (mounts, namespaces, cgroups)")
+        for tool in ("ip", "nft", "mkfs.ext4", "mount", "umount", "losetup"):
+            if shutil.which(tool) is None:
+                problems.append(f"{tool} is not installed")
+        try:
+            with open("/proc/filesystems") as f:
+                if "overlay" not in f.read():
+                    problems.append("the kernel has no overlayfs")
+        except OSError:
+            problems.append("cannot read /proc/filesystems")
+        if not os.path.exists("/dev/loop-control"):
+            problems.append("no loop devices (/dev/loop-control)")
+        if detect_version() is None:
+            problems.append("no usable cgroup hierarchy (need v2, or v1 memory+cpu+pids)")
+        if not os.path.exists("/proc/self/ns/net"):
+            problems.append("no network namespaces")
+        if problems:
+            return HostCheck(False, "; ".join(problems))
+        egress = "pasta egress" if shutil.which("pasta") else "no egress (install passt for pasta)"
+        return HostCheck(True, f"available ({egress}, cgroup {detect_version()})")
+
+    # --- paths and state -------------------------------------------------------------------------------
+
+    def _disk(self, vm_id: str) -> Path:
+        return self.disks_dir / f"{vm_id}.ext4"
+
+    def _sidecar(self, vm_id: str) -> Path:
+        return self.disks_dir / f"{vm_id}.json"
+
+    def _vm_dir(self, vm_id: str) -> Path:
+        return self.run_dir / vm_id
+
+    def _console(self, vm_id: str) -> Path:
+        return self._vm_dir(vm_id) / "console.log"
+
+    @property
+    def cgroups(self) -> Cgroups:
+        if self._cgroups is None:
+            self._cgroups = Cgroups()
+        return self._cgroups
+
+    def _lock(self, vm_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(vm_id, asyncio.Lock())
+
+    def _save(self, st: VmState) -> None:
+        self._states[st.vm_id] = st
+        tmp = self._sidecar(st.vm_id).with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(st.as_json(), indent=2) + "\n")
+        os.replace(tmp, self._sidecar(st.vm_id))
+
+    def _state(self, vm_id: str) -> VmState:
+        st = self._states.get(vm_id)
+        if st is None:
+            try:
+                st = VmState.from_json(json.loads(self._sidecar(vm_id).read_text()))
+            except FileNotFoundError:
+                raise NotFound(f"container VM {vm_id} does not exist on this host") from None
+            except ValueError as exc:
+                raise RuntimeFailure(f"state of VM {vm_id} is corrupt: {exc}") from exc
+            self._states[vm_id] = st
+        return st
+
+    def get_state(self, vm_id: str) -> dict[str, Any]:
+        return self._state(vm_id).as_json()
+
+    async def load_state(self, vm_id: str, state: dict[str, Any]) -> None:
+        """Re-attach to VM ``vm_id`` from a blob :meth:`get_state` returned (the VM keeps running)."""
+        async with self._lock(vm_id):
+            st = VmState.from_json(state) if state else self._state(vm_id)
+            if st.vm_id != vm_id:
+                raise RuntimeFailure(f"state for VM {st.vm_id} handed to VM {vm_id}")
+            self._states[vm_id] = st
+            if not alive(st.pid, st.pid_start) and st.pid is not None:
+                # It died while nobody watched: release what it held so the next start is clean.
+                await self._teardown(st)
+
+    # --- lifecycle ----------------------------------------------------------------------------------------
+
+    async def create(self, spec: VmSpec) -> None:
+        """Make the VM's disk (sparse ext4 of exactly ``spec.disk_gb`` GiB) and record the image digest."""
+        async with self._lock(spec.id):
+            if self._sidecar(spec.id).exists() and self._disk(spec.id).exists():
+                return
+            image = self.images.resolve(spec.image)
+            self.disks_dir.mkdir(parents=True, exist_ok=True)
+            await asyncio.to_thread(disks.create_disk, self._disk(spec.id), spec.disk_gb)
+            try:
+                self._save(self._new_state(spec, image.digest))
+            except BaseException:
+                self._disk(spec.id).unlink(missing_ok=True)
+                raise
+
+    def _new_state(self, spec: VmSpec, digest: str) -> VmState:
+        return VmState(
+            vm_id=spec.id, image=spec.image, digest=digest, disk=str(self._disk(spec.id)),
+            netns=netns.netns_name(spec.id), hostname=spec.hostname or spec.name, cpu=spec.cpu,
+            memory_mb=spec.memory_mb, disk_gb=spec.disk_gb,
+        )
+
+    async def start(self, spec: VmSpec) -> None:
+        """Boot the VM; return once its sshd answers on port 22. Idempotent while it runs."""
+        async with self._lock(spec.id):
+            st = self._state(spec.id)
+            if alive(st.pid, st.pid_start):
+                return
+            st.hostname, st.cpu, st.memory_mb = spec.hostname or spec.name, spec.cpu, spec.memory_mb
+            self._env[spec.id] = dict(spec.env)
+            await self._teardown(st)  # leftovers of a crash
+            argv: list[str] = []
+            try:
+                argv = await self._launch(st, spec)
+                await self._wait_for_sshd(st, argv)
+            except BaseException as exc:
+                await self._teardown(st)
+                if isinstance(exc, RuntimeFailure):
+                    raise
+                if isinstance(exc, Exception):
+                    raise RuntimeFailure(
+                        f"VM {spec.name} failed to start: {exc}", evidence=self._evidence(st, argv)
+                    ) from exc
+                raise
+
+    async def _launch(self, st: VmState, spec: VmSpec) -> list[str]:
+        vm_dir = self._vm_dir(st.vm_id)
+        image = self.images.by_digest(st.digest)
+        vm_dir.mkdir(parents=True, exist_ok=True)
+        disk_mount, root = vm_dir / "disk", vm_dir / "root"
+        await asyncio.to_thread(self._wait_loop_released, Path(st.disk))
+        await asyncio.to_thread(disks.mount_disk, Path(st.disk), disk_mount)
+        await asyncio.to_thread(disks.mount_overlay, image.rootfs, disk_mount, root)
+        await self._setup_netns(st)
+        await asyncio.to_thread(self.cgroups.create, st.vm_id, CgroupLimits(cpu=st.cpu, memory_mb=st.memory_mb))
+        meta = vm_dir / "meta"
+        meta.mkdir(mode=0o755, exist_ok=True)
+        (meta / "authorized_keys").write_text(authorized_keys_file(spec.authorized_keys))
+        (meta / "env.sh").write_text(env_script(spec.env))
+        pidfile = vm_dir / "init.pid"
+        pidfile.unlink(missing_ok=True)
+        argv = nsinit.boot_argv(
+            self.python, root=root, hostname=st.hostname, netns_path=netns.NETNS_DIR / st.netns,
+            init=GUEST_INIT, meta=meta, cgroup_procs=self.cgroups.procs_files(st.vm_id), pidfile=pidfile,
+        )
+        with open(self._console(st.vm_id), "wb") as console:  # noqa: ASYNC230 (local, instant)
+            proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=console, stderr=console,
+                start_new_session=True, cwd="/", env={"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")},
+            )
+            code = await proc.wait()
+        if code != 0 or not pidfile.exists():
+            raise RuntimeFailure(
+                f"VM {st.hostname} failed to boot (launcher exit {code})", evidence=self._evidence(st, argv)
+            )
+        st.pid = int(pidfile.read_text())
+        st.pid_start = start_time(st.pid)
+        self._save(st)
+        return argv
+
+    async def _setup_netns(self, st: VmState) -> None:
+        for argv in netns.setup_argvs(st.netns):
+            await _run(argv, f"setting up network namespace {st.netns}")
+        host = await asyncio.to_thread(netns.host_addresses)
+        await _run(netns.nft_apply_argv(st.netns), "installing the VM firewall", stdin=netns.nft_ruleset(host))
+        if self.egress:
+            pidfile = self._vm_dir(st.vm_id) / "pasta.pid"
+            pidfile.unlink(missing_ok=True)
+            try:
+                await _run(netns.pasta_argv(st.netns, pidfile), "starting pasta")
+                st.pasta_pid = int(pidfile.read_text())
+                st.pasta_start = start_time(st.pasta_pid)
+            except (RuntimeFailure, OSError, ValueError) as exc:
+                # Egress is best-effort: the VM still works (and stays isolated) without it.
+                with open(self._console(st.vm_id), "a") as f:  # noqa: ASYNC230
+                    f.write(f"ussycode: no egress for this VM: {exc}\n")
+
+    async def _wait_for_sshd(self, st: VmState, argv: list[str]) -> None:
+        deadline = time.monotonic() + self.boot_timeout
+        last_error = ""
+        while time.monotonic() < deadline:
+            if not alive(st.pid, st.pid_start):
+                raise RuntimeFailure(f"VM {st.hostname} exited while booting", evidence=self._evidence(st, argv))
+            try:
+                reader, writer = await self._connect(st, SSH_PORT, timeout=1.0)
+            except OSError as exc:
+                last_error = str(exc)
+            else:
+                try:
+                    banner = await asyncio.wait_for(reader.read(4), timeout=2.0)
+                finally:
+                    writer.close()
+                    with contextlib.suppress(OSError):
+                        await writer.wait_closed()
+                if banner == b"SSH-":
+                    return
+                last_error = f"unexpected banner {banner!r}"
+            await asyncio.sleep(0.05)
+        raise RuntimeFailure(
+            f"VM {st.hostname} did not answer on port 22 within {self.boot_timeout:.0f}s ({last_error})",
+            evidence=self._evidence(st, argv),
+        )
+
+    def _evidence(self, st: VmState, argv: list[str]) -> str:
+        try:
+            tail = self._console(st.vm_id).read_text(errors="replace").splitlines()[-30:]
+        except OSError:
+            tail = ["(no console log)"]
+        return "$ " + shlex.join(argv) + "\n--- console tail ---\n" + "\n".join(tail)
+
+    async def stop(self, vm_id: str, timeout: float = 10.0) -> None:
+        """SIGTERM the guest's init, SIGKILL after ``timeout``, then release mounts, netns and cgroup."""
+        async with self._lock(vm_id):
+            st = self._state(vm_id)
+            await self._kill_init(st, timeout)
+            await self._teardown(st)
+
+    async def _kill_init(self, st: VmState, timeout: float) -> None:
+        if not alive(st.pid, st.pid_start):
+            return
+        kill(st.pid, st.pid_start, signal.SIGTERM)
+        if not await _wait_dead(st.pid, st.pid_start, timeout):
+            kill(st.pid, st.pid_start, signal.SIGKILL)
+            if not await _wait_dead(st.pid, st.pid_start, 10.0):
+                raise RuntimeFailure(f"VM {st.hostname} (pid {st.pid}) does not die")
+
+    async def _teardown(self, st: VmState) -> None:
+        """Release everything a (dead) VM holds on the host except its disk. Idempotent."""
+        kill(st.pasta_pid, st.pasta_start, signal.SIGTERM)
+        await asyncio.to_thread(self._teardown_sync, st)
+        st.pid = st.pid_start = st.pasta_pid = st.pasta_start = None
+        if self._sidecar(st.vm_id).exists():
+            self._save(st)
+
+    def _teardown_sync(self, st: VmState) -> None:
+        # Every process of the VM (guest and exec helpers) is in its cgroup: empty it before unmounting, so the
+        # filesystem is really released before the disk can be mounted again.
+        self.cgroups.remove(st.vm_id)
+        vm_dir = self._vm_dir(st.vm_id)
+        disks.unmount(vm_dir / "root")
+        disks.unmount(vm_dir / "disk")
+        if netns.exists(st.netns):
+            proc = _run_sync(["ip", "netns", "delete", st.netns])
+            if proc and netns.exists(st.netns):
+                raise RuntimeFailure(f"cannot delete network namespace {st.netns}: {proc}")
+
+    @staticmethod
+    def _wait_loop_released(disk: Path, timeout: float = 10.0) -> None:
+        """Wait until no loop device holds ``disk`` (a stopped VM's filesystem is released asynchronously)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            out = _run_sync(["losetup", "-j", str(disk)], output=True)
+            if not out.strip():
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeFailure(f"disk {disk} is still attached to a loop device", evidence=out)
+            time.sleep(0.1)
+
+    async def destroy(self, vm_id: str) -> None:
+        """Stop the VM and remove its disk, sidecar, mounts, namespace, cgroup and run directory."""
+        try:
+            st = self._state(vm_id)
+        except NotFound:
+            st = VmState(vm_id=vm_id, image="", digest="", disk=str(self._disk(vm_id)),
+                         netns=netns.netns_name(vm_id))
+        async with self._lock(vm_id):
+            await self._kill_init(st, 10.0)
+            await self._teardown(st)
+            self._disk(vm_id).unlink(missing_ok=True)
+            self._sidecar(vm_id).unlink(missing_ok=True)
+            await asyncio.to_thread(shutil.rmtree, self._vm_dir(vm_id), True)
+            self._states.pop(vm_id, None)
+            self._env.pop(vm_id, None)
+        self._locks.pop(vm_id, None)
+
+    async def status(self, vm_id: str) -> VmStatus:
+        try:
+            st = self._state(vm_id)
+        except NotFound:
+            return VmStatus.ERROR
+        if alive(st.pid, st.pid_start):
+            return VmStatus.RUNNING
+        return VmStatus.STOPPED if os.path.exists(st.disk) else VmStatus.ERROR  # noqa: ASYNC240
+
+    # --- connections and processes -----------------------------------------------------------------------
+
+    def _running(self, vm_id: str) -> VmState:
+        st = self._state(vm_id)
+        if not alive(st.pid, st.pid_start):
+            raise StateError(f"VM {st.hostname or vm_id} is not running")
+        return st
+
+    async def open_connection(self, vm_id: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A TCP stream to 127.0.0.1:``port`` inside the VM's network namespace."""
+        return await self._connect(self._running(vm_id), port)
+
+    async def _connect(
+        self, st: VmState, port: int, timeout: float = 5.0
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if self._executor is None:
+            # One dedicated thread switches namespaces; nothing else ever runs on it.
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ussycode-netns")
+        loop = asyncio.get_running_loop()
+        try:
+            sock = await loop.run_in_executor(
+                self._executor, netns.connect_in_netns, st.netns, "127.0.0.1", port, timeout
+            )
+        except netns.NetnsBroken:
+            self._executor.shutdown(wait=False)
+            self._executor = None
+            raise
+        return await asyncio.open_connection(sock=sock)
+
+    async def exec(
+        self, vm_id: str, argv: list[str], *, stdin: bytes = b"", user: str = "ussycode", timeout: float = 60.0
+    ) -> ExecResult:
+        """Run ``argv`` in the VM as ``user`` (login-like environment, no shell), with pipes."""
+        st = self._running(vm_id)
+        root = Path(f"/proc/{st.pid}/root")
+        try:
+            passwd = (root / "etc/passwd").read_text(errors="replace")
+            group = (root / "etc/group").read_text(errors="replace")
+        except OSError as exc:
+            raise RuntimeFailure(f"cannot read the VM's user database: {exc}") from exc
+        uid, gid, groups, home = parse_passwd(passwd, group, user)
+        env = {
+            "HOME": home, "USER": user, "LOGNAME": user, "SHELL": "/bin/bash", "LANG": "C.UTF-8",
+            "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            **self._env.get(vm_id, {}),
+        }
+        full = nsinit.exec_argv(
+            self.python, pid=st.pid or 0, uid=uid, gid=gid, groups=groups, cwd=home, env=env,
+            cgroup_procs=self.cgroups.procs_files(vm_id), argv=argv,
+        )
+        proc = await asyncio.create_subprocess_exec(
+            *full, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            start_new_session=True, cwd="/",
+        )
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(stdin), timeout)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise RuntimeFailure(f"command timed out after {timeout:.0f}s in VM {st.hostname}",
+                                 evidence=shlex.join(argv)) from None
+        assert proc.returncode is not None
+        return ExecResult(exit_status=proc.returncode, stdout=out, stderr=err)
+
+    # --- disks ---------------------------------------------------------------------------------------------
+
+    async def copy_disk(self, src_id: str, dst: VmSpec) -> None:
+        """A new, independent disk for ``dst`` with the (stopped) source's contents and its own host keys."""
+        src = self._state(src_id)
+        async with self._lock(src_id), self._lock(dst.id):
+            if alive(src.pid, src.pid_start):
+                raise StateError(f"VM {src.hostname or src_id} must be stopped to copy its disk")
+            if self._disk(dst.id).exists():
+                raise StateError(f"VM {dst.name} already has a disk")
+            await asyncio.to_thread(disks.copy_disk, Path(src.disk), self._disk(dst.id))
+            try:
+                st = self._new_state(dst, src.digest)
+                st.image = src.image
+                st.disk_gb = max(dst.disk_gb, src.disk_gb)
+                await asyncio.to_thread(self._prepare_copy, st)
+                self._save(st)
+            except BaseException:
+                self._disk(dst.id).unlink(missing_ok=True)
+                raise
+
+    def _prepare_copy(self, st: VmState) -> None:
+        """Grow the copy to its size and drop the source's SSH host keys (a copy is a different machine)."""
+        disk = Path(st.disk)
+        if disk.stat().st_size < st.disk_gb * disks.GIB:
+            os.truncate(disk, st.disk_gb * disks.GIB)
+            for argv in (["e2fsck", "-f", "-p", st.disk], ["resize2fs", st.disk]):
+                if out := _run_sync(argv):
+                    raise RuntimeFailure("growing the copied disk failed", evidence=f"$ {shlex.join(argv)}\n{out}")
+        mnt = self._vm_dir(st.vm_id) / "disk"
+        self._wait_loop_released(Path(st.disk))
+        disks.mount_disk(Path(st.disk), mnt)
+        try:
+            for key in (mnt / "upper/etc/ssh").glob("ssh_host_*"):
+                key.unlink()
+        finally:
+            disks.unmount(mnt)
+
+    async def disk_usage(self, vm_id: str) -> int:
+        return disks.allocated_bytes(Path(self._state(vm_id).disk))
+
+    async def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+
+async def _run(argv: list[str], what: str, stdin: str | None = None) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await proc.communicate(stdin.encode() if stdin is not None else None)
+    if proc.returncode != 0:
+        raise RuntimeFailure(
+            f"{what} failed (exit {proc.returncode})", evidence=f"$ {shlex.join(argv)}\n{out.decode(errors='replace')}"
+        )
+
+
+def _run_sync(argv: list[str], output: bool = False) -> str:
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    if output:
+        return proc.stdout
+    return "" if proc.returncode == 0 else (proc.stderr or proc.stdout or f"exit {proc.returncode}")
+
+
+async def _wait_dead(pid: int | None, started: int | None, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while alive(pid, started):
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True

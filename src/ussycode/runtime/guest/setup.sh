@@ -1,0 +1,27 @@
+#!/bin/sh
+# ussycode image customisation; run by mmdebstrap as a customize hook: $1 is the new root filesystem.
+# $2 is this directory (the guest files shipped with ussycode).
+set -eu
+ROOT="$1"
+GUEST="$2"
+
+chroot "$ROOT" /usr/sbin/useradd --uid 1000 --user-group --create-home --shell /bin/bash ussycode
+# Log in by key only: lock the password (a `!` hash), but keep the account usable for pubkey logins.
+chroot "$ROOT" /usr/sbin/usermod -p '*' ussycode
+echo 'ussycode ALL=(ALL) NOPASSWD:ALL' > "$ROOT/etc/sudoers.d/ussycode"
+chmod 0440 "$ROOT/etc/sudoers.d/ussycode"
+
+install -D -m 0644 "$GUEST/sshd_config" "$ROOT/etc/ssh/sshd_config.d/ussycode.conf"
+# Every VM makes its own host keys at first boot (see init.sh): none may be baked into the image.
+rm -f "$ROOT"/etc/ssh/ssh_host_*
+# No audit capability in a container VM: pam_loginuid cannot set the login uid, which must not block logins.
+sed -i 's/^session\s\+required\s\+pam_loginuid.so/session optional pam_loginuid.so/' "$ROOT/etc/pam.d/sshd"
+install -D -m 0755 "$GUEST/init.sh" "$ROOT/usr/local/sbin/ussycode-init"
+
+# Tools that behave as in a VM: a real hostname file, a resolver, no policy-rc.d leftovers.
+echo ussycode > "$ROOT/etc/hostname"
+[ -s "$ROOT/etc/resolv.conf" ] || echo 'nameserver 169.254.169.254' > "$ROOT/etc/resolv.conf"
+rm -f "$ROOT/usr/sbin/policy-rc.d"
+# Services are never started by package scripts inside a container VM (no systemd): say so.
+printf '#!/bin/sh\nexit 101\n' > "$ROOT/usr/sbin/policy-rc.d"
+chmod 0755 "$ROOT/usr/sbin/policy-rc.d"

@@ -1,0 +1,186 @@
+"""Per-VM network namespaces, their egress firewall, optional egress through pasta, and host→VM sockets.
+
+A VM's namespace ``ussy-<hash>`` starts with only loopback. The host installs an nftables ruleset inside it
+(the guest has no CAP_NET_ADMIN, so it cannot change it) that drops traffic to private ranges and to every
+address and on-link network of the host. Egress, when enabled, goes through ``pasta`` with every port forward
+and the gateway→host mapping turned off (pasta's defaults forward the host's loopback ports into the namespace).
+
+The host reaches a VM only through :func:`connect_in_netns`: a socket created inside the namespace (``setns`` on a
+dedicated thread), never by routing to a guest address.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import hashlib
+import ipaddress
+import json
+import os
+import socket
+import subprocess
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+NETNS_DIR = Path("/run/netns")
+CLONE_NEWNET = 0x40000000
+
+PRIVATE_V4 = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "169.254.0.0/16")
+PRIVATE_V6 = ("fc00::/7", "fe80::/10")
+METADATA_V4 = "169.254.169.254"
+
+
+def netns_name(vm_id: str) -> str:
+    """A short, stable namespace name for a VM (hash: VM ids may share long prefixes)."""
+    return "ussy-" + hashlib.sha256(vm_id.encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class HostAddresses:
+    """The host's own addresses and on-link networks (what a VM must never reach)."""
+
+    v4: tuple[str, ...]
+    v6: tuple[str, ...]
+
+
+def parse_ip_addr_json(text: str) -> HostAddresses:
+    """Host addresses and their networks from ``ip -j addr`` output, loopback excluded (pure)."""
+    v4: set[str] = set()
+    v6: set[str] = set()
+    for link in json.loads(text or "[]"):
+        if "LOOPBACK" in link.get("flags", []):
+            continue
+        for info in link.get("addr_info", []):
+            local, prefix = info.get("local"), info.get("prefixlen")
+            if not local or prefix is None:
+                continue
+            iface = ipaddress.ip_interface(f"{local}/{prefix}")
+            target = v4 if iface.version == 4 else v6
+            target.add(str(iface.ip))
+            if iface.network.prefixlen > 0:
+                target.add(str(iface.network))
+    return HostAddresses(tuple(sorted(v4)), tuple(sorted(v6)))
+
+
+def host_addresses() -> HostAddresses:
+    out = subprocess.run(["ip", "-j", "addr"], capture_output=True, text=True, check=True, timeout=10).stdout
+    return parse_ip_addr_json(out)
+
+
+def _set(items: Iterable[str]) -> str:
+    """An nft anonymous set; overlapping networks are merged (nft rejects overlapping intervals)."""
+    nets = [ipaddress.ip_network(item, strict=False) for item in items]
+    merged = [str(n) for n in ipaddress.collapse_addresses(nets)]  # type: ignore[type-var]
+    return "{ " + ", ".join(merged) + " }"
+
+
+def nft_ruleset(host: HostAddresses, *, metadata_v4: str = METADATA_V4) -> str:
+    """The nftables ruleset a VM's namespace gets (pure).
+
+    Output to loopback (the VM's own) and to the metadata address is allowed; output to private ranges and to
+    the host's addresses and on-link networks is rejected; everything else (the internet) is allowed.
+    Input is allowed only for loopback and replies, so nothing outside the namespace can open a connection in.
+    """
+    v4 = list(PRIVATE_V4) + list(host.v4)
+    v6 = list(PRIVATE_V6) + list(host.v6)
+    return "\n".join(
+        [
+            "table inet ussycode",
+            "delete table inet ussycode",
+            "table inet ussycode {",
+            "  chain output {",
+            "    type filter hook output priority 0; policy accept;",
+            '    oifname "lo" accept',
+            f"    ip daddr {metadata_v4} accept",
+            f"    ip daddr {_set(v4)} reject with icmpx type admin-prohibited",
+            f"    ip6 daddr {_set(v6)} reject with icmpx type admin-prohibited",
+            "  }",
+            "  chain input {",
+            "    type filter hook input priority 0; policy drop;",
+            '    iifname "lo" accept',
+            "    ct state established,related accept",
+            "  }",
+            "}",
+            "",
+        ]
+    )
+
+
+def pasta_argv(netns: str, pidfile: Path) -> list[str]:
+    """pasta command line giving ``netns`` egress with no port forwarding and no gateway→host mapping (pure)."""
+    return [
+        "pasta",
+        "--config-net",
+        "--runas", "0",
+        "--no-map-gw",
+        "-t", "none", "-u", "none", "-T", "none", "-U", "none",
+        "--quiet",
+        "--pid", str(pidfile),
+        "--netns", str(NETNS_DIR / netns),
+    ]
+
+
+def setup_argvs(netns: str) -> list[list[str]]:
+    """Commands that create the namespace with loopback up and unprivileged ICMP echo allowed (pure)."""
+    return [
+        ["ip", "netns", "add", netns],
+        ["ip", "-n", netns, "link", "set", "lo", "up"],
+        ["ip", "netns", "exec", netns, "sysctl", "-q", "-w", "net.ipv4.ping_group_range=0 2147483647"],
+    ]
+
+
+def nft_apply_argv(netns: str) -> list[str]:
+    return ["ip", "netns", "exec", netns, "nft", "-f", "-"]
+
+
+def exists(netns: str) -> bool:
+    return (NETNS_DIR / netns).exists()
+
+
+# --- host → VM sockets ---------------------------------------------------------------------------------
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+def _setns(fd: int, nstype: int) -> None:
+    if _libc.setns(fd, nstype) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns: {os.strerror(err)}")
+
+
+class NetnsBroken(RuntimeError):
+    """The calling thread could not return to its own namespace: it must never run anything else."""
+
+
+def connect_in_netns(netns: str, host: str, port: int, timeout: float = 5.0) -> socket.socket:
+    """Create a TCP socket inside ``netns`` and connect it to ``host:port`` (blocking; run on a dedicated thread).
+
+    The thread always goes back to the namespace it started in; if that fails, NetnsBroken is raised and the
+    caller must retire the thread.
+    """
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        target = os.open(NETNS_DIR / netns, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            _setns(target, CLONE_NEWNET)
+        finally:
+            os.close(target)
+        try:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        finally:
+            try:
+                _setns(own, CLONE_NEWNET)
+            except OSError as exc:
+                raise NetnsBroken(f"cannot return to the host network namespace: {exc}") from exc
+    finally:
+        os.close(own)
+    # The socket belongs to the VM's namespace for its whole life; connecting needs no namespace switch.
+    try:
+        sock.settimeout(timeout)
+        sock.connect((host, port))
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
