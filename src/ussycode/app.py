@@ -46,7 +46,8 @@ class App:
         from ussycode.runtime.registry import make_runtime
 
         images = self._images or ImageStore(self.settings.images_path)
-        runtime = self._runtime or make_runtime(str(self.settings.runtime), settings=self.settings, images=images)
+        runtime = self._runtime or make_runtime(str(self.settings.runtime), disks_dir=self.settings.disks_dir,
+                                                run_dir=self.settings.run_dir, images=images)
         return runtime, images
 
     async def start(self) -> None:

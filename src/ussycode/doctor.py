@@ -69,13 +69,9 @@ def host_checks() -> list[Check]:
 
 
 def runtime_checks() -> list[Check]:
-    from ussycode.runtime.registry import runtime_classes
+    from ussycode.runtime.registry import checks
 
-    checks = []
-    for name, cls in runtime_classes().items():
-        result = cls.check()
-        checks.append(Check(f"runtime {name}", result.ok, result.reason))
-    return checks
+    return [Check(f"runtime {name}", result.ok, result.reason) for name, result in checks().items()]
 
 
 def run_doctor(settings: Settings, as_json: bool = False) -> int:

@@ -47,7 +47,8 @@ class Lobby:
         process.stdout.write(text)
 
     def _err(self, process: SSHServerProcess[Any], text: str) -> None:
-        process.stderr.write(text)
+        # On a terminal, errors share stdout so they stay in order with the prompt.
+        (process.stdout if process.term_type else process.stderr).write(text)
 
     async def _readline(self, process: SSHServerProcess[Any]) -> str | None:
         """One line from the person; None at EOF (Ctrl-D) or hang-up. Ctrl-C gives an empty line."""
@@ -98,6 +99,12 @@ class Lobby:
         if process.command is not None:
             return await self.run_line(process, process.command, interactive=False)
         return await self._repl(process)
+
+    def _already_registered(self, process: SSHServerProcess[Any]) -> int:
+        user = self.state.user
+        assert user is not None
+        self._err(process, f"error: this key is already registered as {user.handle}\n")
+        return 1
 
     # Registration ------------------------------------------------------------------------------------------
     async def _register(self, process: SSHServerProcess[Any], handle: str) -> bool:
@@ -173,6 +180,8 @@ class Lobby:
                              prompt=prompt, attach=attach)
         try:
             argv = split(line)
+            if argv and argv[0] == "register":
+                return self._already_registered(process)
             return await dispatch(ctx, argv)
         except Exception as exc:  # every failure is rendered; the session goes on
             text, status = render_error(exc)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import asyncssh
-from asyncssh.constants import MIN_SFTP_VERSION  # type: ignore[attr-defined]
+from asyncssh.sftp import MIN_SFTP_VERSION
 from asyncssh.process import SSHServerProcess
 
 from ussycode.auth.keys import PublicKey, describe

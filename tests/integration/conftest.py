@@ -1,0 +1,98 @@
+"""A real server on loopback port 0, real SSH clients (OpenSSH ``ssh`` and asyncssh)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncssh
+import pytest
+
+from ussycode.app import App
+from ussycode.config import load_settings
+
+
+@dataclass
+class SshResult:
+    exit_status: int
+    stdout: str
+    stderr: str
+
+
+@dataclass
+class Server:
+    app: App
+    port: int
+    data_dir: Path
+    keys_dir: Path
+
+    def key(self, name: str, key_type: str = "ed25519") -> Path:
+        """A key pair made by the real ssh-keygen (cached per test)."""
+        path = self.keys_dir / f"{name}_{key_type}"
+        if not path.exists():
+            subprocess.run(["ssh-keygen", "-q", "-t", key_type, "-N", "", "-C", name, "-f", str(path)], check=True)
+        return path
+
+    def ssh_argv(self, key: Path, *args: str, user: str = "lobby", tty: bool = False) -> list[str]:
+        return ["ssh", "-p", str(self.port), "-i", str(key), "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
+                "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR",
+                "-F", "/dev/null", *(["-tt"] if tty else ["-T"]), f"{user}@127.0.0.1", *args]
+
+    async def ssh(self, key: Path, *args: str, user: str = "lobby", stdin: bytes = b"",
+                  timeout: float = 120) -> SshResult:
+        proc = await asyncio.create_subprocess_exec(
+            *self.ssh_argv(key, *args, user=user), stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(stdin), timeout)
+        assert proc.returncode is not None
+        return SshResult(proc.returncode, out.decode(errors="replace"), err.decode(errors="replace"))
+
+    async def register(self, name: str) -> Path:
+        key = self.key(name)
+        r = await self.ssh(key, "register", name)
+        assert r.exit_status == 0, r
+        return key
+
+    async def connect(self, key: Path | asyncssh.SSHKey, user: str = "lobby", **kw: Any) -> asyncssh.SSHClientConnection:
+        client_keys = [key] if isinstance(key, asyncssh.SSHKey) else [str(key)]
+        return await asyncssh.connect("127.0.0.1", self.port, username=user, client_keys=client_keys,
+                                      known_hosts=None, agent_path=None, config=[], **kw)
+
+
+def make_app(data_dir: Path, **overrides: Any) -> App:
+    images_dir = Path(os.environ.get("USSYCODE_TEST_IMAGES_DIR", "/var/tmp/ussycode-test-images"))
+    settings = load_settings(data_dir=str(data_dir), images_dir=str(images_dir), ssh_addr="127.0.0.1:0",
+                             runtime="container", default_image="ussyuntu-mini", **overrides)
+    return App(settings)
+
+
+@pytest.fixture
+async def server_factory(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
+    apps: list[App] = []
+    keys_dir = tmp_path / "keys"
+    keys_dir.mkdir()
+
+    async def start(data_dir: Path | None = None, **overrides: Any) -> Server:
+        if shutil.which("ssh") is None:
+            pytest.skip("OpenSSH client not installed (apt-get install openssh-client)")
+        app = make_app(data_dir or tmp_path / "data", **overrides)
+        await app.start()
+        apps.append(app)
+        assert app.ssh_port is not None
+        return Server(app, app.ssh_port, app.settings.data_dir, keys_dir)
+
+    yield start
+    for app in apps:
+        await app.stop()
+
+
+@pytest.fixture
+async def server(server_factory: Callable[..., Any]) -> Server:
+    srv: Server = await server_factory()
+    return srv
