@@ -151,3 +151,8 @@ def allocated_bytes(path: Path) -> int:
 
 def remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
+
+
+async def resize_disk(disk: Path, size_gb: int) -> None:
+    """Grow a VM disk to ``size_gb`` (the guest grows its file system at the next boot)."""
+    await _run(["qemu-img", "resize", "-q", "-f", "qcow2", str(disk), f"{size_gb}G"], "growing the VM disk")
