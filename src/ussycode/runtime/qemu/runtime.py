@@ -119,7 +119,7 @@ def read_pid(pidfile: Path) -> int | None:
         return None
 
 
-def qemu_alive(pid: int | None, vm_id: str) -> bool:
+def qemu_alive(pid: int | None, vm_id: str, marker: bytes | None = None) -> bool:
     """The process ``pid`` is running (not a zombie) and is this VM's QEMU (pids get reused)."""
     if pid is None:
         return False
@@ -129,7 +129,7 @@ def qemu_alive(pid: int | None, vm_id: str) -> bool:
     except OSError:
         return False
     state = stat.rsplit(")", 1)[-1].split()[0]
-    return state not in ("Z", "X") and f"ussy-{vm_id},".encode() in cmdline
+    return state not in ("Z", "X") and (marker or f"ussy-{vm_id},".encode()) in cmdline
 
 
 def console_tail(path: Path, limit: int = CONSOLE_TAIL) -> str:
@@ -205,8 +205,11 @@ class QemuRuntime(Runtime):
     def _pid(self, vm_id: str) -> int | None:
         return read_pid(self.paths(vm_id).pidfile)
 
+    def _is_ours(self, pid: int | None, vm_id: str) -> bool:
+        return qemu_alive(pid, vm_id)
+
     def _running(self, vm_id: str) -> bool:
-        return qemu_alive(self._pid(vm_id), vm_id)
+        return self._is_ours(self._pid(vm_id), vm_id)
 
     async def status(self, vm_id: str) -> VmStatus:
         if not self.paths(vm_id).vm_dir.exists():
@@ -225,7 +228,7 @@ class QemuRuntime(Runtime):
     async def load_state(self, vm_id: str, state: dict[str, Any]) -> None:
         pid = state.get("pid")
         p = self.paths(vm_id)
-        if isinstance(pid, int) and qemu_alive(pid, vm_id):
+        if isinstance(pid, int) and self._is_ours(pid, vm_id):
             p.run_dir.mkdir(parents=True, exist_ok=True)
             if read_pid(p.pidfile) != pid:
                 p.pidfile.write_text(f"{pid}\n")
@@ -358,7 +361,7 @@ class QemuRuntime(Runtime):
 
     async def _kill(self, vm_id: str) -> None:
         pid = self._pid(vm_id)
-        if pid is None or not qemu_alive(pid, vm_id):
+        if pid is None or not self._is_ours(pid, vm_id):
             return
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
