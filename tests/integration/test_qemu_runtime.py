@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from ussycode.errors import ImageError, RuntimeFailure, UsageError
-from ussycode.runtime import kernel, netns
+from ussycode.runtime import kernel, netns, rootfs
 from ussycode.runtime.qemu import QemuRuntime
 from ussycode.runtime.qemu.runtime import qemu_alive
 from ussycode.types import VmSpec, VmStatus
@@ -95,7 +95,8 @@ async def test_boot_ssh_exec_persist_restart_kill(runtime: QemuRuntime) -> None:
     assert res.exit_status == 0, res
     assert res.stdout.decode().strip() == kernel.find_kernel().release
 
-    res = await runtime.exec(s.id, ["bash", "-lc", 'echo "$GREETING"; hostname; id -u; df -BG --output=size / | tail -1'])
+    script = 'echo "$GREETING"; hostname; id -u; df -BG --output=size / | tail -1'
+    res = await runtime.exec(s.id, ["bash", "-lc", script])
     lines = res.stdout.decode().split()
     assert lines[:4] == ["hello", "world", "box-vmq1", "1000"], res
     assert int(lines[4].rstrip("G")) >= 1  # grown from the image's size towards the 2 GB disk
@@ -137,8 +138,7 @@ async def test_copy_disk_is_independent_and_small(runtime: QemuRuntime) -> None:
     await runtime.copy_disk(src.id, dst)
     p_src, p_dst = runtime.paths(src.id), runtime.paths(dst.id)
     assert p_dst.disk.stat().st_blocks * 512 < 8 * 2**20  # only the top layer, not the image
-    base = (await __import__("ussycode.runtime.rootfs", fromlist=["x"]).disk_info(p_dst.disk))["backing-filename"]
-    assert base == (await __import__("ussycode.runtime.rootfs", fromlist=["x"]).disk_info(p_src.disk))[
+    assert (await rootfs.disk_info(p_dst.disk))["backing-filename"] == (await rootfs.disk_info(p_src.disk))[
         "backing-filename"
     ]
 
