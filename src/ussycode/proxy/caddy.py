@@ -39,7 +39,7 @@ def _canonical(obj: Any) -> str:
 
 def admin_transport(admin: str) -> tuple[str, httpx.AsyncHTTPTransport | None]:
     """Map an admin address (``unix//path.sock``, ``http://127.0.0.1:2019``, ``127.0.0.1:2019``) to a base URL
-    and transport. Over a unix socket the Host is ``localhost``, which Caddy's admin origin check accepts."""
+    and transport. Over a unix socket Caddy (2.6) only accepts an empty Host header, which the client sends."""
     if admin.startswith("unix/"):
         return "http://localhost", httpx.AsyncHTTPTransport(uds=admin[len("unix/") :])
     if admin.startswith(("http://", "https://")):
@@ -54,7 +54,8 @@ class CaddyAdmin:
         self.admin = admin
         self.server = server
         base_url, transport = admin_transport(admin)
-        self._client = httpx.AsyncClient(base_url=base_url, transport=transport, timeout=timeout)
+        headers = {"Host": ""} if admin.startswith("unix/") else {}
+        self._client = httpx.AsyncClient(base_url=base_url, transport=transport, timeout=timeout, headers=headers)
         self._lock = asyncio.Lock()
 
     async def aclose(self) -> None:

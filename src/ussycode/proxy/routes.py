@@ -127,7 +127,9 @@ def forward_auth_handler(auth_url: str, copy_headers: tuple[str, ...] = IDENTITY
         copy_routes.append({"handle": [{"handler": "headers", "request": {"delete": [name]}}]})
         copy_routes.append(
             {
-                "match": [{"not": [{"vars": {placeholder: [""]}}]}],
+                # An absent response header is a nil placeholder, which the vars matcher (Caddy 2.6 and later)
+                # prints as "<nil>": both that and "" mean "do not set".
+                "match": [{"not": [{"vars": {placeholder: ["", "<nil>"]}}]}],
                 "handle": [{"handler": "headers", "request": {"set": {name: [placeholder]}}}],
             }
         )

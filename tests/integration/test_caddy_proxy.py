@@ -1,0 +1,537 @@
+"""The real Caddy in front of real port bridges: forward-auth, header stripping, WebSockets, streaming,
+stopped VMs, reconcile, internal TLS, start-up failures, attaching to an existing Caddy.
+
+The "VM" is a local HTTP server reached through a fake runtime's open_connection (the real runtimes come with
+their own conformance tests); everything else — Caddy 2.6, the bridges, the auth endpoint — is real.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import socket
+import ssl
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpcore
+import httpx
+import pytest
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route as StarletteRoute
+
+from ussycode.api.forward_auth import (
+    AuthRequest,
+    BearerView,
+    Identity,
+    ShareLink,
+    ShareView,
+    VmView,
+    decide,
+    parse_target,
+)
+from ussycode.errors import RuntimeFailure
+from ussycode.proxy.bridge import BridgeManager
+from ussycode.proxy.caddy import CaddyAdmin
+from ussycode.proxy.manager import ExternalCaddy, ManagedCaddy
+from ussycode.proxy.routes import (
+    CATCHALL_ID,
+    Route,
+    RouteKind,
+    ServerSettings,
+    TlsMode,
+    build_catchall,
+    build_config,
+    build_route,
+    build_server,
+)
+from ussycode.tasks import TaskGroup
+
+pytestmark = pytest.mark.skipif(shutil.which("caddy") is None, reason="caddy not installed (apt-get install caddy)")
+
+DOMAIN = "localhost"
+ALICE = Identity("u1", "alice", "alice@example.com")
+CAROL = Identity("u3", "carol", None)  # shared, no e-mail
+BOB = Identity("u2", "bob", "bob@example.com")
+SESSIONS = {"s-alice": ALICE, "s-bob": BOB, "s-carol": CAROL}
+VMS = {
+    "web": VmView("vm1", "web", ALICE.user_id, public_ports=frozenset({3000})),
+    "pub": VmView("vm2", "pub", ALICE.user_id, public=True),
+}
+SHARES = ShareView(
+    user_ids=frozenset({CAROL.user_id}),
+    links=(ShareLink("link-token-1234", "vm1", datetime.now(UTC) + timedelta(hours=1)),),
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# --- the "VM" apps ---------------------------------------------------------------------------------------------
+
+
+async def vm_headers(request: Request) -> Response:
+    body = (await request.body()).decode()
+    return JSONResponse(
+        {
+            "headers": dict(request.headers),
+            "method": request.method,
+            "body": body,
+            "path": request.url.path,
+            "query": request.url.query,
+        }
+    )
+
+
+async def vm_stream(request: Request) -> Response:
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b"first\n"
+        await asyncio.sleep(1.0)
+        yield b"second\n"
+
+    return StreamingResponse(chunks(), media_type="text/plain")
+
+
+VM_APP = Starlette(
+    routes=[StarletteRoute("/stream", vm_stream), StarletteRoute("/{p:path}", vm_headers, methods=["GET", "POST"])]
+)
+
+
+async def ws_echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A minimal RFC 6455 server: handshake, then echo each (masked, small) text frame back unmasked."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    key = next(
+        line.split(b":", 1)[1].strip() for line in head.split(b"\r\n") if line.lower().startswith(b"sec-websocket-key")
+    )
+    accept = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())  # noqa: S324
+    writer.write(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n"
+    )
+    await writer.drain()
+    with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+        while True:
+            b0, b1 = await reader.readexactly(2)
+            length = b1 & 0x7F
+            mask = await reader.readexactly(4)
+            payload = bytes(c ^ mask[i % 4] for i, c in enumerate(await reader.readexactly(length)))
+            if b0 & 0x0F == 0x8:
+                break
+            writer.write(bytes([0x81, len(payload)]) + payload)
+            await writer.drain()
+    writer.close()
+
+
+# --- the forward-auth endpoint (what api/app.py will do with the store behind it) -------------------------------
+
+
+async def forward_auth(request: Request) -> Response:
+    areq = AuthRequest.from_headers(request.headers)
+    try:
+        target = parse_target(areq.host, DOMAIN)
+        vm = VMS.get(target.vm_name or "")
+    except ValueError:
+        vm = None
+    token = areq.bearer_token
+    bearer = None if token is None else (BearerView(True, ALICE) if token == "good-token" else BearerView(False))
+    d = decide(
+        areq,
+        domain=DOMAIN,
+        vm=vm,
+        shares=SHARES if vm and vm.id == "vm1" else ShareView(),
+        session=SESSIONS.get(areq.cookies.get("sess", "")),
+        bearer=bearer,
+        now=datetime.now(UTC),
+        login_url="http://localhost/__ussy/login",
+    )
+    return Response(d.body, status_code=d.status, headers=dict(d.headers), media_type=d.content_type)
+
+
+AUTH_APP = Starlette(routes=[StarletteRoute("/__ussy/auth", forward_auth)])
+
+
+class FakeRuntime:
+    def __init__(self) -> None:
+        self.ports: dict[tuple[str, int], int] = {}
+        self.stopped: set[str] = set()
+
+    async def open_connection(self, vm_id: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if vm_id in self.stopped or (vm_id, port) not in self.ports:
+            raise ConnectionRefusedError(111, "Connection refused")
+        return await asyncio.open_connection("127.0.0.1", self.ports[(vm_id, port)])
+
+
+async def serve_uvicorn(app: Any, tasks: TaskGroup) -> tuple[uvicorn.Server, int]:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    tasks.spawn(server.serve(sockets=[sock]), f"uvicorn-{sock.getsockname()[1]}")
+    for _ in range(200):
+        if server.started:
+            break
+        await asyncio.sleep(0.01)
+    return server, int(sock.getsockname()[1])
+
+
+@dataclass
+class Stack:
+    caddy: ManagedCaddy
+    admin: CaddyAdmin
+    runtime: FakeRuntime
+    bridges: BridgeManager
+    port: int
+    auth_url: str
+    base: Path
+
+    def url(self, path: str = "/") -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def host(self, name: str) -> str:
+        return f"{name}:{self.port}"
+
+    def routes(self) -> list[Route]:
+        return [
+            Route(RouteKind.VM, "web.localhost", self.bridges.dial_address("vm1", 8080), auth_url=self.auth_url),
+            Route(RouteKind.PORT, "3000-web.localhost", self.bridges.dial_address("vm1", 3000), public=True),
+            Route(RouteKind.VM, "pub.localhost", self.bridges.dial_address("vm2", 8080), public=True),
+        ]
+
+
+@contextlib.asynccontextmanager
+async def stack(tls: TlsMode) -> AsyncIterator[Stack]:
+    tasks = TaskGroup("test-caddy")
+    base = Path(tempfile.mkdtemp(prefix="uc", dir="/tmp"))
+    vm_server, vm_port = await serve_uvicorn(VM_APP, tasks)
+    auth_server, auth_port = await serve_uvicorn(AUTH_APP, tasks)
+    ws = await asyncio.start_server(ws_echo, "127.0.0.1", 0)
+    rt = FakeRuntime()
+    rt.ports[("vm1", 8080)] = rt.ports[("vm2", 8080)] = vm_port
+    rt.ports[("vm1", 3000)] = ws.sockets[0].getsockname()[1]
+    bridges = BridgeManager(rt, base / "run", connect_timeout=2.0)
+    for key in rt.ports:
+        await bridges.ensure(*key)
+    port = free_port()
+    settings = ServerSettings(
+        domain=DOMAIN, https_addr=f"127.0.0.1:{port}", http_addr=f"127.0.0.1:{auth_port}", tls=tls
+    )
+    st = Stack(None, None, rt, bridges, port, f"http://127.0.0.1:{auth_port}/__ussy/auth", base)  # type: ignore[arg-type]
+    caddy = ManagedCaddy(base / "caddy", build_config(settings, st.routes()))
+    st.caddy, st.admin = caddy, await caddy.start()
+    try:
+        yield st
+    finally:
+        await caddy.stop()
+        await bridges.close()
+        ws.close()
+        vm_server.should_exit = auth_server.should_exit = True
+        await asyncio.sleep(0.2)
+        await tasks.close()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+# --- tests -----------------------------------------------------------------------------------------------------
+
+HTML = {"Accept": "text/html"}
+
+
+async def test_forward_auth_allow_deny_and_header_stripping() -> None:
+    async with stack(TlsMode.OFF) as st, httpx.AsyncClient(timeout=10) as client:
+        forged = {"X-Ussy-Handle": "evil", "X-Ussy-User-Id": "u1", "X-Ussy-Whatever": "x", "X-Ussy-Access": "owner"}
+
+        # public: served without auth, forged identity stripped, forwarding headers set by Caddy
+        r = await client.get(
+            st.url("/p?q=1"), headers={"Host": st.host("pub.localhost"), **forged, "X-Forwarded-Host": "evil.example"}
+        )
+        assert r.status_code == 200, r.text
+        seen = r.json()["headers"]
+        assert not [k for k in seen if k.startswith("x-ussy-")], seen
+        assert seen["x-forwarded-proto"] == "http" and seen["x-forwarded-host"] == st.host("pub.localhost")
+
+        # private, nobody: browser -> login redirect (with next), API client -> 401 JSON; the app is never reached
+        r = await client.get(st.url("/x"), headers={"Host": st.host("web.localhost"), **HTML, **forged})
+        assert r.status_code == 302 and r.headers["location"].startswith("http://localhost/__ussy/login?next=")
+        assert "web.localhost" in r.headers["location"]
+        r = await client.get(st.url("/x"), headers={"Host": st.host("web.localhost"), **forged})
+        assert r.status_code == 401 and r.json()["code"] == 401
+
+        # owner session: allowed, identity comes from forward-auth only
+        r = await client.post(
+            st.url("/submit?a=b"),
+            content=b"payload",
+            headers={"Host": st.host("web.localhost"), "Cookie": "sess=s-alice", **forged},
+        )
+        assert r.status_code == 200, r.text
+        got = r.json()
+        assert (got["method"], got["body"], got["path"], got["query"]) == ("POST", "payload", "/submit", "a=b")
+        h = got["headers"]
+        assert (h["x-ussy-handle"], h["x-ussy-user-id"], h["x-ussy-email"], h["x-ussy-access"]) == (
+            "alice",
+            "u1",
+            "alice@example.com",
+            "owner",
+        )
+        assert "x-ussy-whatever" not in h
+
+        # shared user without e-mail: no (empty) X-Ussy-Email, even if the client sent one
+        r = await client.get(
+            st.url("/"),
+            headers={"Host": st.host("web.localhost"), "Cookie": "sess=s-carol", "X-Ussy-Email": "forged@example.com"},
+        )
+        h = r.json()["headers"]
+        assert h["x-ussy-handle"] == "carol" and h["x-ussy-access"] == "shared" and "x-ussy-email" not in h, h.get(
+            "x-ussy-email"
+        )
+
+        # signed in but not shared: 403
+        r = await client.get(st.url("/"), headers={"Host": st.host("web.localhost"), "Cookie": "sess=s-bob", **HTML})
+        assert r.status_code == 403 and "not shared with you" in r.text
+
+        # Bearer: bad -> 401 JSON, good -> allowed
+        r = await client.get(st.url("/"), headers={"Host": st.host("web.localhost"), "Authorization": "Bearer nope"})
+        assert r.status_code == 401 and r.json() == {"error": "invalid or expired token", "code": 401}
+        r = await client.get(
+            st.url("/"), headers={"Host": st.host("web.localhost"), "Authorization": "Bearer good-token"}
+        )
+        assert r.status_code == 200 and r.json()["headers"]["x-ussy-access"] == "bearer"
+
+        # share link: cookie + redirect without the param, then the cookie opens the VM
+        r = await client.get(
+            st.url("/page?ussy_share=link-token-1234&k=v"), headers={"Host": st.host("web.localhost"), **HTML}
+        )
+        assert r.status_code == 302 and r.headers["location"] == f"http://{st.host('web.localhost')}/page?k=v"
+        cookie = r.headers["set-cookie"]
+        assert cookie.startswith("ussy_share_vm1=link-token-1234;") and "HttpOnly" in cookie
+        r = await client.get(
+            st.url("/page?k=v"), headers={"Host": st.host("web.localhost"), "Cookie": "ussy_share_vm1=link-token-1234"}
+        )
+        assert r.status_code == 200 and r.json()["headers"]["x-ussy-access"] == "share-link"
+        r = await client.get(
+            st.url("/"), headers={"Host": st.host("web.localhost"), "Cookie": "ussy_share_vm1=bogus1234", **HTML}
+        )
+        assert r.status_code == 302 and "/__ussy/login" in r.headers["location"]
+
+        # unknown host: the catch-all 404 page; the apex goes to the app server
+        r = await client.get(st.url("/"), headers={"Host": st.host("nope.localhost")})
+        assert r.status_code == 404 and "no such VM" in r.text
+        r = await client.get(st.url("/__ussy/auth"), headers={"Host": st.host("localhost")})
+        assert r.status_code == 404  # the auth app answered (Host is the apex, not a VM)
+
+
+async def test_stopped_vm_answers_fast_with_a_page() -> None:
+    async with stack(TlsMode.OFF) as st, httpx.AsyncClient(timeout=10) as client:
+        st.runtime.stopped.add("vm2")
+        t0 = time.monotonic()
+        r = await client.get(st.url("/"), headers={"Host": st.host("pub.localhost")})
+        assert r.status_code == 502 and "not answering" in r.text
+        assert time.monotonic() - t0 < 2.0
+        # a removed bridge (socket gone) is the same page
+        await st.bridges.remove("vm2")
+        r = await client.get(st.url("/"), headers={"Host": st.host("pub.localhost")})
+        assert r.status_code == 502 and "not answering" in r.text
+
+
+async def test_streaming_response_is_not_buffered() -> None:
+    async with stack(TlsMode.OFF) as st, httpx.AsyncClient(timeout=10) as client:
+        t0 = time.monotonic()
+        async with client.stream("GET", st.url("/stream"), headers={"Host": st.host("pub.localhost")}) as r:
+            it = r.aiter_raw()
+            first = await it.__anext__()
+            t_first = time.monotonic() - t0
+            rest = b"".join([chunk async for chunk in it])
+        assert first == b"first\n" and t_first < 0.8
+        assert rest == b"second\n"
+
+
+async def test_websocket_upgrade_passes_through_port_route() -> None:
+    async with stack(TlsMode.OFF) as st:
+        reader, writer = await asyncio.open_connection("127.0.0.1", st.port)
+        key = base64.b64encode(os.urandom(16))
+        writer.write(
+            b"GET /ws HTTP/1.1\r\nHost: " + st.host("3000-web.localhost").encode() + b"\r\n"
+            b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+            b"Sec-WebSocket-Key: " + key + b"\r\n\r\n"
+        )
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 101"), head
+        for message in (b"hello", b"ussy ws"):
+            mask = os.urandom(4)
+            writer.write(
+                bytes([0x81, 0x80 | len(message)]) + mask + bytes(c ^ mask[i % 4] for i, c in enumerate(message))
+            )
+            frame = await asyncio.wait_for(reader.readexactly(2 + len(message)), 5)
+            assert frame == bytes([0x81, len(message)]) + message
+        writer.close()
+
+
+async def test_reconcile_adds_replaces_removes_and_leaves_foreign_routes() -> None:
+    async with stack(TlsMode.OFF) as st, httpx.AsyncClient(timeout=10) as client:
+        admin = st.admin
+        foreign = {
+            "match": [{"host": ["foreign.localhost"]}],
+            "handle": [{"handler": "static_response", "body": "foreign"}],
+            "terminal": True,
+        }
+        foreign_tagged = {**foreign, "@id": "someone-else", "match": [{"host": ["other.localhost"]}]}
+        await admin._request("PUT", f"{admin._routes_path}/0", foreign)
+        await admin._request("PUT", f"{admin._routes_path}/0", foreign_tagged)
+
+        http_addr = st.auth_url.split("/")[2]
+        apex = build_route(Route(RouteKind.APEX, "localhost", http_addr, public=True))
+        routes = st.routes()
+        desired = [apex] + [build_route(r) for r in routes]
+        assert not (await admin.reconcile(desired, build_catchall())).changed  # already in sync
+
+        # web becomes public, pub goes away, new-vm appears
+        web_public = Route(RouteKind.VM, "web.localhost", st.bridges.dial_address("vm1", 8080), public=True)
+        new = Route(RouteKind.VM, "new.localhost", st.bridges.dial_address("vm2", 8080), public=True)
+        desired = [apex, build_route(web_public), build_route(routes[1]), build_route(new)]
+        result = await admin.reconcile(desired, build_catchall())
+        assert result.added == [new.route_id] and result.replaced == [web_public.route_id]
+        assert result.removed == [routes[2].route_id]
+
+        ids = [r.get("@id") for r in await admin.routes()]
+        assert ids[-1] == CATCHALL_ID and "someone-else" in ids and None in ids
+        assert set(await admin.our_routes()) == {d["@id"] for d in desired}
+
+        h = lambda name: {"Host": st.host(name)}  # noqa: E731
+        assert (await client.get(st.url("/"), headers=h("foreign.localhost"))).text == "foreign"
+        assert (await client.get(st.url("/"), headers=h("other.localhost"))).text == "foreign"
+        assert (await client.get(st.url("/"), headers=h("new.localhost"))).status_code == 200
+        assert (await client.get(st.url("/"), headers=h("web.localhost"))).status_code == 200  # public now
+        assert (await client.get(st.url("/"), headers=h("pub.localhost"))).status_code == 404  # removed
+
+        # single-route operations
+        assert await admin.put_route(build_route(routes[2])) == "added"
+        assert await admin.put_route(build_route(routes[2])) == "unchanged"
+        assert (await client.get(st.url("/"), headers=h("pub.localhost"))).status_code == 200
+        assert await admin.delete_route(routes[2].route_id) is True
+        assert await admin.delete_route(routes[2].route_id) is False
+        with pytest.raises(ValueError):
+            await admin.delete_route("someone-else")
+        assert [r.get("@id") for r in await admin.routes()][-1] == CATCHALL_ID
+
+
+class LoopbackBackend(httpcore.AsyncNetworkBackend):
+    """Resolves every name to 127.0.0.1 (SNI and Host keep the real name), like curl --resolve."""
+
+    def __init__(self) -> None:
+        self._inner = httpcore.AnyIOBackend()
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Any = None,
+    ) -> httpcore.AsyncNetworkStream:
+        return await self._inner.connect_tcp("127.0.0.1", port, timeout, local_address, socket_options)
+
+    async def sleep(self, seconds: float) -> None:
+        await self._inner.sleep(seconds)
+
+
+async def test_internal_tls_serves_https_with_caddys_local_ca() -> None:
+    async with stack(TlsMode.INTERNAL) as st:
+        deadline = time.monotonic() + 20
+        while not st.caddy.root_ca_path.exists() and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert st.caddy.root_ca_path.is_relative_to(st.base)  # the CA lives in our data dir
+        ctx = ssl.create_default_context(cafile=str(st.caddy.root_ca_path))
+        transport = httpx.AsyncHTTPTransport(verify=ctx)
+        transport._pool = httpcore.AsyncConnectionPool(ssl_context=ctx, network_backend=LoopbackBackend())
+        async with httpx.AsyncClient(transport=transport, timeout=20) as client:
+            r = None
+            for _ in range(50):  # the first certificate is issued on the first handshake
+                try:
+                    r = await client.get(f"https://pub.localhost:{st.port}/tls")
+                    break
+                except httpx.ConnectError:
+                    await asyncio.sleep(0.2)
+            assert r is not None and r.status_code == 200
+            assert r.json()["headers"]["x-forwarded-proto"] == "https"
+            r = await client.get(f"https://web.localhost:{st.port}/", headers={"Cookie": "sess=s-alice"})
+            assert r.status_code == 200 and r.json()["headers"]["x-ussy-handle"] == "alice"
+        with pytest.raises(httpx.ConnectError):  # and nothing else is trusted
+            async with httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(verify=True)) as plain:
+                await plain.get(f"https://127.0.0.1:{st.port}/")
+
+
+async def test_start_failure_carries_caddys_log_tail() -> None:
+    base = Path(tempfile.mkdtemp(prefix="uc", dir="/tmp"))
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen()
+    port = blocker.getsockname()[1]
+    caddy = ManagedCaddy(
+        base / "caddy",
+        build_config(ServerSettings(domain=DOMAIN, https_addr=f"127.0.0.1:{port}", tls=TlsMode.OFF)),
+        ready_timeout=10,
+    )
+    try:
+        with pytest.raises(RuntimeFailure) as info:
+            await caddy.start()
+        assert "address already in use" in info.value.evidence
+        assert "caddy run --config" in info.value.evidence
+    finally:
+        blocker.close()
+        await caddy.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+async def test_attach_to_existing_caddy_keeps_its_config() -> None:
+    base = Path(tempfile.mkdtemp(prefix="uc", dir="/tmp"))
+    other_port, our_port = free_port(), free_port()
+    theirs = {
+        "apps": {
+            "http": {
+                "servers": {
+                    "theirs": {
+                        "listen": [f"127.0.0.1:{other_port}"],
+                        "automatic_https": {"disable": True},
+                        "routes": [{"handle": [{"handler": "static_response", "body": "theirs"}]}],
+                    }
+                }
+            }
+        }
+    }
+    owner = ManagedCaddy(base / "caddy", theirs)
+    admin = await owner.start()
+    try:
+        settings = ServerSettings(domain=DOMAIN, https_addr=f"127.0.0.1:{our_port}", tls=TlsMode.OFF)
+        attached = ExternalCaddy(owner.admin_address, build_server(settings))
+        ours = await attached.start()
+        await ours.put_route(build_route(Route(RouteKind.VM, "x.localhost", "127.0.0.1:9", public=True)))
+        servers = await admin.get_config("apps/http/servers")
+        assert set(servers) == {"theirs", "ussycode"}
+        async with httpx.AsyncClient(timeout=5) as client:
+            assert (await client.get(f"http://127.0.0.1:{other_port}/")).text == "theirs"
+            r = await client.get(f"http://127.0.0.1:{our_port}/", headers={"Host": "nope.localhost"})
+            assert r.status_code == 404
+        await attached.stop()
+        assert owner.pid is not None and (await admin.ping())  # attaching never stops someone else's Caddy
+        with pytest.raises(RuntimeFailure):
+            await ExternalCaddy("unix//tmp/nonexistent-ussy.sock", {}).start()
+    finally:
+        await owner.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_config_json_round_trips() -> None:
+    json.dumps(build_config(ServerSettings(domain=DOMAIN)))
