@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
+from collections.abc import Iterator
 from typing import Any
 
+import uvicorn
+
+from ussycode.api.app import build_app
 from ussycode.auth.keys import load_or_create_private_key
-from ussycode.config import Settings
+from ussycode.config import Settings, parse_addr
 from ussycode.runtime.base import Runtime
 from ussycode.services.container import Services
 from ussycode.services.events import EventBus
@@ -23,6 +28,14 @@ from ussycode.tasks import TaskGroup
 log = logging.getLogger(__name__)
 
 
+class _AppServer(uvicorn.Server):
+    """uvicorn without its own signal handling: the App owns SIGTERM/SIGINT and shuts everything down."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
 class App:
     def __init__(self, settings: Settings, runtime: Runtime | None = None, images: Any = None) -> None:
         self.settings = settings
@@ -32,6 +45,8 @@ class App:
         self.services: Services | None = None
         self.gateway: Gateway | None = None
         self.ssh_port: int | None = None
+        self.http_port: int | None = None
+        self.http_server: _AppServer | None = None
         self._stopped = asyncio.Event()
 
     def _prepare_dirs(self) -> None:
@@ -70,7 +85,26 @@ class App:
         self.gateway = Gateway(self.services, host_key, client_key)
         self.ssh_port = await self.gateway.start()
         log.info("SSH gateway listening on %s (port %d)", s.ssh_addr, self.ssh_port)
+        await self._start_http()
         self.tasks.spawn(vms.watch(), "vm-watch")
+
+    async def _start_http(self) -> None:
+        assert self.services is not None
+        host, port = parse_addr(self.settings.http_addr)
+        config = uvicorn.Config(build_app(self.services), host=host, port=port, log_level="warning",
+                                lifespan="off", access_log=False, server_header=False,
+                                timeout_graceful_shutdown=5, proxy_headers=False)
+        self.http_server = _AppServer(config)
+        self._http_task = self.tasks.spawn(self.http_server.serve(), "http")
+        for _ in range(200):
+            if self.http_server.started:
+                break
+            await asyncio.sleep(0.025)
+        if not self.http_server.started:
+            raise RuntimeError(f"the app server could not listen on {self.settings.http_addr}")
+        sock = self.http_server.servers[0].sockets[0]
+        self.http_port = int(sock.getsockname()[1])
+        log.info("app server listening on %s:%d", host, self.http_port)
 
     async def stop(self) -> None:
         """Stop accepting, close sessions, stop background work. VMs keep running (and are re-attached)."""
@@ -79,6 +113,9 @@ class App:
                 await self.gateway.close(timeout=10)
             except TimeoutError:
                 log.warning("some SSH sessions did not close in time")
+        if self.http_server is not None:
+            self.http_server.should_exit = True
+            await asyncio.wait([self._http_task], timeout=10)
         await self.tasks.close()
         if self.services is not None:
             await self.services.vms.runtime.close()

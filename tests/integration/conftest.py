@@ -67,7 +67,7 @@ class Server:
 
 def make_app(data_dir: Path, **overrides: Any) -> App:
     images_dir = Path(os.environ.get("USSYCODE_TEST_IMAGES_DIR", "/var/tmp/ussycode-test-images"))
-    settings = load_settings(data_dir=str(data_dir), images_dir=str(images_dir), ssh_addr="127.0.0.1:0",
+    settings = load_settings(data_dir=str(data_dir), images_dir=str(images_dir), ssh_addr="127.0.0.1:0", http_addr="127.0.0.1:0",
                              runtime="container", default_image="ussyuntu-mini", **overrides)
     return App(settings)
 

@@ -79,3 +79,85 @@ audit_log = sa.Table(
     sa.Column("target", sa.String(200), nullable=False, server_default=""),
     sa.Column("detail", sa.JSON, nullable=False),
 )
+
+# --- Sharing, browser sessions, API tokens, custom domains (migration 0002) ---------------------------------
+
+vm_public_ports = sa.Table(
+    "vm_public_ports",
+    metadata,
+    sa.Column("vm_id", sa.String(32), sa.ForeignKey("vms.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("port", sa.Integer, primary_key=True),  # 8080 is the VM's main URL
+)
+
+vm_shares = sa.Table(
+    "vm_shares",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("vm_id", sa.String(32), sa.ForeignKey("vms.id", ondelete="CASCADE"), nullable=False, index=True),
+    # Exactly one of user_id / email: a share by handle resolves to the user; by e-mail it waits for that e-mail.
+    sa.Column("user_id", sa.String(32), sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=True),
+    sa.Column("email", sa.String(254), nullable=True),
+    sa.Column("created_by", sa.String(32), nullable=False),
+    sa.Column("created_at", sa.DateTime, nullable=False),
+    sa.UniqueConstraint("vm_id", "user_id", name="uq_vm_shares_user"),
+    sa.UniqueConstraint("vm_id", "email", name="uq_vm_shares_email"),
+)
+
+share_links = sa.Table(
+    "share_links",
+    metadata,
+    sa.Column("token", sa.String(64), primary_key=True),
+    sa.Column("vm_id", sa.String(32), sa.ForeignKey("vms.id", ondelete="CASCADE"), nullable=False, index=True),
+    sa.Column("created_by", sa.String(32), nullable=False),
+    sa.Column("created_at", sa.DateTime, nullable=False),
+    sa.Column("expires_at", sa.DateTime, nullable=True),
+    sa.Column("uses", sa.Integer, nullable=False, server_default="0"),
+)
+
+web_sessions = sa.Table(
+    "web_sessions",
+    metadata,
+    sa.Column("id_hash", sa.String(64), primary_key=True),  # sha256 of the cookie secret
+    sa.Column("user_id", sa.String(32), sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False, index=True),
+    sa.Column("host", sa.String(255), nullable=False),  # the host the cookie belongs to (apex or a VM host)
+    sa.Column("parent_hash", sa.String(64), nullable=True, index=True),  # VM-host sessions hang off the apex one
+    sa.Column("created_at", sa.DateTime, nullable=False),
+    sa.Column("expires_at", sa.DateTime, nullable=False),
+    sa.Column("last_seen_at", sa.DateTime, nullable=True),
+    sa.Column("revoked_at", sa.DateTime, nullable=True),
+)
+
+login_tokens = sa.Table(
+    "login_tokens",
+    metadata,
+    sa.Column("token_hash", sa.String(64), primary_key=True),
+    sa.Column("user_id", sa.String(32), sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("created_at", sa.DateTime, nullable=False),
+    sa.Column("expires_at", sa.DateTime, nullable=False),
+    sa.Column("used_at", sa.DateTime, nullable=True),
+)
+
+api_tokens = sa.Table(
+    "api_tokens",
+    metadata,
+    sa.Column("id", sa.String(24), primary_key=True),  # public id shown in `token list`
+    sa.Column("user_id", sa.String(32), sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False, index=True),
+    sa.Column("prefix", sa.String(16), nullable=False, index=True),  # lookup without scanning every hash
+    sa.Column("secret_hash", sa.String(64), nullable=False),
+    sa.Column("cmds", sa.JSON, nullable=True),  # allowed first words, or NULL for all
+    sa.Column("vm_id", sa.String(32), sa.ForeignKey("vms.id", ondelete="CASCADE"), nullable=True),
+    sa.Column("created_at", sa.DateTime, nullable=False),
+    sa.Column("expires_at", sa.DateTime, nullable=True),
+    sa.Column("last_used_at", sa.DateTime, nullable=True),
+    sa.Column("revoked_at", sa.DateTime, nullable=True),
+)
+
+custom_domains = sa.Table(
+    "custom_domains",
+    metadata,
+    sa.Column("domain", sa.String(253), primary_key=True),
+    sa.Column("vm_id", sa.String(32), sa.ForeignKey("vms.id", ondelete="CASCADE"), nullable=False, index=True),
+    sa.Column("verify_token", sa.String(64), nullable=False),
+    sa.Column("created_at", sa.DateTime, nullable=False),
+    sa.Column("verified_at", sa.DateTime, nullable=True),
+)

@@ -28,7 +28,8 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
             pytest.skip("PostgreSQL not available: set USSYCODE_TEST_PG_URL (make test starts a local cluster)")
         s = Store(PG_URL)
         with s.engine.begin() as conn:
-            for table in ("audit_log", "vm_tags", "vms", "ssh_keys", "users", "alembic_version"):
+            for table in ("custom_domains", "api_tokens", "login_tokens", "web_sessions", "share_links", "vm_shares",
+                          "vm_public_ports", "audit_log", "vm_tags", "vms", "ssh_keys", "users", "alembic_version"):
                 conn.exec_driver_sql(f"DROP TABLE IF EXISTS {table} CASCADE")
     s.migrate()
     yield s

@@ -1,0 +1,26 @@
+"""The Starlette application. Routes are grouped by feature; each module adds its own with ``routes()``."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import BaseRoute, Route
+
+from ussycode import __version__
+from ussycode.services.container import Services
+
+
+async def health(request: Request) -> JSONResponse:
+    return JSONResponse({"status": "ok", "version": __version__,
+                         "time": dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat()})
+
+
+def build_app(services: Services, extra_routes: list[BaseRoute] | None = None) -> Starlette:
+    routes: list[BaseRoute] = [Route("/health", health, methods=["GET"])]
+    routes += extra_routes or []
+    app = Starlette(routes=routes)
+    app.state.services = services
+    return app
