@@ -22,7 +22,6 @@ import os
 import signal
 import socket
 import sys
-from pathlib import Path
 
 from ussycode.runtime.container import caps
 
@@ -32,36 +31,6 @@ DEV_NODES = {"null": (1, 3), "zero": (1, 5), "full": (1, 7), "random": (1, 8), "
 PROC_READONLY = ("sys", "sysrq-trigger", "irq", "bus", "fs")
 BOOT_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root",
             "TERM": "linux", "container": "ussycode", "LANG": "C.UTF-8"}
-
-
-def boot_argv(
-    python: str, *, root: Path, hostname: str, netns_path: Path, init: Path, meta: Path,
-    cgroup_procs: list[Path], pidfile: Path,
-) -> list[str]:
-    """The command line that boots a VM (pure)."""
-    return [
-        python, "-I", "-m", "ussycode.runtime.container.nsinit", "boot",
-        "--root", str(root), "--hostname", hostname, "--netns", str(netns_path), "--init", str(init),
-        "--meta", str(meta), "--pidfile", str(pidfile),
-        *[arg for p in cgroup_procs for arg in ("--cgroup-procs", str(p))],
-    ]
-
-
-def exec_argv(
-    python: str, *, pid: int, uid: int, gid: int, groups: list[int], cwd: str, env: dict[str, str],
-    cgroup_procs: list[Path], argv: list[str],
-) -> list[str]:
-    """The command line that runs ``argv`` inside the VM whose PID 1 has host pid ``pid`` (pure)."""
-    out = [
-        python, "-I", "-m", "ussycode.runtime.container.nsinit", "exec",
-        "--pid", str(pid), "--uid", str(uid), "--gid", str(gid), "--groups", ",".join(map(str, groups)),
-        "--cwd", cwd,
-    ]
-    for key, value in env.items():
-        out += ["--env", f"{key}={value}"]
-    for p in cgroup_procs:
-        out += ["--cgroup-procs", str(p)]
-    return out + ["--", *argv]
 
 
 def _join_cgroups(procs: list[str]) -> None:

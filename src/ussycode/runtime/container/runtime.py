@@ -24,6 +24,7 @@ import os
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -35,7 +36,7 @@ from ussycode.errors import NotFound, RuntimeFailure, StateError
 from ussycode.runtime import disks, netns
 from ussycode.runtime.base import ExecResult, HostCheck, Runtime
 from ussycode.runtime.cgroups import CgroupLimits, Cgroups, detect_version
-from ussycode.runtime.container import nsinit
+from ussycode.runtime.container import argv as nsinit
 from ussycode.runtime.container.state import VmState, alive, kill, start_time
 from ussycode.runtime.images import GUEST_DIR, ImageStore
 from ussycode.types import VmSpec, VmStatus
@@ -403,9 +404,17 @@ class ContainerRuntime(Runtime):
         """A TCP stream to 127.0.0.1:``port`` inside the VM's network namespace."""
         return await self._connect(self._running(vm_id), port)
 
+    async def connect_socket(self, vm_id: str, port: int, timeout: float = 5.0) -> socket.socket:
+        """A connected, non-blocking socket to 127.0.0.1:``port`` inside the VM (for ``loop.create_connection``
+        or asyncssh's ``tunnel``); the caller owns it."""
+        return await self._socket(self._running(vm_id), port, timeout)
+
     async def _connect(
         self, st: VmState, port: int, timeout: float = 5.0
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await asyncio.open_connection(sock=await self._socket(st, port, timeout))
+
+    async def _socket(self, st: VmState, port: int, timeout: float) -> socket.socket:
         if self._executor is None:
             # One dedicated thread switches namespaces; nothing else ever runs on it.
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ussycode-netns")
@@ -418,7 +427,7 @@ class ContainerRuntime(Runtime):
             self._executor.shutdown(wait=False)
             self._executor = None
             raise
-        return await asyncio.open_connection(sock=sock)
+        return sock
 
     async def exec(
         self, vm_id: str, argv: list[str], *, stdin: bytes = b"", user: str = "ussycode", timeout: float = 60.0

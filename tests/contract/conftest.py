@@ -1,0 +1,45 @@
+"""Runtime conformance fixtures: one ``runtime`` per runtime name, over the shared test image.
+
+Add a runtime by adding its name to RUNTIME_NAMES and a branch to :func:`make_test_runtime`.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from ussycode.runtime.base import Runtime
+from ussycode.runtime.images import Image, ImageStore
+
+RUNTIME_NAMES = ["container"]
+
+
+def make_test_runtime(name: str, workdir: Path, images: ImageStore, **options: object) -> Runtime:
+    """A runtime ``name`` keeping its disks and run files under ``workdir``; skips if the host can't run it."""
+    if name == "container":
+        from ussycode.runtime.container import ContainerRuntime
+
+        check = ContainerRuntime.check()
+        if not check.ok:
+            pytest.skip(f"container runtime unavailable: {check.reason}")
+        return ContainerRuntime(workdir / "disks", workdir / "run", images, **options)  # type: ignore[arg-type]
+    raise AssertionError(f"no test factory for runtime {name}")
+
+
+@pytest.fixture(scope="module")
+def runtime_workdir() -> Path:
+    # Short paths, no commas or colons (overlay option syntax), out of /tmp's tmpfs (disk images are big).
+    return Path(tempfile.mkdtemp(prefix="ussy-rt-", dir="/var/tmp"))
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module", params=RUNTIME_NAMES)
+async def runtime(
+    request: pytest.FixtureRequest, runtime_workdir: Path, image_store: ImageStore, test_image: Image
+) -> AsyncIterator[Runtime]:
+    rt = make_test_runtime(request.param, runtime_workdir, image_store)
+    yield rt
+    await rt.close()
