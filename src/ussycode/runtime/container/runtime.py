@@ -400,27 +400,21 @@ class ContainerRuntime(Runtime):
             raise StateError(f"VM {st.hostname or vm_id} is not running")
         return st
 
+    async def open_socket(self, vm_id: str, port: int) -> socket.socket:
+        """A connected socket to 127.0.0.1:``port`` inside the VM's network namespace."""
+        return await self._socket(self._running(vm_id), port)
+
     async def open_connection(self, vm_id: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """A TCP stream to 127.0.0.1:``port`` inside the VM's network namespace."""
         return await self._connect(self._running(vm_id), port)
 
-    async def connect_socket(self, vm_id: str, port: int, timeout: float = 5.0) -> socket.socket:
-        """A connected, non-blocking socket to 127.0.0.1:``port`` inside the VM (for ``loop.create_connection``
-        or asyncssh's ``tunnel``); the caller owns it."""
-        return await self._socket(self._running(vm_id), port, timeout)
-
-    async def _connect(
-        self, st: VmState, port: int, timeout: float = 5.0
-    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        return await asyncio.open_connection(sock=await self._socket(st, port, timeout))
-
-    async def _socket(self, st: VmState, port: int, timeout: float) -> socket.socket:
+    async def _socket(self, st: VmState, port: int, timeout: float = 5.0) -> socket.socket:
         if self._executor is None:
             # One dedicated thread switches namespaces; nothing else ever runs on it.
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ussycode-netns")
         loop = asyncio.get_running_loop()
         try:
-            sock = await loop.run_in_executor(
+            sock: socket.socket = await loop.run_in_executor(
                 self._executor, netns.connect_in_netns, st.netns, "127.0.0.1", port, timeout
             )
         except netns.NetnsBroken:
@@ -428,6 +422,11 @@ class ContainerRuntime(Runtime):
             self._executor = None
             raise
         return sock
+
+    async def _connect(
+        self, st: VmState, port: int, timeout: float = 5.0
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await asyncio.open_connection(sock=await self._socket(st, port, timeout))
 
     async def exec(
         self, vm_id: str, argv: list[str], *, stdin: bytes = b"", user: str = "ussycode", timeout: float = 60.0
