@@ -157,7 +157,7 @@ async def test_env_and_authorized_keys_are_installed(runtime: Runtime, vm_a: VmS
 
 
 async def _ssh(runtime: Runtime, vm: VmSpec, username: str = "ussycode") -> asyncssh.SSHClientConnection:
-    sock = await runtime.connect_socket(vm.id, 22)  # type: ignore[attr-defined]
+    sock = await runtime.open_socket(vm.id, 22)
     return await asyncssh.connect(
         sock=sock, username=username, client_keys=[CLIENT_KEY], known_hosts=None, agent_path=None,
         config=[], preferred_auth="publickey",
