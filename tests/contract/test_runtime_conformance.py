@@ -417,3 +417,48 @@ async def test_failed_start_leaves_nothing_behind(
         assert (await sh(runtime, vm, "echo up")).strip() == "up"
     finally:
         await impatient.close()
+
+
+SERVER_SCRIPT = """
+import asyncio, json, sys, uuid
+from pathlib import Path
+from ussycode.runtime.container import ContainerRuntime
+from ussycode.runtime.images import ImageStore
+from ussycode.types import VmSpec
+
+async def main():
+    work, images = Path(sys.argv[1]), Path(sys.argv[2])
+    rt = ContainerRuntime(work / "disks", work / "run", ImageStore(images))
+    spec = VmSpec(id=uuid.uuid4().hex, name="vm-orphan", image="ussyuntu-mini", cpu=1, memory_mb=256, disk_gb=1)
+    await rt.create(spec)
+    await rt.start(spec)
+    print(json.dumps({"spec_id": spec.id, "state": rt.get_state(spec.id)}))
+    await rt.close()
+
+asyncio.run(main())
+"""
+
+
+async def test_vm_outlives_the_server_process(
+    runtime: Runtime, runtime_workdir: Path, image_store: ImageStore
+) -> None:
+    if runtime.name != "container":
+        pytest.skip("the server script builds a container runtime")
+    import sys
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", SERVER_SCRIPT, str(runtime_workdir), str(image_store.images_dir),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode == 0, err.decode()
+    info = json.loads(out)
+    vm_id = info["spec_id"]
+    try:
+        await runtime.load_state(vm_id, info["state"])
+        assert await runtime.status(vm_id) == VmStatus.RUNNING
+        reader, writer = await runtime.open_connection(vm_id, 22)
+        assert (await asyncio.wait_for(reader.readline(), 5)).startswith(b"SSH-")
+        writer.close()
+    finally:
+        await runtime.destroy(vm_id)
