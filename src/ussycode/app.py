@@ -14,11 +14,13 @@ import uvicorn
 
 from ussycode.api.app import build_app
 from ussycode.auth.keys import load_or_create_private_key
+from ussycode.commands.token import canonical_command
 from ussycode.config import Settings, parse_addr
 from ussycode.runtime.base import Runtime
 from ussycode.services.container import Services
 from ussycode.services.events import EventBus
 from ussycode.services.ratelimit import RateLimiter
+from ussycode.services.tokens import TokenService
 from ussycode.services.users import UserService
 from ussycode.services.vms import VmService
 from ussycode.ssh.server import Gateway
@@ -79,7 +81,8 @@ class App:
         events = EventBus()
         vms = VmService(store, runtime, s, images, gateway_pub, events)
         self.services = Services(settings=s, store=store, events=events, users=UserService(store), vms=vms,
-                                 limiter=RateLimiter(s.rate_per_minute, s.rate_burst))
+                                 limiter=RateLimiter(s.rate_per_minute, s.rate_burst),
+                                 tokens=TokenService(store, resolve_command=canonical_command))
         log.info("runtime: %s", runtime.name)
         await vms.reconcile()
         self.gateway = Gateway(self.services, host_key, client_key)

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ussycode.config import Settings
 from ussycode.services.events import EventBus
 from ussycode.services.ratelimit import RateLimiter
+from ussycode.services.tokens import TokenService
 from ussycode.services.users import UserService
 from ussycode.services.vms import VmService
 from ussycode.store.db import Store
+
+if TYPE_CHECKING:
+    from ussycode.services.routes import RouteService
+    from ussycode.services.sessions import SessionService
+    from ussycode.services.shares import ShareService
 
 
 @dataclass
@@ -21,4 +27,9 @@ class Services:
     users: UserService
     vms: VmService
     limiter: RateLimiter
+    tokens: TokenService | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # HTTPS URLs, sharing and browser sessions (set by services.routes.HttpsEntry).
+    shares: ShareService | None = None
+    sessions: SessionService | None = None
+    routes: RouteService | None = None

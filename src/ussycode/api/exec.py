@@ -1,0 +1,204 @@
+"""``POST /exec``: run one lobby command with a Bearer token, through the same registry and rate limiter as SSH.
+
+Request: ``Authorization: Bearer <usy1.… | usy0.…>``; the body is the command line exactly as typed over SSH
+(``text/plain``, or no content type) or ``{"command": "..."}`` (``application/json``); UTF-8, at most 64 KiB.
+
+Reply (HTTP 200) when the command ran, whatever its exit status: ``{"output": <stdout>, "exit_code": 0|1|2}`` plus
+``"error": <stderr>`` when the command wrote an error (``error: …`` and, for usage errors, the usage line) — the
+same text and statuses as ``ssh host <command>``. ``--json`` commands put their JSON document in ``output``.
+
+Every other outcome is ``{"error": "...", "code": N}`` with status N: 400 unusable body (not UTF-8, NUL byte,
+empty, bad JSON or wrong JSON types, unbalanced quotes), 401 missing/bad/revoked/expired token (audited), 403
+command not permitted by the token, 405 not POST, 413 body over 64 KiB, 415 other content type, 429 rate limited
+(``Retry-After``), 504 the command ran over 30 s (it is cancelled), 503 tokens not available.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import time
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+from starlette.types import Receive, Scope, Send
+
+from ussycode.commands.context import CommandContext, Output
+from ussycode.commands.registry import dispatch, load_all, lookup, split
+from ussycode.errors import RateLimited, Unauthenticated, UsageError, UssyError
+from ussycode.services.container import Services
+
+log = logging.getLogger(__name__)
+
+MAX_BODY = 64 * 1024
+EXEC_TIMEOUT = 30.0
+_TEXT_CHARSETS = frozenset({"", "utf-8", "utf8", "us-ascii"})
+
+
+class _Reject(Exception):
+    def __init__(self, code: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.headers = headers or {}
+
+
+def error_response(code: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message, "code": code}, status_code=code, headers=headers)
+
+
+def bearer_of(request: Request) -> str:
+    header = request.headers.get("authorization")
+    if header is None:
+        raise _Reject(401, "missing token: send 'Authorization: Bearer <token>'; create one with 'token create'",
+                      {"WWW-Authenticate": 'Bearer realm="ussycode"'})
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        raise _Reject(401, "expected 'Authorization: Bearer <token>'", {"WWW-Authenticate": 'Bearer realm="ussycode"'})
+    return value.strip()
+
+
+def _media_type(request: Request) -> tuple[str, dict[str, str]]:
+    raw = request.headers.get("content-type", "")
+    parts = [p.strip() for p in raw.split(";")]
+    params: dict[str, str] = {}
+    for p in parts[1:]:
+        k, _, v = p.partition("=")
+        params[k.strip().lower()] = v.strip().strip('"').lower()
+    return parts[0].lower(), params
+
+
+def _content_kind(request: Request) -> str:
+    media, params = _media_type(request)
+    if media in ("", "text/plain"):
+        if params.get("charset", "") not in _TEXT_CHARSETS:
+            raise _Reject(415, "the body must be UTF-8 (Content-Type: text/plain; charset=utf-8)")
+        return "text"
+    if media == "application/json" or (media.startswith("application/") and media.endswith("+json")):
+        return "json"
+    raise _Reject(415, f"unsupported content type {media[:60]!r}: send the command line as text/plain, or "
+                       "{\"command\": \"...\"} as application/json (curl: -H 'Content-Type: text/plain')")
+
+
+async def read_body(request: Request) -> bytes:
+    """The body, refusing more than :data:`MAX_BODY` bytes by header and by counting what actually arrives."""
+    length = request.headers.get("content-length")
+    if length is not None:
+        if not length.isdigit():
+            raise _Reject(400, "invalid Content-Length")
+        if int(length) > MAX_BODY:
+            raise _Reject(413, f"body too large: at most {MAX_BODY} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY:
+            raise _Reject(413, f"body too large: at most {MAX_BODY} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def command_line(kind: str, body: bytes) -> str:
+    """The command line from the body; _Reject(400) when it cannot be one."""
+    if kind == "json":
+        try:
+            doc: Any = json.loads(body)
+        except (UnicodeDecodeError, ValueError):
+            raise _Reject(400, "the body is not valid JSON; expected {\"command\": \"...\"}") from None
+        if not isinstance(doc, dict) or set(doc) != {"command"} or not isinstance(doc["command"], str):
+            raise _Reject(400, "expected a JSON object with exactly one key, \"command\", a string")
+        line: str = doc["command"]
+    else:
+        try:
+            line = body.decode("utf-8")
+        except UnicodeDecodeError:
+            raise _Reject(400, "the body is not valid UTF-8") from None
+    if "\x00" in line:
+        raise _Reject(400, "the command line contains a NUL byte")
+    if not line.strip():
+        raise _Reject(400, "empty command: send a command line such as 'whoami' or 'ls --json'")
+    return line
+
+
+def render_failure(exc: BaseException) -> tuple[str, int]:
+    """stderr text and exit status for a failed command, exactly as the SSH lobby shows them."""
+    if isinstance(exc, UsageError):
+        text = f"error: {exc.user_message}"
+        return (text + f"\n{exc.usage}" if exc.usage else text), exc.exit_code
+    if isinstance(exc, UssyError):
+        return f"error: {exc.user_message}", exc.exit_code
+    log.exception("API command failed", exc_info=exc)
+    return "error: internal error; it has been logged", 1
+
+
+class ExecEndpoint:
+    """The ASGI endpoint (a class, so every method reaches it and gets a JSON 405)."""
+
+    def __init__(self, timeout: float = EXEC_TIMEOUT) -> None:
+        self.timeout = timeout
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope, receive)
+        try:
+            response = await self.handle(request)
+        except _Reject as rej:
+            response = error_response(rej.code, rej.message, rej.headers)
+        await response(scope, receive, send)
+
+    async def handle(self, request: Request) -> Response:
+        if request.method != "POST":
+            raise _Reject(405, "use POST /exec", {"Allow": "POST"})
+        services: Services = request.app.state.services
+        if services.tokens is None:
+            raise _Reject(503, "API tokens are not available on this server")
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > MAX_BODY:
+            raise _Reject(413, f"body too large: at most {MAX_BODY} bytes")
+        bearer = bearer_of(request)
+        try:
+            actor = await services.tokens.authenticate(bearer, source="api")
+        except Unauthenticated as exc:
+            raise _Reject(401, exc.user_message, {"WWW-Authenticate": 'Bearer realm="ussycode"'}) from None
+        kind = _content_kind(request)
+        line = command_line(kind, await read_body(request))
+        try:
+            argv = split(line)
+        except UsageError as exc:
+            raise _Reject(400, exc.user_message) from None
+        if not argv:
+            raise _Reject(400, "empty command: send a command line such as 'whoami' or 'ls --json'")
+        load_all()
+        cmd = lookup(argv[0])
+        if cmd is not None and actor.allowed_commands is not None and cmd.name not in actor.allowed_commands:
+            await services.tokens.record_forbidden(actor, cmd.name)
+            allowed = ", ".join(sorted(actor.allowed_commands)) or "none"
+            raise _Reject(403, f"command {cmd.name!r} is not permitted by this token (it allows: {allowed})")
+        out = Output()
+        ctx = CommandContext(actor=actor, services=services, out=out, interactive=False)
+        started = time.monotonic()
+        try:
+            if cmd is not None and cmd.interactive_only:
+                raise UsageError(f"{cmd.name} needs an interactive terminal; run it in the lobby over ssh")
+            async with asyncio.timeout(self.timeout):
+                status = await dispatch(ctx, argv)
+        except RateLimited as exc:
+            return error_response(429, exc.user_message, {"Retry-After": str(math.ceil(exc.retry_after))})
+        except TimeoutError:
+            log.info("API command %s by %s cancelled after %.0fs", argv[0][:40], actor.handle, self.timeout)
+            return error_response(504, f"the command ran over {self.timeout:g} s and was cancelled")
+        except Exception as exc:  # every failure of the command itself is rendered like SSH renders it
+            text, status = render_failure(exc)
+            out.error(text)
+        log.debug("API %s by %s: %d in %.3fs", argv[0][:40], actor.handle, status, time.monotonic() - started)
+        body: dict[str, Any] = {"output": out.stdout, "exit_code": status}
+        if out.stderr:
+            body["error"] = out.stderr
+        return JSONResponse(body)
+
+
+def exec_routes(timeout: float = EXEC_TIMEOUT) -> list[BaseRoute]:
+    return [Route("/exec", ExecEndpoint(timeout), name="exec")]
