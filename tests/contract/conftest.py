@@ -5,8 +5,9 @@ Add a runtime by adding its name to RUNTIME_NAMES and a branch to :func:`make_te
 
 from __future__ import annotations
 
+import shutil
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -31,9 +32,11 @@ def make_test_runtime(name: str, workdir: Path, images: ImageStore, **options: o
 
 
 @pytest.fixture(scope="module")
-def runtime_workdir() -> Path:
+def runtime_workdir() -> Iterator[Path]:
     # Short paths, no commas or colons (overlay option syntax), out of /tmp's tmpfs (disk images are big).
-    return Path(tempfile.mkdtemp(prefix="ussy-rt-", dir="/var/tmp"))
+    path = Path(tempfile.mkdtemp(prefix="ussy-rt-", dir="/var/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module", params=RUNTIME_NAMES)

@@ -66,7 +66,6 @@ async def make_vm(runtime: Runtime, runtime_workdir: Path) -> AsyncIterator[Make
     for vm_id in made:
         with contextlib.suppress(Exception):
             await runtime.destroy(vm_id)
-    shutil.rmtree(runtime_workdir, ignore_errors=True)
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
