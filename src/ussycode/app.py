@@ -83,12 +83,19 @@ class App:
         self.services = Services(settings=s, store=store, events=events, users=UserService(store), vms=vms,
                                  limiter=RateLimiter(s.rate_per_minute, s.rate_burst),
                                  tokens=TokenService(store, resolve_command=canonical_command))
+        # --- HTTPS entry (Caddy, port bridges, routes, sharing, browser sessions) ---------------------------------
+        from ussycode.services.routes import HttpsEntry
+
+        self.https: HttpsEntry | None = HttpsEntry(self.services)
+        # ---------------------------------------------------------------------------------------------------------
         log.info("runtime: %s", runtime.name)
         await vms.reconcile()
         self.gateway = Gateway(self.services, host_key, client_key)
         self.ssh_port = await self.gateway.start()
         log.info("SSH gateway listening on %s (port %d)", s.ssh_addr, self.ssh_port)
         await self._start_http()
+        assert self.https is not None and self.http_port is not None
+        await self.https.start(self.http_port)  # routes from the DB, then Caddy (HTTPS entry)
         self.tasks.spawn(vms.watch(), "vm-watch")
 
     async def _start_http(self) -> None:
@@ -111,6 +118,9 @@ class App:
 
     async def stop(self) -> None:
         """Stop accepting, close sessions, stop background work. VMs keep running (and are re-attached)."""
+        https = getattr(self, "https", None)
+        if https is not None:
+            await https.stop()  # stop Caddy first: no new HTTPS requests while we shut down
         if self.gateway is not None:
             try:
                 await self.gateway.close(timeout=10)

@@ -10,6 +10,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Route
 
 from ussycode import __version__
+from ussycode.api import web
 from ussycode.api.exec import exec_routes
 from ussycode.api.openapi import openapi_routes
 from ussycode.services.container import Services
@@ -22,6 +23,7 @@ async def health(request: Request) -> JSONResponse:
 
 def build_app(services: Services, extra_routes: list[BaseRoute] | None = None) -> Starlette:
     routes: list[BaseRoute] = [Route("/health", health, methods=["GET"]), *exec_routes(), *openapi_routes()]
+    routes += web.routes()  # forward-auth, sign-in, logout, landing page, TLS ask (api/web.py)
     routes += extra_routes or []
     app = Starlette(routes=routes)
     app.state.services = services

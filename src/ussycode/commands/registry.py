@@ -84,7 +84,7 @@ def split(line: str) -> list[str]:
 
 def load_all() -> None:
     """Import every command module so that they register (idempotent)."""
-    from ussycode.commands import account, help, token, vm  # noqa: F401
+    from ussycode.commands import account, help, share, token, vm  # noqa: F401
 
 
 async def dispatch(ctx: CommandContext, argv: list[str]) -> int:

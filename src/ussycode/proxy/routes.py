@@ -323,3 +323,29 @@ def build_config(settings: ServerSettings, routes: list[Route] | tuple[Route, ..
         _, _, port = settings.https_addr.rpartition(":")
         config["apps"]["http"]["https_port"] = int(port)
     return config
+
+
+PORT_CAPTURE = "ussyport"
+
+
+def build_any_port_route(vm_host: str, socket_prefix: str, auth_url: str, exclude_hosts: tuple[str, ...] = ()) -> JSON:
+    """``<port>-<vm_host>`` for every port 3000-9999 that has no route of its own: always private.
+
+    Caddy's host matcher has no ``<n>-name`` wildcard, so the Host header is matched with a regexp (case-insensitive,
+    optional trailing dot and port). The upstream is ``unix/<socket_prefix><port>.sock`` (the port comes from the
+    regexp capture); forward-auth starts that bridge when it allows a request. ``exclude_hosts`` are the port hosts
+    that have their own (public) route, so the order of routes never matters.
+    """
+    if not valid_host(vm_host):
+        raise ValueError(f"not a valid route host: {vm_host!r}")
+    pattern = "(?i)^([3-9][0-9]{3})-" + vm_host.replace(".", r"\.") + r"\.?(:[0-9]+)?$"
+    matcher: JSON = {"header_regexp": {"Host": {"name": PORT_CAPTURE, "pattern": pattern}}}
+    if exclude_hosts:
+        matcher["not"] = [{"host": sorted(exclude_hosts)}]
+    upstream = socket_prefix + "{http.regexp." + PORT_CAPTURE + ".1}.sock"
+    return {
+        "@id": f"{ROUTE_ID_PREFIX}ports-{vm_host}",
+        "match": [matcher],
+        "handle": [strip_client_headers(), forward_auth_handler(auth_url), proxy_handler(upstream)],
+        "terminal": True,
+    }

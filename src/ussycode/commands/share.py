@@ -1,0 +1,157 @@
+"""Sharing commands (``share …``) and ``browser`` (a one-time sign-in link)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from ussycode.commands.context import CommandContext
+from ussycode.commands.output import table
+from ussycode.commands.registry import command
+from ussycode.errors import Conflict, RuntimeFailure, UsageError
+from ussycode.services.sessions import LOGIN_TOKEN_TTL, SessionService
+from ussycode.services.shares import MAIN_PORT, VERIFY_PREFIX, LinkInfo, ShareService, parse_duration
+from ussycode.store.schema import iso
+
+SUBCOMMANDS = {
+    "show": "who may open the VM's URLs",
+    "set-public": "anyone may open the URL (--port for another port)",
+    "set-private": "only you and people you share with (--port for another port)",
+    "add": "let a user (handle or e-mail) open the VM's URLs",
+    "remove": "take that access away (at once)",
+    "add-link": "a share link that opens the VM in any browser (--expires=7d)",
+    "remove-link": "revoke a share link",
+    "cname": "attach a custom domain (prints the DNS records to create)",
+    "cname-verify": "check the DNS proof and route the custom domain",
+    "cname-rm": "detach a custom domain",
+}
+_WITH_TARGET = {"add", "remove", "remove-link", "cname", "cname-verify", "cname-rm"}
+
+
+def _shares(ctx: CommandContext) -> ShareService:
+    if ctx.services.shares is None:
+        raise RuntimeFailure("sharing is not available on this server")
+    return ctx.services.shares
+
+
+def _sessions(ctx: CommandContext) -> SessionService:
+    if ctx.services.sessions is None:
+        raise RuntimeFailure("browser sign-in is not available on this server")
+    return ctx.services.sessions
+
+
+def _link_json(link: LinkInfo) -> dict[str, Any]:
+    return {"token": link.token, "url": link.url, "expires_at": iso(link.expires_at), "uses": link.uses}
+
+
+def _share_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=sorted(SUBCOMMANDS), metavar="{" + ",".join(SUBCOMMANDS) + "}",
+                   help="; ".join(f"{k}: {v}" for k, v in SUBCOMMANDS.items()))
+    p.add_argument("vm", help="VM name")
+    p.add_argument("target", nargs="?", help="handle, e-mail, link token or domain (depending on the action)")
+    p.add_argument("--port", type=int, default=MAIN_PORT, help="port for set-public/set-private (default 8080)")
+    p.add_argument("--expires", help="link lifetime for add-link, like 30m, 24h, 7d (default: never)")
+    p.add_argument("--json", action="store_true", help="print JSON (show, add-link)")
+
+
+@command("share", "share a VM's HTTPS URL: public, per user, links, custom domains", group="access",
+         args=_share_args)
+async def share(ctx: CommandContext, a: argparse.Namespace) -> int:
+    svc = _shares(ctx)
+    action: str = a.action
+    if action in _WITH_TARGET and not a.target:
+        raise UsageError(f"share {action} needs a {'domain' if action.startswith('cname') else 'target'}",
+                         usage=f"share {action} <vm> <{'domain' if action.startswith('cname') else 'target'}>")
+    if action not in _WITH_TARGET and a.target:
+        raise UsageError(f"share {action} takes no extra argument (got {a.target[:40]!r})")
+    if a.port != MAIN_PORT and action not in ("set-public", "set-private"):
+        raise UsageError("--port goes with set-public and set-private only")
+    if a.expires is not None and action != "add-link":
+        raise UsageError("--expires goes with add-link only")
+
+    if action == "show":
+        info = await svc.show(ctx.actor, a.vm)
+        if a.json:
+            ctx.out.json({"vm": info.vm, "public": info.public, "ports": info.ports, "users": info.users,
+                          "links": [_link_json(link) for link in info.links]})
+            return 0
+        url = ctx.services.vms.url(info.vm)
+        ctx.out.print(f"{info.vm}: {url} is {'PUBLIC' if info.public else 'private'}")
+        for port in info.ports:
+            ctx.out.print(f"  port {port} is public: {ctx.services.vms.url(f'{port}-{info.vm}')}")
+        ctx.out.print("  shared with: " + (", ".join(info.users) if info.users else "nobody"))
+        if info.links:
+            rows = [[link.token, iso(link.expires_at) or "never", str(link.uses), link.url] for link in info.links]
+            ctx.out.print(table(rows, ["link", "expires", "uses", "url"]))
+        for domain, verified in info.cnames:
+            ctx.out.print(f"  custom domain {domain}: {'verified' if verified else 'waiting for verification'}")
+        return 0
+    if action in ("set-public", "set-private"):
+        public = action == "set-public"
+        changed = await svc.set_public(ctx.actor, a.vm, public, a.port)
+        host = a.vm if a.port == MAIN_PORT else f"{a.port}-{a.vm}"
+        url = ctx.services.vms.url(host)
+        state = "public: anyone can open it" if public else "private: only you and people you share with"
+        ctx.out.print(f"{url} is {'now ' if changed else 'already '}{state}")
+        return 0
+    if action == "add":
+        changed = await svc.add_user(ctx.actor, a.vm, a.target)
+        ctx.out.print(f"{a.vm} {'is now' if changed else 'was already'} shared with {a.target}")
+        return 0
+    if action == "remove":
+        await svc.remove_user(ctx.actor, a.vm, a.target)
+        ctx.out.print(f"{a.vm} is no longer shared with {a.target}")
+        return 0
+    if action == "add-link":
+        expires = parse_duration(a.expires) if a.expires else None
+        link = await svc.add_link(ctx.actor, a.vm, expires)
+        if a.json:
+            ctx.out.json(_link_json(link))
+        else:
+            ctx.out.print(link.url)
+            ctx.out.print(f"  anyone with this link can open {a.vm} in their browser"
+                          f"{' until ' + (iso(link.expires_at) or '') if link.expires_at else ''}; "
+                          f"revoke it with: share remove-link {a.vm} {link.token}")
+        return 0
+    if action == "remove-link":
+        await svc.remove_link(ctx.actor, a.vm, a.target)
+        ctx.out.print(f"share link {a.target} of {a.vm} revoked")
+        return 0
+    if action == "cname":
+        cn = await svc.cname_add(ctx.actor, a.vm, a.target)
+        if cn.verified:
+            ctx.out.print(f"{cn.domain} is already verified and routed to {cn.vm}")
+            return 0
+        target = f"{cn.vm}.{ctx.services.settings.domain}"
+        ctx.out.print(f"create these DNS records for {cn.domain}:")
+        ctx.out.print(table([[VERIFY_PREFIX + cn.domain, "TXT", cn.token], [cn.domain, "CNAME", target]],
+                            ["name", "type", "value"]))
+        ctx.out.print(f"then run: share cname-verify {cn.vm} {cn.domain}")
+        return 0
+    if action == "cname-verify":
+        ok, token, found = await svc.cname_verify(ctx.actor, a.vm, a.target)
+        if not ok:
+            ctx.out.error(f"TXT {VERIFY_PREFIX}{a.target} does not contain {token}")
+            ctx.out.error(f"  found: {', '.join(found) if found else 'no TXT records'}")
+            raise Conflict("not verified yet; DNS changes can take a while to spread, retry later",
+                           reason="cname_unverified")
+        ctx.out.print(f"{a.target} verified; it now serves {a.vm} with the same access rules as its URL")
+        return 0
+    if action == "cname-rm":
+        await svc.cname_remove(ctx.actor, a.vm, a.target)
+        ctx.out.print(f"{a.target} detached from {a.vm}")
+        return 0
+    raise UsageError(f"unknown share action {action!r}")  # pragma: no cover - argparse choices
+
+
+@command("browser", "print a one-time link that signs this browser in (5 minutes)", group="access")
+async def browser(ctx: CommandContext, a: argparse.Namespace) -> int:
+    if ctx.actor.source == "api" or ctx.actor.token_id is not None:
+        raise UsageError("browser sign-in links are made over SSH only")
+    token = await _sessions(ctx).create_login_token(ctx.actor)
+    settings = ctx.services.settings
+    url = f"{settings.public_url(settings.domain)}/__ussycode/login?token={token}"
+    minutes = int(LOGIN_TOKEN_TTL.total_seconds() // 60)
+    ctx.out.print(url)
+    ctx.out.print(f"  open it in your browser within {minutes} minutes; it works once")
+    return 0

@@ -1,0 +1,251 @@
+"""Browser sign-in: one-time login links, web sessions, and the hand-off that gives each VM host its own cookie.
+
+- ``browser`` (SSH) makes a one-time login token (5 minutes). Opening its URL on the apex creates an apex
+  session (cookie on the apex host only).
+- A VM host (or verified custom domain) cannot read the apex cookie. The apex turns its session into a signed,
+  one-time hand-off code bound to that host; ``https://<vm>.<domain>/__ussycode/auth?code=…`` redeems it for a
+  child session whose cookie belongs to that host only. A child is valid only while its parent is.
+- Logging out revokes the whole family (the root session and every child).
+
+Secrets never rest in the DB: tokens and session ids are stored as SHA-256 with a purpose prefix (so a secret of
+one kind can never be replayed as another). Everything is in the DB, so sessions survive a restart. Each check
+reads the DB (no cache): a revoked session is refused on the next request.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import hmac
+import json
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from ussycode.auth.identity import Actor
+from ussycode.store import audit
+from ussycode.store.db import Store
+from ussycode.store.schema import login_tokens, users, utcnow, web_sessions
+
+LOGIN_TOKEN_TTL = dt.timedelta(minutes=5)
+HANDOFF_TTL = dt.timedelta(seconds=60)
+SESSION_TTL = dt.timedelta(days=7)
+_SECRET_RE_LEN = (20, 100)
+
+
+def _hash(purpose: str, secret: str) -> str:
+    return hashlib.sha256(f"{purpose}:{secret}".encode()).hexdigest()
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def load_or_create_secret(path: Path) -> bytes:
+    """The server's signing key (32 random bytes, mode 0600), kept across restarts."""
+    try:
+        data = path.read_bytes()
+        if len(data) >= 32:
+            return data
+    except FileNotFoundError:
+        pass
+    data = secrets.token_bytes(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    return data
+
+
+@dataclass(frozen=True)
+class WebSession:
+    id_hash: str
+    user_id: str
+    handle: str
+    email: str | None
+    host: str
+    parent_hash: str | None
+    expires_at: dt.datetime
+
+    @property
+    def root_hash(self) -> str:
+        return self.parent_hash or self.id_hash
+
+
+def _plausible(secret: str) -> bool:
+    return _SECRET_RE_LEN[0] <= len(secret) <= _SECRET_RE_LEN[1] and secret.isascii()
+
+
+class SessionService:
+    def __init__(self, store: Store, key: bytes) -> None:
+        self.store = store
+        self._key = key
+
+    # Login links (``browser``) ---------------------------------------------------------------------------------
+    async def create_login_token(self, actor: Actor) -> str:
+        token = secrets.token_urlsafe(32)
+        now = utcnow()
+
+        def tx(c: sa.Connection) -> None:
+            c.execute(login_tokens.insert().values(token_hash=_hash("login", token), user_id=actor.id,
+                                                   created_at=now, expires_at=now + LOGIN_TOKEN_TTL))
+            audit.record(c, actor_id=actor.id, source=actor.source, action="web.login_link")
+
+        await self.store.write(tx)
+        return token
+
+    async def redeem_login_token(self, token: str, host: str, *, client: str = "") -> tuple[str, WebSession] | None:
+        """Use a login token once: a new root session for ``host`` (the apex). None if invalid/used/expired."""
+        if not _plausible(token):
+            return None
+        secret = secrets.token_urlsafe(32)
+        id_hash = _hash("session", secret)
+        now = utcnow()
+
+        def tx(c: sa.Connection) -> WebSession | None:
+            th = _hash("login", token)
+            used = c.execute(login_tokens.update()
+                             .where(login_tokens.c.token_hash == th, login_tokens.c.used_at.is_(None),
+                                    login_tokens.c.expires_at > now)
+                             .values(used_at=now)).rowcount
+            if used != 1:
+                return None
+            user_id = c.execute(sa.select(login_tokens.c.user_id).where(login_tokens.c.token_hash == th)).scalar_one()
+            user = c.execute(sa.select(users).where(users.c.id == user_id)).first()
+            if user is None:
+                return None
+            expires = now + SESSION_TTL
+            c.execute(web_sessions.insert().values(id_hash=id_hash, user_id=user_id, host=host, parent_hash=None,
+                                                   created_at=now, expires_at=expires, last_seen_at=now))
+            audit.record(c, actor_id=user_id, source="web", action="web.login", target=host, client=client[:64])
+            return WebSession(id_hash, user_id, user.handle, user.email, host, None, expires)
+
+        session = await self.store.write(tx)
+        return None if session is None else (secret, session)
+
+    # Sessions ----------------------------------------------------------------------------------------------------
+    async def validate(self, secret: str | None, host: str) -> WebSession | None:
+        """The live session behind a cookie on ``host`` (not revoked, not expired, parent alive too)."""
+        if not secret or not _plausible(secret):
+            return None
+        id_hash = _hash("session", secret)
+        now = utcnow()
+
+        def read(c: sa.Connection) -> WebSession | None:
+            row = c.execute(
+                sa.select(web_sessions, users.c.handle, users.c.email)
+                .select_from(web_sessions.join(users, users.c.id == web_sessions.c.user_id))
+                .where(web_sessions.c.id_hash == id_hash)
+            ).first()
+            if row is None or row.revoked_at is not None or row.expires_at <= now or row.host != host:
+                return None
+            if row.parent_hash is not None:
+                parent = c.execute(sa.select(web_sessions.c.revoked_at, web_sessions.c.expires_at)
+                                   .where(web_sessions.c.id_hash == row.parent_hash)).first()
+                if parent is None or parent.revoked_at is not None or parent.expires_at <= now:
+                    return None
+            return WebSession(row.id_hash, row.user_id, row.handle, row.email, row.host, row.parent_hash,
+                              row.expires_at)
+
+        return await self.store.read(read)
+
+    async def revoke_family(self, session: WebSession, *, source: str = "web") -> int:
+        """Log out: revoke the root session and all its children. Returns how many were revoked."""
+        root = session.root_hash
+        now = utcnow()
+
+        def tx(c: sa.Connection) -> int:
+            n = c.execute(web_sessions.update()
+                          .where(sa.or_(web_sessions.c.id_hash == root, web_sessions.c.parent_hash == root),
+                                 web_sessions.c.revoked_at.is_(None))
+                          .values(revoked_at=now)).rowcount
+            audit.record(c, actor_id=session.user_id, source=source, action="web.logout", target=session.host,
+                         sessions=n)
+            return int(n)
+
+        return await self.store.write(tx)
+
+    # Hand-off to a VM host -------------------------------------------------------------------------------------
+    def _sign(self, payload: bytes) -> str:
+        return _b64(hmac.new(self._key, payload, hashlib.sha256).digest())
+
+    async def create_handoff(self, parent: WebSession, host: str) -> str:
+        """A signed one-time code that lets ``host`` create a child of ``parent`` (60 s)."""
+        nonce = secrets.token_urlsafe(18)
+        now = utcnow()
+        payload = json.dumps({"p": parent.root_hash, "h": host, "n": nonce,
+                              "e": int((now + HANDOFF_TTL).replace(tzinfo=dt.UTC).timestamp())},
+                             separators=(",", ":")).encode()
+        await self.store.write(lambda c: c.execute(login_tokens.insert().values(
+            token_hash=_hash("handoff", nonce), user_id=parent.user_id, created_at=now,
+            expires_at=now + HANDOFF_TTL)))
+        return f"{_b64(payload)}.{self._sign(payload)}"
+
+    async def redeem_handoff(self, code: str, host: str) -> tuple[str, WebSession] | None:
+        """Check the signature, host, expiry and one-time use; then a child session for ``host``."""
+        body, _, sig = code.partition(".")
+        if not body or not sig or len(code) > 600:
+            return None
+        try:
+            payload = _unb64(body)
+            ok = hmac.compare_digest(self._sign(payload), sig)
+            data = json.loads(payload) if ok else None
+        except (ValueError, UnicodeDecodeError):
+            return None
+        if not isinstance(data, dict) or data.get("h") != host:
+            return None
+        parent_hash, nonce, exp = data.get("p"), data.get("n"), data.get("e")
+        if not isinstance(parent_hash, str) or not isinstance(nonce, str) or not isinstance(exp, int):
+            return None
+        now = utcnow()
+        if exp < int(now.replace(tzinfo=dt.UTC).timestamp()):
+            return None
+        secret = secrets.token_urlsafe(32)
+        id_hash = _hash("session", secret)
+
+        def tx(c: sa.Connection) -> WebSession | None:
+            used = c.execute(login_tokens.update()
+                             .where(login_tokens.c.token_hash == _hash("handoff", nonce),
+                                    login_tokens.c.used_at.is_(None), login_tokens.c.expires_at > now)
+                             .values(used_at=now)).rowcount
+            if used != 1:
+                return None
+            parent = c.execute(
+                sa.select(web_sessions, users.c.handle, users.c.email)
+                .select_from(web_sessions.join(users, users.c.id == web_sessions.c.user_id))
+                .where(web_sessions.c.id_hash == parent_hash)
+            ).first()
+            if parent is None or parent.revoked_at is not None or parent.expires_at <= now:
+                return None
+            c.execute(web_sessions.insert().values(id_hash=id_hash, user_id=parent.user_id, host=host,
+                                                   parent_hash=parent_hash, created_at=now,
+                                                   expires_at=parent.expires_at, last_seen_at=now))
+            return WebSession(id_hash, parent.user_id, parent.handle, parent.email, host, parent_hash,
+                              parent.expires_at)
+
+        session = await self.store.write(tx)
+        return None if session is None else (secret, session)
+
+    # CSRF ----------------------------------------------------------------------------------------------------------
+    def csrf_token(self, session: WebSession) -> str:
+        return self._sign(f"csrf:{session.id_hash}".encode())
+
+    def check_csrf(self, session: WebSession, token: str) -> bool:
+        return bool(token) and hmac.compare_digest(self.csrf_token(session), token)
+
+    async def purge_expired(self) -> None:
+        """Drop long-dead rows (expired a day ago) so the tables stay small."""
+        cutoff = utcnow() - dt.timedelta(days=1)
+
+        def tx(c: sa.Connection) -> None:
+            c.execute(login_tokens.delete().where(login_tokens.c.expires_at < cutoff))
+            c.execute(web_sessions.delete().where(web_sessions.c.expires_at < cutoff))
+
+        await self.store.write(tx)

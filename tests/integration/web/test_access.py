@@ -1,0 +1,158 @@
+"""VM URLs through the real Caddy, real app server and a real VM: sessions, sharing, links, identity headers."""
+
+from __future__ import annotations
+
+import json
+from urllib.parse import parse_qs, urlsplit
+
+import httpx
+import pytest
+
+from ussycode.store import audit
+
+from .conftest import Web, browser_client
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.slow]
+
+HTML = {"Accept": "text/html,application/xhtml+xml"}
+
+
+async def sign_in(web: Web, client: httpx.AsyncClient, key, vm: str) -> httpx.Response:
+    """The browser flow: VM URL -> login page -> `browser` link -> apex session -> hand-off -> the VM page."""
+    r = await client.get(web.url(f"{vm}.localhost", "/page?x=1"), headers=HTML)
+    assert r.status_code == 302, r.text
+    login = r.headers["location"]
+    assert login.startswith(f"http://localhost:{web.port}/__ussycode/login?next="), login
+    r = await client.get(login, headers=HTML)
+    assert r.status_code == 200 and "browser" in r.text
+    r = await client.get(await web.login_url(key), headers=HTML)
+    assert r.status_code == 303, r.text
+    handoff = r.headers["location"]
+    assert handoff.startswith(f"http://{vm}.localhost:{web.port}/__ussycode/auth?code="), handoff
+    r = await client.get(handoff, headers=HTML)
+    assert r.status_code == 302 and r.headers["location"] == "/page?x=1", (r.status_code, r.text)
+    return await client.get(web.url(f"{vm}.localhost", "/page?x=1"), headers=HTML)
+
+
+async def test_private_vm_session_share_and_logout(web: Web, needs_vms: None) -> None:
+    alice = await web.server.register("alice")
+    bob = await web.server.register("bob")
+    await web.new_vm(alice, "web")
+
+    async with browser_client() as anon:
+        r = await anon.get(web.url("web.localhost"), headers=HTML)
+        assert r.status_code == 302 and "/__ussycode/login" in r.headers["location"]
+        r = await anon.get(web.url("web.localhost"))
+        assert r.status_code == 401 and r.json()["code"] == 401
+
+    async with browser_client() as a:
+        r = await sign_in(web, a, alice, "web")
+        assert r.status_code == 200, r.text
+        seen = r.json()
+        assert seen["path"] == "/page?x=1"
+        h = seen["headers"]
+        assert h["x-ussy-handle"] == "alice" and h["x-ussy-access"] == "owner" and h["x-ussy-user-id"]
+        # forged identity headers never reach the app
+        r = await a.get(web.url("web.localhost"), headers={"X-Ussy-Handle": "mallory", "X-Ussy-Email": "m@x.io",
+                                                           "X-Forwarded-Host": "evil.example"})
+        h = r.json()["headers"]
+        assert h["x-ussy-handle"] == "alice" and "x-ussy-email" not in h
+        assert h["x-forwarded-host"] == f"web.localhost:{web.port}"
+        # the apex landing page lists the VM
+        r = await a.get(web.url("localhost"))
+        assert "alice" in r.text and "web.localhost" in r.text
+
+        async with browser_client() as b:
+            # bob is signed in but the VM is not shared with him
+            r = await sign_in(web, b, bob, "web")
+            assert r.status_code == 403 and "not shared with you" in r.text
+            assert (await web.cmd(alice, "share", "add", "web", "bob")).exit_status == 0
+            r = await b.get(web.url("web.localhost"), headers=HTML)
+            assert r.status_code == 200 and r.json()["headers"]["x-ussy-access"] == "shared"
+            assert r.json()["headers"]["x-ussy-handle"] == "bob"
+            assert (await web.cmd(alice, "share", "remove", "web", "bob")).exit_status == 0
+            r = await b.get(web.url("web.localhost"), headers=HTML)
+            assert r.status_code == 403
+
+        # logout: a form with a CSRF token, then the VM host is shut out too
+        r = await a.get(web.url("localhost", "/__ussycode/logout"))
+        assert r.status_code == 200
+        csrf = r.text.split("name=csrf value='")[1].split("'")[0]
+        r = await a.post(web.url("localhost", "/__ussycode/logout"), data={"csrf": "forged"})
+        assert r.status_code == 403
+        r = await a.get(web.url("web.localhost"), headers=HTML)
+        assert r.status_code == 200  # still signed in after the refused forgery
+        r = await a.post(web.url("localhost", "/__ussycode/logout"), data={"csrf": csrf})
+        assert r.status_code == 200 and "signed out" in r.text.lower()
+        r = await a.get(web.url("web.localhost"), headers=HTML)
+        assert r.status_code == 302 and "/__ussycode/login" in r.headers["location"]
+
+    rows = await web.server.app.services.store.read(lambda c: audit.recent(c, 200))
+    actions = {row["action"] for row in rows}
+    assert {"web.login_link", "web.login", "web.logout", "share.add", "share.remove"} <= actions
+
+
+async def test_public_links_ports_and_json(web: Web, needs_vms: None) -> None:
+    alice = await web.server.register("alice")
+    await web.new_vm(alice, "site", ports=(8080, 3000))
+
+    r = await web.cmd(alice, "share", "show", "site", "--json")
+    assert r.exit_status == 0, r
+    assert json.loads(r.stdout) == {"vm": "site", "public": False, "ports": [], "users": [], "links": []}
+
+    async with browser_client() as anon:
+        assert (await anon.get(web.url("site.localhost"))).status_code == 401
+        assert (await web.cmd(alice, "share", "set-public", "site")).exit_status == 0
+        r = await anon.get(web.url("site.localhost"), headers={"X-Ussy-Handle": "forged"})
+        assert r.status_code == 200 and not [k for k in r.json()["headers"] if k.startswith("x-ussy-")]
+        # another port stays private until made public
+        assert (await anon.get(web.url("3000-site.localhost"))).status_code == 401
+        assert (await web.cmd(alice, "share", "set-public", "site", "--port=3000")).exit_status == 0
+        r = await anon.get(web.url("3000-site.localhost"))
+        assert r.status_code == 200 and r.json()["port"] == 3000
+        assert (await web.cmd(alice, "share", "set-private", "site")).exit_status == 0
+        assert (await anon.get(web.url("site.localhost"))).status_code == 401
+        assert (await anon.get(web.url("3000-site.localhost"))).status_code == 200
+
+    # share link: a fresh browser gets in; after remove-link it is refused on its next request
+    r = await web.cmd(alice, "share", "add-link", "site", "--expires=1h", "--json")
+    assert r.exit_status == 0, r
+    link = json.loads(r.stdout)
+    assert set(link) == {"token", "url", "expires_at", "uses"} and link["uses"] == 0
+    assert link["url"] == f"http://site.localhost:{web.port}/?ussy_share={link['token']}"
+    async with browser_client() as c:
+        r = await c.get(link["url"], headers=HTML)
+        assert r.status_code == 302 and r.headers["location"] == f"http://site.localhost:{web.port}/"
+        r = await c.get(web.url("site.localhost"), headers=HTML)
+        assert r.status_code == 200 and r.json()["headers"]["x-ussy-access"] == "share-link"
+        assert "ussy_share" not in r.json()["path"]
+        # the link of one VM does not open another
+        await web.new_vm(alice, "other")
+        r = await c.get(web.url("other.localhost", f"/?ussy_share={link['token']}"), headers=HTML)
+        assert r.status_code == 403
+        shown = json.loads((await web.cmd(alice, "share", "show", "site", "--json")).stdout)
+        assert shown["links"][0]["uses"] == 1 and shown["ports"] == [3000] and shown["public"] is False
+        assert (await web.cmd(alice, "share", "remove-link", "site", link["token"])).exit_status == 0
+        r = await c.get(web.url("site.localhost"), headers=HTML)
+        assert r.status_code == 302 and "/__ussycode/login" in r.headers["location"]
+
+
+async def test_stopped_unknown_and_removed_vms(web: Web, needs_vms: None) -> None:
+    alice = await web.server.register("alice")
+    await web.new_vm(alice, "box")
+    assert (await web.cmd(alice, "share", "set-public", "box")).exit_status == 0
+    async with browser_client() as c:
+        assert (await c.get(web.url("box.localhost"))).status_code == 200
+        assert (await web.cmd(alice, "stop", "box")).exit_status == 0
+        r = await c.get(web.url("box.localhost"))
+        assert r.status_code == 502 and "not answering" in r.text
+        r = await c.get(web.url("nosuchvm.localhost"))
+        assert r.status_code == 404 and "no such VM" in r.text
+        assert (await web.cmd(alice, "share", "add-link", "box")).exit_status == 0
+        assert (await web.cmd(alice, "rm", "box", "--yes")).exit_status == 0
+        r = await c.get(web.url("box.localhost"))
+        assert r.status_code == 404
+    counts = await web.server.app.services.store.read(lambda c: [
+        c.exec_driver_sql(f"select count(*) from {t}").scalar_one()
+        for t in ("vm_public_ports", "share_links", "vm_shares")])
+    assert counts == [0, 0, 0]
