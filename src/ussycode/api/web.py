@@ -57,7 +57,7 @@ LOGOUT_PATH = "/__ussycode/logout"
 HANDOFF_PATH = "/__ussycode/auth"
 NEXT_COOKIE = "ussy_next"
 SECURITY_HEADERS = {
-    "Referrer-Policy": "no-referrer",
+    "Referrer-Policy": "same-origin",  # "no-referrer" would make form posts send "Origin: null"
     "X-Frame-Options": "DENY",
     "X-Content-Type-Options": "nosniff",
     "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; "
@@ -138,9 +138,13 @@ def _apex_host(settings: Settings) -> str:
     return settings.domain
 
 
-def _login_command(settings: Settings) -> str:
+def _ssh(settings: Settings) -> str:
     _, port = parse_addr(settings.ssh_addr)
-    return f"ssh {'' if port == 22 else f'-p {port} '}{settings.domain} browser"
+    return f"ssh {'' if port == 22 else f'-p {port} '}{settings.domain}"
+
+
+def _login_command(settings: Settings) -> str:
+    return _ssh(settings) + " browser"
 
 
 async def _apex_session(request: Request) -> WebSession | None:
@@ -330,7 +334,7 @@ async def login(request: Request) -> Response:
         "<p>This page is private. Sign in with your SSH key:</p>"
         f"<pre>{escape(_login_command(settings))}</pre>"
         "<p>and open the link it prints in this browser (it works once, for 5 minutes).</p>"
-        f"{where}<p class=muted>No account yet? <code>ssh {escape(settings.domain)}</code> to create one.</p>"
+        f"{where}<p class=muted>No account yet? <code>{escape(_ssh(settings))}</code> to create one.</p>"
     )
     return _page("Sign in to ussycode", body, 200, extra)
 
@@ -371,7 +375,7 @@ async def landing(request: Request) -> Response:
     intro = ("<p>Self-hosted dev environments: <code>ssh</code> in, type <code>new</code>, get a VM with a persistent "
              "disk and an HTTPS URL.</p>")
     if session is None:
-        body = intro + (f"<pre>ssh {escape(settings.domain)}</pre><p>Already have an account? "
+        body = intro + (f"<pre>{escape(_ssh(settings))}</pre><p>Already have an account? "
                         f"<a href='{LOGIN_PATH}'>Sign in</a> with <code>{escape(_login_command(settings))}</code>.</p>")
         return _page("ussycode", body)
     services = _services(request)
