@@ -2,5 +2,5 @@
 
 from __future__ import annotations
 
-from ..integration.conftest import server, server_factory  # noqa: F401
-from ..integration.web.conftest import needs_vms, web, web_factory  # noqa: F401
+from ..integration.conftest import server, server_factory  # noqa: F401, TID252
+from ..integration.web.conftest import needs_vms, web, web_factory  # noqa: F401, TID252
