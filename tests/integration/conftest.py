@@ -16,6 +16,7 @@ import pytest
 
 from ussycode.app import App
 from ussycode.config import load_settings
+from ussycode.store import vms as vms_q
 
 
 @dataclass
@@ -88,8 +89,19 @@ async def server_factory(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
         return Server(app, app.ssh_port, app.settings.data_dir, keys_dir)
 
     yield start
+    # Leave no VM behind, whatever the test did: destroy what the last server knows, then stop the servers.
+    live = [a for a in apps if a.services is not None and not a._stopped.is_set()]
+    if live:
+        services = live[-1].services
+        assert services is not None
+        for vm in await services.store.read(vms_q.all_vms):
+            try:
+                await services.vms.runtime.destroy(vm.id)
+            except Exception as exc:  # noqa: BLE001 - best effort; report but keep cleaning
+                print(f"cleanup: destroying {vm.name} failed: {exc}")
     for app in apps:
-        await app.stop()
+        if not app._stopped.is_set():
+            await app.stop()
 
 
 @pytest.fixture

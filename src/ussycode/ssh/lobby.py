@@ -12,7 +12,7 @@ from asyncssh.process import SSHServerProcess
 from ussycode.auth.identity import Actor
 from ussycode.commands.context import CommandContext, Output
 from ussycode.commands.registry import dispatch, split
-from ussycode.errors import UsageError, UssyError
+from ussycode.errors import RuntimeFailure, UsageError, UssyError
 from ussycode.ssh.passthrough import connect_to_vm, forward
 
 if TYPE_CHECKING:
@@ -30,6 +30,9 @@ def render_error(exc: BaseException) -> tuple[str, int]:
         if exc.usage:
             text += f"\n{exc.usage}"
         return text, exc.exit_code
+    if isinstance(exc, RuntimeFailure) and exc.evidence:
+        tail = "\n".join("  " + line for line in exc.evidence.strip().splitlines()[-15:])
+        return f"error: {exc.user_message}\n{tail}", exc.exit_code
     if isinstance(exc, UssyError):
         return f"error: {exc.user_message}", exc.exit_code
     log.exception("command failed", exc_info=exc)
@@ -169,7 +172,7 @@ class Lobby:
                 chan.set_line_mode(False)
                 chan.set_echo(False)
             try:
-                return await forward(conn, process, command=command)
+                return await forward(conn, process, command=command, keep_open=process.command is None)
             finally:
                 conn.close()
                 if process.term_type:

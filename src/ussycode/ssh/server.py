@@ -18,10 +18,10 @@ from asyncssh.process import SSHServerProcess
 
 from ussycode.auth.keys import PublicKey, describe
 from ussycode.config import parse_addr
-from ussycode.errors import UsageError
+from ussycode.errors import UsageError, UssyError
 from ussycode.services.container import Services
 from ussycode.ssh.lobby import Lobby
-from ussycode.ssh.passthrough import VmPassthrough
+from ussycode.ssh.passthrough import PassthroughProcess, VmPassthrough, VmTcpSession
 from ussycode.store.users import User
 from ussycode.store.vms import Vm
 from ussycode.types import VmStatus
@@ -118,11 +118,10 @@ class GatewayConnection(asyncssh.SSHServer):
             chan = self.conn.create_server_channel(encoding=None)
             # The guest's own terminal does line editing; asyncssh's editor must stay out of a passthrough.
             chan._line_editor = False  # noqa: SLF001
-            handler = VmPassthrough(self.gateway, self.state).run
-        else:
-            chan = self.conn.create_server_channel(encoding="utf-8", errors="replace")
-            handler = Lobby(self.gateway, self.state).run
-        return chan, SSHServerProcess(handler, None, MIN_SFTP_VERSION, False)
+            return chan, PassthroughProcess(VmPassthrough(self.gateway, self.state).run, None, MIN_SFTP_VERSION,
+                                            False)
+        chan = self.conn.create_server_channel(encoding="utf-8", errors="replace")
+        return chan, SSHServerProcess(Lobby(self.gateway, self.state).run, None, MIN_SFTP_VERSION, False)
 
     async def connection_requested(self, dest_host: str, dest_port: int, orig_host: str,
                                    orig_port: int) -> Any:
@@ -130,9 +129,14 @@ class GatewayConnection(asyncssh.SSHServer):
         if self.state.vm is None or not 1 <= dest_port <= 65535:
             return False
         if dest_host not in ("localhost", "127.0.0.1", "::1"):
+            return False  # only the VM's own loopback: the gateway is no jump host to other machines
+        vm = self.state.vm
+        try:
+            reader, writer = await self.gateway.services.vms.runtime.open_connection(vm.id, dest_port)
+        except (OSError, UssyError) as exc:
+            log.info("ssh -L into %s:%d refused: %s", vm.name, dest_port, exc)
             return False
-        upstream = await VmPassthrough(self.gateway, self.state).upstream()
-        return upstream
+        return VmTcpSession(reader, writer)
 
     def server_requested(self, listen_host: str, listen_port: int) -> bool:
         return False  # no -R: the gateway never opens listeners for clients

@@ -36,7 +36,7 @@ async def test_new_ssh_persist_restart_rm(server_factory, tmp_path: Path) -> Non
     data = tmp_path / "data"
     server = await server_factory(data)
     key = await server.register("demo")
-    vm = await _new(server, key, "--name=box1", "--env", "GREETING=hello world")
+    vm = await _new(server, key, "--name=box1", "--env", "'GREETING=hello world'")
     assert set(vm) == {"name", "status", "image", "cpu", "memory_mb", "disk_gb", "url", "ssh", "tags", "created_at"}
     assert vm["name"] == "box1" and vm["url"] == "https://box1.localhost:8443"
     assert vm["ssh"] == "ssh -p 0 box1@localhost" or vm["ssh"].endswith("box1@localhost")
@@ -106,8 +106,8 @@ async def test_vm_comes_back_after_it_was_killed_with_the_server(server_factory,
     key = await server.register("phoenix")
     await _new(server, key, "--name=phoenix1")
     assert (await server.ssh(key, "echo alive > ~/f", user="phoenix1")).exit_status == 0
+    vm = await server.app.services.vms.by_name("phoenix1")
     await server.app.stop()
-    vm = await server.app.services.store.read(lambda c: __import__("ussycode.store.vms", fromlist=["x"]).by_name(c, "phoenix1"))
     rt = server.app.services.vms.runtime
     await rt.load_state(vm.id, vm.runtime_state)
     await rt.stop(vm.id)  # as if the host had rebooted

@@ -466,14 +466,24 @@ class ContainerRuntime(Runtime):
     # --- disks ---------------------------------------------------------------------------------------------
 
     async def copy_disk(self, src_id: str, dst: VmSpec) -> None:
-        """A new, independent disk for ``dst`` with the (stopped) source's contents and its own host keys."""
+        """A new, independent disk for ``dst`` with the source's contents and its own host keys.
+
+        A running source's file system is frozen (``fsfreeze``) for the copy, so the copy is consistent (as after
+        a clean unmount) while the source only pauses its writes.
+        """
         src = self._state(src_id)
         async with self._lock(src_id), self._lock(dst.id):
-            if alive(src.pid, src.pid_start):
-                raise StateError(f"VM {src.hostname or src_id} must be stopped to copy its disk")
             if self._disk(dst.id).exists():
                 raise StateError(f"VM {dst.name} already has a disk")
-            await asyncio.to_thread(disks.copy_disk, Path(src.disk), self._disk(dst.id))
+            mnt = self._vm_dir(src_id) / "disk"
+            frozen = alive(src.pid, src.pid_start) and os.path.ismount(mnt)
+            if frozen:
+                await _run(["fsfreeze", "--freeze", str(mnt)], "freezing the source disk")
+            try:
+                await asyncio.to_thread(disks.copy_disk, Path(src.disk), self._disk(dst.id))
+            finally:
+                if frozen:
+                    await _run(["fsfreeze", "--unfreeze", str(mnt)], "unfreezing the source disk")
             try:
                 st = self._new_state(dst, src.digest)
                 st.image = src.image
