@@ -60,7 +60,8 @@ class Server:
         assert r.exit_status == 0, r
         return key
 
-    async def connect(self, key: Path | asyncssh.SSHKey, user: str = "lobby", **kw: Any) -> asyncssh.SSHClientConnection:
+    async def connect(self, key: Path | asyncssh.SSHKey, user: str = "lobby",
+                      **kw: Any) -> asyncssh.SSHClientConnection:
         client_keys = [key] if isinstance(key, asyncssh.SSHKey) else [str(key)]
         return await asyncssh.connect("127.0.0.1", self.port, username=user, client_keys=client_keys,
                                       known_hosts=None, agent_path=None, config=[], **kw)
@@ -68,8 +69,8 @@ class Server:
 
 def make_app(data_dir: Path, **overrides: Any) -> App:
     images_dir = Path(os.environ.get("USSYCODE_TEST_IMAGES_DIR", "/var/tmp/ussycode-test-images"))
-    settings = load_settings(data_dir=str(data_dir), images_dir=str(images_dir), ssh_addr="127.0.0.1:0", http_addr="127.0.0.1:0",
-                             runtime="container", default_image="ussyuntu-mini", **overrides)
+    settings = load_settings(data_dir=str(data_dir), images_dir=str(images_dir), ssh_addr="127.0.0.1:0",
+                             http_addr="127.0.0.1:0", runtime="container", default_image="ussyuntu-mini", **overrides)
     return App(settings)
 
 

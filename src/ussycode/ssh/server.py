@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import asyncssh
-from asyncssh.sftp import MIN_SFTP_VERSION
 from asyncssh.process import SSHServerProcess
+from asyncssh.sftp import MIN_SFTP_VERSION
 
 from ussycode.auth.keys import PublicKey, describe
 from ussycode.config import parse_addr

@@ -104,7 +104,8 @@ async def test_ssh_keys(server) -> None:
 async def test_password_and_keyboard_interactive_refused(server) -> None:
     with pytest.raises(asyncssh.PermissionDenied):
         await asyncssh.connect("127.0.0.1", server.port, username="lobby", password="hunter2", client_keys=None,
-                               known_hosts=None, agent_path=None, config=[], preferred_auth="password,keyboard-interactive")
+                               known_hosts=None, agent_path=None, config=[],
+                               preferred_auth="password,keyboard-interactive")
 
 
 async def test_unsupported_key_types_refused(server) -> None:

@@ -215,7 +215,8 @@ async def test_pty_sftp_scp_and_port_forward(server, tmp_path: Path) -> None:
     proc = await asyncio.create_subprocess_exec("scp", "-q", *base, str(local), "power1@127.0.0.1:up.txt")
     assert await proc.wait() == 0
     assert (await server.ssh(key, "cat up.txt sftp.txt", user="power1")).stdout == "via scpvia sftp"
-    proc = await asyncio.create_subprocess_exec("scp", "-q", *base, "power1@127.0.0.1:up.txt", str(tmp_path / "down.txt"))
+    proc = await asyncio.create_subprocess_exec("scp", "-q", *base, "power1@127.0.0.1:up.txt",
+                                                str(tmp_path / "down.txt"))
     assert await proc.wait() == 0
     assert (tmp_path / "down.txt").read_text() == "via scp"
     assert (await server.ssh(key, "rm", "power1", "--yes")).exit_status == 0
@@ -262,7 +263,7 @@ async def test_parallel_new_from_five_users(server) -> None:
     assert len(ok) == 15, results
     assert len(refused) == 5 and all("VM limit reached" in r[1] for r in refused), refused
     assert not any("locked" in r[1] for r in results)
-    for u, key in enumerate(keys):
+    for _u, key in enumerate(keys):
         vms = json.loads((await server.ssh(key, "ls", "--json")).stdout)
         assert len(vms) == 3 and all(v["status"] == "running" for v in vms)
         for v in vms:
