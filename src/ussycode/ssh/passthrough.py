@@ -136,7 +136,7 @@ class VmTcpSession(asyncssh.SSHTCPSession[bytes]):
         self._can_write.set()
         self._pump: asyncio.Task[None] | None = None
 
-    def connection_made(self, chan: asyncssh.SSHTCPChannel[bytes]) -> None:  # type: ignore[override]
+    def connection_made(self, chan: asyncssh.SSHTCPChannel[bytes]) -> None:
         self.chan = chan
 
     def session_started(self) -> None:
