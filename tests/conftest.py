@@ -18,13 +18,13 @@ from ussycode.runtime.images import Image, ImageStore
 TEST_IMAGE = "ussyuntu-mini"
 
 
-def test_images_dir() -> Path:
+def images_dir_for_tests() -> Path:
     return Path(os.environ.get("USSYCODE_TEST_IMAGES_DIR", "/var/tmp/ussycode-test-images"))
 
 
 @pytest.fixture(scope="session")
 def image_store() -> ImageStore:
-    return ImageStore(test_images_dir())
+    return ImageStore(images_dir_for_tests())
 
 
 @pytest.fixture(scope="session")
