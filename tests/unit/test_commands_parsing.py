@@ -1,14 +1,12 @@
 import pytest
 
 from ussycode.commands.registry import REGISTRY, load_all, lookup, split
-from ussycode.errors import UsageError
+from ussycode.errors import QuotaExceeded, RateLimited, StateError, UsageError
 from ussycode.services.quotas import check_count, check_size
 from ussycode.services.ratelimit import RateLimiter
-from ussycode.services.vms import parse_env, validate_vm_name
 from ussycode.services.users import validate_handle
-from ussycode.errors import QuotaExceeded, RateLimited
+from ussycode.services.vms import parse_env, validate_vm_name
 from ussycode.types import TrustLevel, VmStatus, check_transition
-from ussycode.errors import StateError
 
 
 def test_split_is_posix() -> None:

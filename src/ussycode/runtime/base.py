@@ -12,7 +12,8 @@ An implementation **must**:
 - ``stop(vm_id)``: shut it down in order (then kill after a timeout); the disk survives. Idempotent.
 - ``destroy(vm_id)``: stop it and remove everything it owns on the host (disk, mounts, namespaces, sockets).
 - ``status(vm_id)``: what is true now (``RUNNING`` or ``STOPPED``; ``ERROR`` if it cannot tell).
-- ``open_socket(vm_id, port)`` (and so ``open_connection``): a TCP connection to ``port`` inside the VM, made from the host side without
+- ``open_socket(vm_id, port)`` (and so ``open_connection``): a TCP connection to ``port`` inside the VM, made
+  from the host side without
   routing to a guest address (a socket made inside the VM's network namespace, a vsock, a unix forwarder).
 - ``copy_disk(src_id, dst_spec)``: a new, independent VM disk with the source's contents (the source is stopped).
 - ``exec(vm_id, argv, ...)``: run a process in the guest with pipes (used by tests, the doctor and init tasks).
@@ -97,5 +98,5 @@ class Runtime(abc.ABC):
         """Bytes the VM's disk really occupies on the host (sparse-aware). Optional."""
         return 0
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027 - optional hook, a no-op unless a runtime holds host resources
         """Release host resources held by the server process (not the VMs: they keep running)."""
