@@ -1,7 +1,7 @@
-"""Choosing and constructing a runtime by name: ``make_runtime("container" | "auto", ...)``.
+"""Choosing and constructing a runtime by name: ``make_runtime("container" | "qemu" | "firecracker" | "auto")``.
 
-``auto`` picks the best runtime that can run on this host; today that is the container runtime (the VM
-runtimes register themselves here as they land).
+``auto`` follows :func:`ussycode.runtime.kvm.choose_auto`: firecracker (binary + KVM that really runs guests),
+then qemu with KVM, then the container runtime. QEMU under TCG is never picked automatically: it is slow.
 """
 
 from __future__ import annotations
@@ -28,11 +28,37 @@ def _container_check() -> HostCheck:
     return ContainerRuntime.check()
 
 
+def _qemu(disks_dir: Path, run_dir: Path, images: ImageStore) -> Runtime:
+    from ussycode.runtime.qemu import QemuRuntime
+
+    return QemuRuntime(Path(disks_dir).parent, images)
+
+
+def _qemu_check() -> HostCheck:
+    from ussycode.runtime.qemu import QemuRuntime
+
+    return QemuRuntime.check()
+
+
+def _firecracker(disks_dir: Path, run_dir: Path, images: ImageStore) -> Runtime:
+    from ussycode.runtime.firecracker import FirecrackerRuntime
+
+    return FirecrackerRuntime(Path(disks_dir).parent, images)
+
+
+def _firecracker_check() -> HostCheck:
+    from ussycode.runtime.firecracker import FirecrackerRuntime
+
+    return FirecrackerRuntime.check()
+
+
 # name -> (factory, host check). Order of AUTO_ORDER is preference for ``auto``.
 RUNTIMES: dict[str, tuple[Factory, Callable[[], HostCheck]]] = {
     "container": (_container, _container_check),
+    "qemu": (_qemu, _qemu_check),
+    "firecracker": (_firecracker, _firecracker_check),
 }
-AUTO_ORDER: list[str] = ["container"]
+AUTO_ORDER: list[str] = ["firecracker", "qemu", "container"]
 
 
 def register(name: str, factory: Factory, check: Callable[[], HostCheck], *, prefer: bool = False) -> None:
@@ -63,6 +89,10 @@ def choose(name: str) -> str:
 
 
 def make_runtime(name: str, *, disks_dir: Path, run_dir: Path, images: ImageStore) -> Runtime:
-    """Construct the runtime ``name`` (or the best available for ``auto``)."""
+    """Construct the runtime ``name`` (or the best available for ``auto``, see the module docstring)."""
+    if name == "auto":
+        from ussycode.runtime.kvm import choose_auto
+
+        name = choose_auto(Path(disks_dir).parent / "cache").name
     factory, _check = RUNTIMES[choose(name)]
     return factory(Path(disks_dir), Path(run_dir), images)
