@@ -7,6 +7,12 @@ for it. A restricted token (``cmds`` or VM) cannot create tokens.
 
 Auditing: ``token.create``, ``token.revoke`` and every refusal (``token.refused``, with a machine reason and the
 token id or key fingerprint, never the token text). ``last_used_at`` is written at most once a minute per token.
+
+Caching: a verified usy1 token is remembered in memory for :data:`AUTH_CACHE_TTL` seconds (by id, with its
+secret's hash, compared in constant time on every hit) so a busy script does not cost a DB read per request.
+``revoke`` drops the entry at once; expiry is checked on every hit; other changes (the user's trust level, the
+scoped VM's name) show after at most the TTL. usy0 tokens are not cached: removing the signing key takes effect
+on the next request.
 """
 
 from __future__ import annotations
@@ -38,6 +44,8 @@ VM_SCOPED_COMMANDS = frozenset({"ls", "whoami", "help", "start", "stop", "restar
                                 "ssh"})
 MAX_ACTIVE_TOKENS = 100
 TOUCH_INTERVAL = dt.timedelta(seconds=60)
+AUTH_CACHE_TTL = 2.0
+AUTH_CACHE_MAX = 10_000
 
 CommandResolver = Callable[[str], str | None]
 
@@ -76,6 +84,14 @@ class TokenInfo:
                 "status": self.status(now)}
 
 
+@dataclass(frozen=True)
+class _CachedAuth:
+    valid_until: float  # time.monotonic()
+    secret_hash: str
+    expires_at: dt.datetime | None
+    actor: Actor
+
+
 def _info(row: q.ApiToken) -> TokenInfo:
     return TokenInfo(row.id, row.cmds, row.vm_name, row.created_at, row.expires_at, row.last_used_at,
                      row.revoked_at)
@@ -94,6 +110,8 @@ class TokenService:
         passes the registry's. Without it every name is taken as is."""
         self.store = store
         self._resolve: CommandResolver = resolve_command or (lambda name: name)
+        self._cache: dict[str, _CachedAuth] = {}
+        self._revocations = 0  # a read that raced a revocation must not be cached
 
     # Management -------------------------------------------------------------------------------------------------
     def _canonical_cmds(self, cmds: list[str]) -> list[str]:
@@ -156,7 +174,11 @@ class TokenService:
             return TokenInfo(row.id, row.cmds, row.vm_name, row.created_at, row.expires_at, row.last_used_at,
                              now), True
 
-        return await self.store.write(tx)
+        try:
+            return await self.store.write(tx)
+        finally:
+            self._revocations += 1
+            self._cache.pop(token_id, None)
 
     # Authentication ---------------------------------------------------------------------------------------------
     async def _refuse(self, source: str, reason: str, message: str, *, user_id: str | None = None,
@@ -187,6 +209,12 @@ class TokenService:
             ref = tk.parse_db_token(bearer)
         except tk.TokenError as exc:
             raise await self._refuse(source, exc.reason, str(exc)) from None
+        hit = self._cache.get(ref.id)
+        if (hit is not None and hit.valid_until > time.monotonic() and hit.actor.source == source
+                and tk.secret_matches(ref, hit.secret_hash)
+                and (hit.expires_at is None or hit.expires_at > utcnow())):
+            return hit.actor
+        revocations = self._revocations
 
         def read(c: sa.Connection) -> tuple[q.ApiToken | None, User | None]:
             row = q.by_prefix(c, ref.id)
@@ -206,8 +234,19 @@ class TokenService:
         if row.last_used_at is None or now - row.last_used_at >= TOUCH_INTERVAL:
             await self.store.write(lambda c: q.touch(c, row.id, now))
         cmds = frozenset(row.cmds) if row.cmds is not None else None
-        return Actor(user=user, source=source, allowed_commands=scoped_commands(cmds, row.vm_name),
-                     vm_scope=row.vm_name, token_id=row.id)
+        actor = Actor(user=user, source=source, allowed_commands=scoped_commands(cmds, row.vm_name),
+                      vm_scope=row.vm_name, token_id=row.id)
+        if revocations == self._revocations:
+            self._remember(row, actor)
+        return actor
+
+    def _remember(self, row: q.ApiToken, actor: Actor) -> None:
+        now = time.monotonic()
+        if len(self._cache) >= AUTH_CACHE_MAX:
+            self._cache = {k: v for k, v in self._cache.items() if v.valid_until > now}
+            if len(self._cache) >= AUTH_CACHE_MAX:
+                self._cache.clear()
+        self._cache[row.id] = _CachedAuth(now + AUTH_CACHE_TTL, row.secret_hash, row.expires_at, actor)
 
     async def _authenticate_stateless(self, bearer: str, source: str) -> Actor:
         try:
