@@ -135,26 +135,7 @@ class SessionService:
         """The live session behind a cookie on ``host`` (not revoked, not expired, parent alive too)."""
         if not secret or not _plausible(secret):
             return None
-        id_hash = _hash("session", secret)
-        now = utcnow()
-
-        def read(c: sa.Connection) -> WebSession | None:
-            row = c.execute(
-                sa.select(web_sessions, users.c.handle, users.c.email)
-                .select_from(web_sessions.join(users, users.c.id == web_sessions.c.user_id))
-                .where(web_sessions.c.id_hash == id_hash)
-            ).first()
-            if row is None or row.revoked_at is not None or row.expires_at <= now or row.host != host:
-                return None
-            if row.parent_hash is not None:
-                parent = c.execute(sa.select(web_sessions.c.revoked_at, web_sessions.c.expires_at)
-                                   .where(web_sessions.c.id_hash == row.parent_hash)).first()
-                if parent is None or parent.revoked_at is not None or parent.expires_at <= now:
-                    return None
-            return WebSession(row.id_hash, row.user_id, row.handle, row.email, row.host, row.parent_hash,
-                              row.expires_at)
-
-        return await self.store.read(read)
+        return await self.store.read(lambda c: session_row(c, secret, host))
 
     async def revoke_family(self, session: WebSession, *, source: str = "web") -> int:
         """Log out: revoke the root session and all its children. Returns how many were revoked."""
@@ -249,3 +230,26 @@ class SessionService:
             c.execute(web_sessions.delete().where(web_sessions.c.expires_at < cutoff))
 
         await self.store.write(tx)
+
+
+_Q_SESSION = (sa.select(web_sessions, users.c.handle, users.c.email)
+              .select_from(web_sessions.join(users, users.c.id == web_sessions.c.user_id))
+              .where(web_sessions.c.id_hash == sa.bindparam("id_hash")))
+_Q_PARENT = (sa.select(web_sessions.c.revoked_at, web_sessions.c.expires_at)
+             .where(web_sessions.c.id_hash == sa.bindparam("id_hash")))
+
+
+def session_row(c: sa.Connection, secret: str | None, host: str) -> WebSession | None:
+    """The live session behind ``secret`` on ``host``, read in ``c`` (None if unknown, revoked, expired, for
+    another host, or its parent is no longer alive). Statements are built once (forward-auth hot path)."""
+    if not secret or not _plausible(secret):
+        return None
+    now = utcnow()
+    row = c.execute(_Q_SESSION, {"id_hash": _hash("session", secret)}).first()
+    if row is None or row.revoked_at is not None or row.expires_at <= now or row.host != host:
+        return None
+    if row.parent_hash is not None:
+        parent = c.execute(_Q_PARENT, {"id_hash": row.parent_hash}).first()
+        if parent is None or parent.revoked_at is not None or parent.expires_at <= now:
+            return None
+    return WebSession(row.id_hash, row.user_id, row.handle, row.email, row.host, row.parent_hash, row.expires_at)

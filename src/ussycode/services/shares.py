@@ -362,38 +362,7 @@ class ShareService:
     # For forward-auth and routes (no actor) --------------------------------------------------------------------
     async def lookup(self, *, vm_name: str | None = None, cname: str | None = None) -> AccessRecord | None:
         """Everything forward-auth needs about the VM behind a host, in one read (by name or verified cname)."""
-
-        def read(c: sa.Connection) -> AccessRecord | None:
-            if vm_name is not None:
-                row = c.execute(sa.select(vms.c.id, vms.c.name, vms.c.owner_id, vms.c.status)
-                                .where(vms.c.name == vm_name)).first()
-            elif cname is not None:
-                row = c.execute(
-                    sa.select(vms.c.id, vms.c.name, vms.c.owner_id, vms.c.status)
-                    .select_from(vms.join(custom_domains, custom_domains.c.vm_id == vms.c.id))
-                    .where(custom_domains.c.domain == cname, custom_domains.c.verified_at.is_not(None))
-                ).first()
-            else:
-                return None
-            if row is None:
-                return None
-            vm_id = row.id
-            ports = frozenset(r[0] for r in c.execute(sa.select(vm_public_ports.c.port)
-                                                      .where(vm_public_ports.c.vm_id == vm_id)))
-            cnames = frozenset(r[0] for r in c.execute(
-                sa.select(custom_domains.c.domain).where(custom_domains.c.vm_id == vm_id,
-                                                         custom_domains.c.verified_at.is_not(None))))
-            shares = c.execute(sa.select(vm_shares.c.user_id, vm_shares.c.email)
-                               .where(vm_shares.c.vm_id == vm_id)).all()
-            links = tuple((r.token, r.expires_at) for r in c.execute(
-                sa.select(share_links.c.token, share_links.c.expires_at).where(share_links.c.vm_id == vm_id)))
-            return AccessRecord(
-                vm_id, row.name, row.owner_id, VmStatus(row.status), ports, cnames,
-                frozenset(s.user_id for s in shares if s.user_id),
-                frozenset(s.email.lower() for s in shares if s.email), links,
-            )
-
-        return await self.store.read(read)
+        return await self.store.read(lambda c: access_record(c, vm_name=vm_name, cname=cname))
 
     async def verified_cnames(self) -> frozenset[str]:
         return await self.store.read(lambda c: frozenset(r[0] for r in c.execute(
@@ -401,3 +370,47 @@ class ShareService:
 
     async def vm_names(self) -> frozenset[str]:
         return await self.store.read(lambda c: frozenset(r[0] for r in c.execute(sa.select(vms.c.name))))
+
+
+# Built once: building SQLAlchemy expressions per request cost more than running them (forward-auth hot path).
+_VM_COLS = (vms.c.id, vms.c.name, vms.c.owner_id, vms.c.status)
+_Q_VM_BY_NAME = sa.select(*_VM_COLS).where(vms.c.name == sa.bindparam("name"))
+_Q_VM_BY_CNAME = (sa.select(*_VM_COLS).select_from(vms.join(custom_domains, custom_domains.c.vm_id == vms.c.id))
+                  .where(custom_domains.c.domain == sa.bindparam("domain"), custom_domains.c.verified_at.is_not(None)))
+_Q_PORTS = sa.select(vm_public_ports.c.port).where(vm_public_ports.c.vm_id == sa.bindparam("vm_id"))
+_Q_CNAMES = sa.select(custom_domains.c.domain).where(custom_domains.c.vm_id == sa.bindparam("vm_id"),
+                                                     custom_domains.c.verified_at.is_not(None))
+_Q_SHARES = sa.select(vm_shares.c.user_id, vm_shares.c.email).where(vm_shares.c.vm_id == sa.bindparam("vm_id"))
+_Q_LINKS = sa.select(share_links.c.token, share_links.c.expires_at).where(share_links.c.vm_id == sa.bindparam("vm_id"))
+_Q_LINKS_IN = _Q_LINKS.where(share_links.c.token.in_(sa.bindparam("tokens", expanding=True)))
+
+
+def access_record(c: sa.Connection, *, vm_name: str | None = None, cname: str | None = None,
+                  link_tokens: tuple[str, ...] | None = None) -> AccessRecord | None:
+    """The VM behind a host (by name or verified custom domain) with its access rules, read in ``c``.
+
+    ``link_tokens`` limits the share links read to those the request presents (None reads all of them).
+    """
+    if vm_name is not None:
+        row = c.execute(_Q_VM_BY_NAME, {"name": vm_name}).first()
+    elif cname is not None:
+        row = c.execute(_Q_VM_BY_CNAME, {"domain": cname}).first()
+    else:
+        return None
+    if row is None:
+        return None
+    p = {"vm_id": row.id}
+    ports = frozenset(r[0] for r in c.execute(_Q_PORTS, p))
+    cnames = frozenset(r[0] for r in c.execute(_Q_CNAMES, p)) if cname is not None else frozenset()
+    shares = c.execute(_Q_SHARES, p).all()
+    if link_tokens is None:
+        links = tuple((r.token, r.expires_at) for r in c.execute(_Q_LINKS, p))
+    elif link_tokens:
+        links = tuple((r.token, r.expires_at) for r in c.execute(_Q_LINKS_IN, {**p, "tokens": list(link_tokens[:8])}))
+    else:
+        links = ()
+    return AccessRecord(
+        row.id, row.name, row.owner_id, VmStatus(row.status), ports, cnames,
+        frozenset(s.user_id for s in shares if s.user_id),
+        frozenset(s.email.lower() for s in shares if s.email), links,
+    )

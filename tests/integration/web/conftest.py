@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from ussycode.runtime.container import ContainerRuntime
+from ussycode.store import vms as vmq
 
 # The app inside the VM: answers every method on every path with the request it saw (JSON).
 ECHO_APP = r'''
@@ -107,14 +108,31 @@ def needs_vms(test_image: object) -> None:
 
 @pytest.fixture
 async def web_factory(server_factory: Callable[..., Any]) -> AsyncIterator[Callable[..., Any]]:
+    started: list[Web] = []
+
     async def start(data_dir: Path | None = None, port: int | None = None, **overrides: Any) -> Web:
         port = port or free_port()
         server = await server_factory(data_dir, https_addr=f"127.0.0.1:{port}", tls="off", **overrides)
         https = server.app.https
         assert https is not None and not https.error, https.error if https else "no https entry"
-        return Web(server, port)
+        started.append(Web(server, port))
+        return started[-1]
 
     yield start
+    # VMs outlive a server stop by design: destroy the ones the test made (newest server first).
+    done: set[str] = set()
+    for web in reversed(started):
+        services = web.server.app.services
+        if services is None or web.server.app.https is None or web.server.app.https.tasks is None:
+            continue
+        try:
+            vms = await services.store.read(vmq.all_vms)
+        except Exception:  # noqa: BLE001 - the store of a stopped server is closed
+            continue
+        for vm in vms:
+            if vm.id not in done:
+                done.add(vm.id)
+                await services.vms.runtime.destroy(vm.id)
 
 
 @pytest.fixture
