@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import socket
 import subprocess
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -67,10 +68,18 @@ class Server:
                                       known_hosts=None, agent_path=None, config=[], **kw)
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def make_app(data_dir: Path, **overrides: Any) -> App:
     images_dir = Path(os.environ.get("USSYCODE_TEST_IMAGES_DIR", "/var/tmp/ussycode-test-images"))
-    settings = load_settings(data_dir=str(data_dir), images_dir=str(images_dir), ssh_addr="127.0.0.1:0",
-                             http_addr="127.0.0.1:0", runtime="container", default_image="ussyuntu-mini", **overrides)
+    values: dict[str, Any] = {"data_dir": str(data_dir), "images_dir": str(images_dir), "ssh_addr": "127.0.0.1:0",
+                              "http_addr": "127.0.0.1:0", "https_addr": f"127.0.0.1:{free_port()}", "tls": "off",
+                              "runtime": "container", "default_image": "ussyuntu-mini"}
+    settings = load_settings(**{**values, **overrides})
     return App(settings)
 
 

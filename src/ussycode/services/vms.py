@@ -183,7 +183,7 @@ class VmService:
                 if progress:
                     await progress(f"creating disk for {name} ({disk_gb} GB)")
                 if source_vm is not None:
-                    await self.runtime.copy_disk(source_vm.id, self.spec(vm))
+                    await self._copy_disk(actor, source_vm, vm, progress)
                 else:
                     await self.runtime.create(self.spec(vm))
                 await self.events.publish(VmEvent("created", vm.id, vm.name))
@@ -193,6 +193,29 @@ class VmService:
             except Exception as exc:
                 await self._mark_error(vm, exc)
                 raise self._as_failure(exc, f"could not create {name}") from exc
+
+    async def _copy_disk(self, actor: Actor, src: Vm, dst: Vm,
+                         progress: Callable[[str], Awaitable[None]] | None) -> None:
+        """Copy ``src``'s disk for ``dst``. A runtime that can only copy a stopped disk gets the source stopped
+        for the copy and started again afterwards (the caller already holds the source's lock)."""
+        try:
+            await self.runtime.copy_disk(src.id, self.spec(dst))
+            return
+        except StateError:
+            if await self.runtime.status(src.id) is not VmStatus.RUNNING:
+                raise
+        if progress:
+            await progress(f"stopping {src.name} for the copy (this runtime copies stopped disks only)")
+        await self.runtime.stop(src.id)
+        try:
+            await self.runtime.copy_disk(src.id, self.spec(dst))
+        finally:
+            if progress:
+                await progress(f"starting {src.name} again")
+            async with self._start_slots:
+                await self.runtime.start(self.spec(src))
+            state = self.runtime.get_state(src.id)
+            await self.store.write(lambda c: q.update(c, src.id, runtime_state=state))
 
     async def _boot(self, actor: Actor, vm: Vm) -> Vm:
         async with self._start_slots:
