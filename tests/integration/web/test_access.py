@@ -155,3 +155,39 @@ async def test_stopped_unknown_and_removed_vms(web: Web, needs_vms: None) -> Non
         c.exec_driver_sql(f"select count(*) from {t}").scalar_one()
         for t in ("vm_public_ports", "share_links", "vm_shares")])
     assert counts == [0, 0, 0]
+
+
+async def test_custom_domain_verify_route_and_tls_ask(web: Web, needs_vms: None) -> None:
+    """Custom domains. Public DNS cannot be reached from here: the TXT lookup is the one stand-in."""
+    alice = await web.server.register("alice")
+    await web.new_vm(alice, "cnm")
+    txt: dict[str, list[str]] = {}
+
+    async def lookup(name: str) -> list[str]:
+        return txt.get(name, [])
+
+    shares = web.server.app.services.shares
+    shares.txt_lookup = lookup
+    r = await web.cmd(alice, "share", "cname", "cnm", "App.Example.COM.")
+    assert r.exit_status == 0 and "_ussycode-verify.app.example.com" in r.stdout, r
+    token = r.stdout.split("TXT")[1].split()[0]
+    assert (await web.cmd(alice, "share", "cname", "cnm", "sub.localhost")).exit_status != 0
+    r = await web.cmd(alice, "share", "cname-verify", "cnm", "app.example.com")
+    assert r.exit_status == 1 and "not verified" in r.stderr
+    async with httpx.AsyncClient(timeout=20) as raw:
+        base = f"http://127.0.0.1:{web.port}/"
+        assert (await raw.get(base, headers={"Host": "app.example.com"})).status_code == 404
+        ask = f"http://127.0.0.1:{web.server.app.http_port}/__ussycode/tls-ask?domain="
+        assert (await raw.get(ask + "app.example.com")).status_code == 403
+        assert (await raw.get(ask + "cnm.localhost")).status_code == 200
+        assert (await raw.get(ask + "nosuch.localhost")).status_code == 403
+        txt["_ussycode-verify.app.example.com"] = ["other", token]
+        assert (await web.cmd(alice, "share", "cname-verify", "cnm", "app.example.com")).exit_status == 0
+        assert (await raw.get(ask + "app.example.com")).status_code == 200
+        r = await raw.get(base, headers={"Host": "app.example.com"})
+        assert r.status_code == 401  # same access rules as the VM URL: private
+        assert (await web.cmd(alice, "share", "set-public", "cnm")).exit_status == 0
+        r = await raw.get(base, headers={"Host": "app.example.com", "X-Ussy-Handle": "forged"})
+        assert r.status_code == 200 and "x-ussy-handle" not in r.json()["headers"]
+        assert (await web.cmd(alice, "share", "cname-rm", "cnm", "app.example.com")).exit_status == 0
+        assert (await raw.get(base, headers={"Host": "app.example.com"})).status_code == 404
