@@ -177,11 +177,11 @@ def main() -> None:
         # 3. host memory per idle VM beyond the guest's own processes
         states = vm_processes(Path(srv.env["USSYCODE_DATA_DIR"]) / "ussycode.db")
         base_rss = rss_kb(srv.proc.pid)
-        pasta = [rss_kb(int(s["pasta_pid"])) for s in states if s.get("pasta_pid")]
+        egress = [rss_kb(int(s["egress_pid"])) for s in states if s.get("egress_pid")]
         guest = [cgroup_rss_kb(int(s["pid"])) for s in states if s.get("pid")]
         server_per_vm = max(0.0, (base_rss - rss_before) / max(len(states), 1))  # server growth per VM
-        per_vm_host = (sum(pasta) / max(len(states), 1)) + server_per_vm
-        rows.append(row("host memory per idle VM (pasta + server)", per_vm_host / 1024, "MB",
+        per_vm_host = (sum(egress) / max(len(states), 1)) + server_per_vm
+        rows.append(row("host memory per idle VM (slirp4netns + server)", per_vm_host / 1024, "MB",
                         "guest's own processes", (sum(guest) / max(len(guest), 1)) / 1024, "< 20 MB",
                         per_vm_host / 1024 < 20))
         notes.append(f"{len(states)} VMs running; server RSS {base_rss / 1024:.1f} MB with all of them")

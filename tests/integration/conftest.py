@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 from collections.abc import AsyncIterator, Callable
@@ -60,6 +62,19 @@ class Server:
         r = await self.ssh(key, "register", name)
         assert r.exit_status == 0, r
         return key
+
+    async def kill_vm_and_wait_stopped(self, key: Path, name: str, timeout: float = 20) -> bool:
+        """Kill the VM's main process behind the server's back; True once `ls` says it is stopped."""
+        vm = await self.app.services.vms.by_name(name)  # type: ignore[union-attr]
+        assert vm is not None and vm.runtime_state.get("pid")
+        os.kill(int(vm.runtime_state["pid"]), signal.SIGKILL)
+        deadline = asyncio.get_running_loop().time() + timeout
+        while asyncio.get_running_loop().time() < deadline:
+            listing = json.loads((await self.ssh(key, "ls", "--json")).stdout)
+            if any(v["name"] == name and v["status"] == "stopped" for v in listing):
+                return True
+            await asyncio.sleep(0.5)
+        return False
 
     async def connect(self, key: Path | asyncssh.SSHKey, user: str = "lobby",
                       **kw: Any) -> asyncssh.SSHClientConnection:

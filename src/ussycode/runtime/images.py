@@ -89,8 +89,12 @@ class Image:
 
 
 def guest_files() -> list[Path]:
-    """The files shipped into guests, in a stable order (part of every image digest)."""
-    return sorted(p for p in GUEST_DIR.iterdir() if p.is_file() and not p.name.startswith("."))
+    """The files shipped into guests, in a stable order (part of every image digest).
+
+    ``vm-*`` files go into the VM runtimes' initramfs, never into an image, so they do not change image digests.
+    """
+    return sorted(p for p in GUEST_DIR.iterdir()
+                  if p.is_file() and not p.name.startswith((".", "vm-")))
 
 
 def recipe_digest(recipe: Recipe, files: list[Path] | None = None) -> str:

@@ -1,9 +1,11 @@
-"""Per-VM network namespaces, their egress firewall, optional egress through pasta, and host→VM sockets.
+"""Per-VM network namespaces, their egress firewall, optional egress (slirp4netns or pasta), host→VM sockets.
 
 A VM's namespace ``ussy-<hash>`` starts with only loopback. The host installs an nftables ruleset inside it
 (the guest has no CAP_NET_ADMIN, so it cannot change it) that drops traffic to private ranges and to every
-address and on-link network of the host. Egress, when enabled, goes through ``pasta`` with every port forward
-and the gateway→host mapping turned off (pasta's defaults forward the host's loopback ports into the namespace).
+address and on-link network of the host. Egress, when enabled, goes through ``slirp4netns`` (container runtime:
+a few MB per VM, host loopback disabled, a seccomp filter, a DNS forwarder at 10.0.2.3 that
+the firewall lets through) or ``pasta`` with every port forward and the gateway→host mapping turned off (pasta's
+defaults forward the host's loopback ports into the namespace).
 
 The host reaches a VM only through :func:`connect_in_netns`: a socket created inside the namespace (``setns`` on a
 dedicated thread), never by routing to a guest address.
@@ -29,6 +31,7 @@ CLONE_NEWNET = 0x40000000
 PRIVATE_V4 = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "169.254.0.0/16")
 PRIVATE_V6 = ("fc00::/7", "fe80::/10")
 METADATA_V4 = "169.254.169.254"
+SLIRP_DNS_V4 = "10.0.2.3"  # slirp4netns's built-in DNS forwarder (to the host's resolver)
 
 
 def netns_name(vm_id: str) -> str:
@@ -75,11 +78,12 @@ def _set(items: Iterable[str]) -> str:
     return "{ " + ", ".join(merged) + " }"
 
 
-def nft_ruleset(host: HostAddresses, *, metadata_v4: str = METADATA_V4) -> str:
+def nft_ruleset(host: HostAddresses, *, metadata_v4: str = METADATA_V4, dns_v4: str | None = None) -> str:
     """The nftables ruleset a VM's namespace gets (pure).
 
-    Output to loopback (the VM's own) and to the metadata address is allowed; output to private ranges and to
-    the host's addresses and on-link networks is rejected; everything else (the internet) is allowed.
+    Output to loopback (the VM's own) and to the metadata address is allowed, and DNS (port 53 only) to
+    ``dns_v4`` when given; output to private ranges and to the host's addresses and on-link networks is rejected;
+    everything else (the internet) is allowed.
     Input is allowed only for loopback and replies, so nothing outside the namespace can open a connection in.
     """
     v4 = list(PRIVATE_V4) + list(host.v4)
@@ -93,6 +97,8 @@ def nft_ruleset(host: HostAddresses, *, metadata_v4: str = METADATA_V4) -> str:
             "    type filter hook output priority 0; policy accept;",
             '    oifname "lo" accept',
             f"    ip daddr {metadata_v4} accept",
+            *([f"    ip daddr {dns_v4} udp dport 53 accept", f"    ip daddr {dns_v4} tcp dport 53 accept"]
+              if dns_v4 else []),
             f"    ip daddr {_set(v4)} reject with icmpx type admin-prohibited",
             f"    ip6 daddr {_set(v6)} reject with icmpx type admin-prohibited",
             "  }",
@@ -118,6 +124,20 @@ def pasta_argv(netns: str, pidfile: Path) -> list[str]:
         "--quiet",
         "--pid", str(pidfile),
         "--netns", str(NETNS_DIR / netns),
+    ]
+
+
+def slirp4netns_argv(netns: str, ready_fd: int) -> list[str]:
+    """slirp4netns giving ``netns`` egress through a tap device (pure).
+
+    ``--disable-host-loopback`` stops the guest reaching the host's 127.0.0.1 through the gateway address; the
+    namespace's firewall rejects the gateway and the host's other addresses anyway. ``--enable-seccomp`` narrows
+    its system calls; ``--enable-sandbox`` is not used: its mount namespace set-up propagates back to the host here
+    and unmounts ``/run/netns``. It writes ``1`` to ``ready_fd`` once the tap is configured.
+    """
+    return [
+        "slirp4netns", "--configure", "--mtu=65520", "--disable-host-loopback",
+        "--enable-seccomp", f"--ready-fd={ready_fd}", "--netns-type=path", str(NETNS_DIR / netns), "tap0",
     ]
 
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
 import platform
 from pathlib import Path
 
@@ -45,14 +43,5 @@ async def test_qemu_vm_through_the_gateway(server_factory, tmp_path: Path) -> No
     assert (await server.ssh(key, "rm", "vm2", "--yes", timeout=200)).exit_status == 0
 
     # killing QEMU from outside: the DB soon stops claiming the VM runs
-    vm = await server.app.services.vms.by_name("vm1")
-    pid = vm.runtime_state.get("pid")
-    assert pid
-    os.kill(int(pid), 9)
-    for _ in range(40):
-        ls = json.loads((await server.ssh(key, "ls", "--json")).stdout)
-        if ls[0]["status"] == "stopped":
-            break
-        await asyncio.sleep(0.5)
-    assert ls[0]["status"] == "stopped"
+    assert await server.kill_vm_and_wait_stopped(key, "vm1")
     assert (await server.ssh(key, "rm", "vm1", "--yes", timeout=200)).exit_status == 0

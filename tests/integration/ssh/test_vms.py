@@ -8,7 +8,6 @@ import os
 import subprocess
 from pathlib import Path
 
-import asyncssh
 import pytest
 
 from ussycode.runtime.container import ContainerRuntime
@@ -277,18 +276,7 @@ async def test_parallel_new_from_five_users(server) -> None:
 async def test_a_vm_killed_behind_our_back_is_marked_stopped(server) -> None:
     key = await server.register("crashy")
     await _new(server, key, "--name=crash1", "--disk=1")
-    vm = await server.app.services.vms.by_name("crash1")
-    pid = vm.runtime_state.get("pid")
-    assert pid
-    os.kill(int(pid), 9)
-    for _ in range(40):
-        ls = json.loads((await server.ssh(key, "ls", "--json")).stdout)
-        if ls[0]["status"] == "stopped":
-            break
-        await asyncio.sleep(0.5)
-    assert ls[0]["status"] == "stopped"
+    assert await server.kill_vm_and_wait_stopped(key, "crash1")
     assert (await server.ssh(key, "start", "crash1")).exit_status == 0
     assert (await server.ssh(key, "rm", "crash1", "--yes")).exit_status == 0
 
-
-_ = asyncssh

@@ -223,3 +223,22 @@ def test_sparse_disk_is_exact_size_and_small(tmp_path: Path) -> None:
     assert disks.allocated_bytes(disk) < 64 * 2**20
     with pytest.raises(FileExistsError):
         disks.create_disk(disk, 1)
+
+
+def test_slirp4netns_keeps_the_host_loopback_out() -> None:
+    argv = netns.slirp4netns_argv("ussy-abc", 7)
+    assert argv[0] == "slirp4netns"
+    for flag in ("--configure", "--disable-host-loopback", "--enable-seccomp", "--ready-fd=7"):
+        assert flag in argv
+    assert "--enable-sandbox" not in argv  # it unmounts /run/netns on the host through mount propagation
+    assert argv[-3:] == ["--netns-type=path", "/run/netns/ussy-abc", "tap0"]
+
+
+def test_dns_forwarder_is_the_only_private_address_let_through() -> None:
+    host = netns.HostAddresses(("192.0.2.2", "192.0.2.0/24"), ())
+    rules = netns.nft_ruleset(host, dns_v4=netns.SLIRP_DNS_V4)
+    dns = rules.index("ip daddr 10.0.2.3 udp dport 53 accept")
+    assert dns < rules.index("reject")
+    assert "ip daddr 10.0.2.3 tcp dport 53 accept" in rules
+    assert "10.0.2.3 accept" not in rules  # only port 53, never the whole address
+    assert "dport 53" not in netns.nft_ruleset(host)

@@ -8,7 +8,7 @@ Per VM (``vm_id``)::
     run_dir/<vm_id>/root          overlay: image rootfs (read-only) + disk/upper = the VM's /
     run_dir/<vm_id>/meta          authorized_keys and env.sh, bind-mounted read-only into the guest
     run_dir/<vm_id>/console.log   the guest init's output (the tail goes into boot errors)
-    netns ussy-<hash>             its network namespace (loopback, nftables egress rules, optional pasta)
+    netns ussy-<hash>             its network namespace (loopback, nftables rules, slirp4netns egress)
     cgroup ussycode/<vm_id>       memory, CPU and pids limits
 
 The guest's PID 1 (``runtime/guest/init.sh``) is started by :mod:`.nsinit` in new PID/mount/UTS/IPC/cgroup
@@ -96,7 +96,7 @@ class ContainerRuntime(Runtime):
         self.disks_dir = Path(disks_dir)
         self.run_dir = Path(run_dir)
         self.images = images
-        self.egress = egress and shutil.which("pasta") is not None
+        self.egress = egress and shutil.which("slirp4netns") is not None
         self.boot_timeout = boot_timeout
         self.python = python
         self._states: dict[str, VmState] = {}
@@ -129,7 +129,7 @@ class ContainerRuntime(Runtime):
             problems.append("no network namespaces")
         if problems:
             return HostCheck(False, "; ".join(problems))
-        egress = "pasta egress" if shutil.which("pasta") else "no egress (install passt for pasta)"
+        egress = "slirp4netns egress" if shutil.which("slirp4netns") else "no egress (apt-get install slirp4netns)"
         return HostCheck(True, f"available ({egress}, cgroup {detect_version()})")
 
     # --- paths and state -------------------------------------------------------------------------------
@@ -247,6 +247,11 @@ class ContainerRuntime(Runtime):
         meta.mkdir(mode=0o755, exist_ok=True)
         (meta / "authorized_keys").write_text(authorized_keys_file(spec.authorized_keys))
         (meta / "env.sh").write_text(env_script(spec.env))
+        resolv = meta / "resolv.conf"
+        if self.egress:
+            resolv.write_text(f"# Written by ussycode at every boot.\nnameserver {netns.SLIRP_DNS_V4}\n")
+        else:
+            resolv.unlink(missing_ok=True)
         pidfile = vm_dir / "init.pid"
         pidfile.unlink(missing_ok=True)
         argv = nsinit.boot_argv(
@@ -272,18 +277,49 @@ class ContainerRuntime(Runtime):
         for argv in netns.setup_argvs(st.netns):
             await _run(argv, f"setting up network namespace {st.netns}")
         host = await asyncio.to_thread(netns.host_addresses)
-        await _run(netns.nft_apply_argv(st.netns), "installing the VM firewall", stdin=netns.nft_ruleset(host))
+        ruleset = netns.nft_ruleset(host, dns_v4=netns.SLIRP_DNS_V4 if self.egress else None)
+        await _run(netns.nft_apply_argv(st.netns), "installing the VM firewall", stdin=ruleset)
         if self.egress:
-            pidfile = self._vm_dir(st.vm_id) / "pasta.pid"
-            pidfile.unlink(missing_ok=True)
             try:
-                await _run(netns.pasta_argv(st.netns, pidfile), "starting pasta")
-                st.pasta_pid = int(pidfile.read_text())
-                st.pasta_start = start_time(st.pasta_pid)
+                st.egress_pid = await self._start_slirp(st)
+                st.egress_start = start_time(st.egress_pid)
             except (RuntimeFailure, OSError, ValueError) as exc:
                 # Egress is best-effort: the VM still works (and stays isolated) without it.
                 with open(self._console(st.vm_id), "a") as f:  # noqa: ASYNC230
                     f.write(f"ussycode: no egress for this VM: {exc}\n")
+
+    async def _start_slirp(self, st: VmState, timeout: float = 10.0) -> int:
+        """Start slirp4netns detached from the server (it must outlive it) and wait until the tap is up."""
+        read_fd, write_fd = os.pipe()
+        argv = netns.slirp4netns_argv(st.netns, write_fd)
+        binary = shutil.which(argv[0])
+        if binary is None:
+            raise RuntimeFailure("slirp4netns is not installed (apt-get install slirp4netns)")
+        os.set_inheritable(write_fd, True)
+        log = str(self._vm_dir(st.vm_id) / "egress.log")
+        try:
+            # posix_spawn, not Popen: the process outlives this server on purpose, and no Popen object should
+            # be left to complain about it. A new session keeps it out of the server's signals.
+            pid = os.posix_spawn(binary, argv, dict(os.environ), setsid=True, file_actions=[  # noqa: ASYNC221
+                (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+                (os.POSIX_SPAWN_OPEN, 1, log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600),
+                (os.POSIX_SPAWN_DUP2, 1, 2),
+            ])
+        finally:
+            os.close(write_fd)
+        try:
+            loop = asyncio.get_running_loop()
+            ready = await asyncio.wait_for(loop.run_in_executor(None, os.read, read_fd, 1), timeout)
+        except TimeoutError:
+            ready = b""
+        finally:
+            os.close(read_fd)
+        if ready != b"1":
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+            await asyncio.to_thread(reap, pid)
+            raise RuntimeFailure("slirp4netns did not come up", evidence=f"$ {shlex.join(argv)}")
+        return pid
 
     async def _wait_for_sshd(self, st: VmState, argv: list[str]) -> None:
         deadline = time.monotonic() + self.boot_timeout
@@ -336,9 +372,11 @@ class ContainerRuntime(Runtime):
 
     async def _teardown(self, st: VmState) -> None:
         """Release everything a (dead) VM holds on the host except its disk. Idempotent."""
-        kill(st.pasta_pid, st.pasta_start, signal.SIGTERM)
+        kill(st.egress_pid, st.egress_start, signal.SIGTERM)
+        if st.egress_pid:
+            await asyncio.to_thread(reap, st.egress_pid)
         await asyncio.to_thread(self._teardown_sync, st)
-        st.pid = st.pid_start = st.pasta_pid = st.pasta_start = None
+        st.pid = st.pid_start = st.egress_pid = st.egress_start = None
         if self._sidecar(st.vm_id).exists():
             self._save(st)
 
@@ -532,6 +570,19 @@ async def _run(argv: list[str], what: str, stdin: str | None = None) -> None:
         raise RuntimeFailure(
             f"{what} failed (exit {proc.returncode})", evidence=f"$ {shlex.join(argv)}\n{out.decode(errors='replace')}"
         )
+
+
+def reap(pid: int, timeout: float = 2.0) -> None:
+    """Collect an exited child we spawned (slirp4netns), so it does not linger as a zombie; others are ignored."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return  # not our child (e.g. started by an earlier server): its own parent or init reaps it
+        if done or time.monotonic() > deadline:
+            return
+        time.sleep(0.02)
 
 
 def _run_sync(argv: list[str], output: bool = False) -> str:

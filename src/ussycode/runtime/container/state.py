@@ -28,8 +28,8 @@ class VmState:
     disk_gb: int = 1
     pid: int | None = None
     pid_start: int | None = None
-    pasta_pid: int | None = None
-    pasta_start: int | None = None
+    egress_pid: int | None = None  # slirp4netns, outside the VM's PID namespace
+    egress_start: int | None = None
     version: int = STATE_VERSION
 
     def as_json(self) -> dict[str, Any]:
