@@ -12,6 +12,8 @@ import logging
 from collections.abc import Coroutine
 from typing import Any
 
+from ussycode.errors import UssyError
+
 log = logging.getLogger(__name__)
 
 
@@ -28,8 +30,11 @@ class TaskGroup:
 
     def _done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("task %s crashed", task.get_name(), exc_info=task.exception())
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None and not isinstance(exc, UssyError):  # a person's error is reported to them, not here
+            log.error("task %s crashed", task.get_name(), exc_info=exc)
 
     def __len__(self) -> int:
         return len(self._tasks)

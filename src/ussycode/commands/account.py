@@ -7,6 +7,7 @@ import argparse
 from ussycode.commands.context import CommandContext
 from ussycode.commands.output import table
 from ussycode.commands.registry import _Parser, command
+from ussycode.errors import NotFound
 from ussycode.services.quotas import limits_for
 from ussycode.store.schema import iso
 
@@ -17,11 +18,10 @@ def _json_only(p: argparse.ArgumentParser) -> None:
 
 @command("whoami", "show your account, keys and quota", group="account", args=_json_only)
 async def whoami(ctx: CommandContext, a: argparse.Namespace) -> int:
-    s = ctx.services
-    user = await s.users.by_fingerprint(ctx.actor.fingerprint) if ctx.actor.fingerprint else None
-    user = user or ctx.actor.user
-    keys = await s.users.keys(user.id)
-    count = await s.users.vm_count(user.id)
+    profile = await ctx.services.users.profile(ctx.actor.id)
+    if profile is None:
+        raise NotFound("your account no longer exists")
+    user, keys, count = profile
     data = {
         "handle": user.handle,
         "trust_level": str(user.trust_level),

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import re
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol
 
 import sqlalchemy as sa
@@ -28,6 +28,7 @@ from ussycode.store import vms as q
 from ussycode.store.db import Store
 from ussycode.store.users import new_id
 from ussycode.store.vms import Vm
+from ussycode.tasks import TaskGroup
 from ussycode.types import RESERVED_NAMES, VM_NAME_RE, VmSpec, VmStatus, check_transition
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,7 @@ class VmService:
         self.events = events
         self._locks: dict[str, asyncio.Lock] = {}
         self._start_slots = asyncio.Semaphore(max_parallel_starts)
+        self._background = TaskGroup("vms")
 
     # Presentation helpers shared by every frontend ---------------------------------------------------------
     def url(self, name: str) -> str:
@@ -178,21 +180,31 @@ class VmService:
             return vm
 
         vm = await self.store.write(tx)
-        async with self._lock(vm.id):
-            try:
-                if progress:
-                    await progress(f"creating disk for {name} ({disk_gb} GB)")
-                if source_vm is not None:
-                    await self._copy_disk(actor, source_vm, vm, progress)
-                else:
-                    await self.runtime.create(self.spec(vm))
-                await self.events.publish(VmEvent("created", vm.id, vm.name))
-                if progress:
-                    await progress(f"starting {name}")
-                return await self._boot(actor, vm)
-            except Exception as exc:
-                await self._mark_error(vm, exc)
-                raise self._as_failure(exc, f"could not create {name}") from exc
+
+        async def build() -> Vm:
+            async with self._lock(vm.id):
+                try:
+                    if progress:
+                        await progress(f"creating disk for {name} ({disk_gb} GB)")
+                    if source_vm is not None:
+                        await self._copy_disk(actor, source_vm, vm, progress)
+                    else:
+                        await self.runtime.create(self.spec(vm))
+                    await self.events.publish(VmEvent("created", vm.id, vm.name))
+                    if progress:
+                        await progress(f"starting {name}")
+                    return await self._boot(actor, vm)
+                except Exception as exc:
+                    await self._mark_error(vm, exc)
+                    raise self._as_failure(exc, f"could not create {name}") from exc
+
+        return await self._run_to_the_end(build(), f"create {name}")
+
+    async def _run_to_the_end(self, coro: Coroutine[Any, Any, Vm], what: str) -> Vm:
+        """Run a lifecycle change to its end even if the caller goes away (a dropped SSH session, an API
+        timeout): a half-made VM would otherwise stay ``creating`` with nobody to finish or clean it up."""
+        task = self._background.spawn(coro, what)
+        return await asyncio.shield(task)
 
     async def _copy_disk(self, actor: Actor, src: Vm, dst: Vm,
                          progress: Callable[[str], Awaitable[None]] | None) -> None:
@@ -256,11 +268,15 @@ class VmService:
             if owner is not None:
                 level = owner.trust_level
             quotas.check_size(level, vm.cpu, vm.memory_mb, vm.disk_gb)
-            try:
-                return await self._boot(actor, vm)
-            except Exception as exc:
-                await self._mark_error(vm, exc)
-                raise self._as_failure(exc, f"could not start {name}") from exc
+
+            async def boot() -> Vm:
+                try:
+                    return await self._boot(actor, vm)
+                except Exception as exc:
+                    await self._mark_error(vm, exc)
+                    raise self._as_failure(exc, f"could not start {name}") from exc
+
+            return await self._run_to_the_end(boot(), f"start {name}")
 
     async def stop(self, actor: Actor, name: str) -> Vm:
         vm = await self.get(actor, name)
