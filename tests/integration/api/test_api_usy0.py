@@ -1,4 +1,4 @@
-"""usy0 tokens made with the real ssh-keygen by the recipe in docs/api.md, until the signing key is removed."""
+"""usy0 tokens made with the real ssh-keygen by the recipe in the README, until the signing key is removed."""
 
 from __future__ import annotations
 
@@ -13,14 +13,14 @@ import pytest
 
 pytestmark = pytest.mark.asyncio
 
-DOCS = Path(__file__).resolve().parents[3] / "docs" / "api.md"
+DOCS = Path(__file__).resolve().parents[3] / "README.md"
 
 
 def recipe() -> list[str]:
-    """The three shell lines of the README recipe (docs/api.md), so the docs are what is tested."""
+    """The three shell lines of the README recipe , so the docs are what is tested."""
     text = DOCS.read_text()
     block = re.search(r"<!-- usy0-recipe.*?-->\s*```sh\n(.*?)```", text, re.S)
-    assert block, "the usy0 recipe block is missing from docs/api.md"
+    assert block, "the usy0 recipe block is missing from README.md"
     lines = block.group(1).strip().splitlines()
     assert len(lines) == 3 and lines[0].startswith("PERMS=") and "ssh-keygen -Y sign -n ussycode-api" in lines[1]
     return lines
