@@ -17,12 +17,10 @@ unless ``--tls off``, so no VM host can set or overwrite it for the apex or anot
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import hmac
 import ipaddress
 import logging
-from collections.abc import Awaitable, Callable
 from html import escape
 from typing import TypeVar
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
@@ -210,7 +208,7 @@ async def forward_auth(request: Request) -> Response:
         rec = access_record(c, vm_name=target.vm_name, cname=target.cname, link_tokens=presented)
         return rec, (session_row(c, session_secret, target.host) if rec is not None else None)
 
-    record, session = await _read_now(services, read)
+    record, session = await services.store.read(read)
 
     # Our own paths on every VM host.
     if areq.path == HANDOFF_PATH and record is not None and areq.method in ("GET", "HEAD"):
@@ -240,22 +238,6 @@ async def forward_auth(request: Request) -> Response:
     if decision.status >= 300:
         headers.update({"Cache-Control": "no-store"})
     return Response(decision.body, status_code=decision.status, headers=headers, media_type=decision.content_type)
-
-
-def _read_now(services: Services, fn: Callable[[sa.Connection], T]) -> Awaitable[T]:
-    """The per-request access read. On SQLite it runs right here on the event loop: a few indexed reads in WAL
-    mode (never blocked by the writer) cost less than the hop to a worker thread, which dominated forward-auth."""
-    store = services.store
-    if store.url.startswith("sqlite"):
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[T] = loop.create_future()
-        try:
-            with store.engine.begin() as conn:
-                fut.set_result(fn(conn))
-        except Exception as exc:  # noqa: BLE001 - handed to the awaiting caller as is
-            fut.set_exception(exc)
-        return fut
-    return store.read(fn)
 
 
 def _query_pairs(query: str) -> list[tuple[str, str]]:
