@@ -62,6 +62,9 @@ def _bind_readonly(source: str, target: str) -> None:
 
 def _guest_pid1(args: argparse.Namespace, drop: list[int]) -> None:
     root = args.root
+    # The mount namespace is the guest's alone: pivot_root below re-roots every process of the namespace that
+    # still sits on the old root, so the launcher (writing the pid file) must not share it.
+    caps.unshare(caps.CLONE_NEWNS)
     caps.mount(None, "/", None, caps.MS_REC | caps.MS_PRIVATE)
     caps.mount(root, root, None, caps.MS_BIND | caps.MS_REC)
     caps.mount("proc", f"{root}/proc", "proc", caps.MS_NOSUID | caps.MS_NODEV | caps.MS_NOEXEC)
@@ -90,7 +93,7 @@ def boot(args: argparse.Namespace) -> int:
     fd = os.open(args.netns, os.O_RDONLY)
     caps.setns(fd, caps.CLONE_NEWNET)
     os.close(fd)
-    caps.unshare(caps.CLONE_NEWNS | caps.CLONE_NEWPID | caps.CLONE_NEWUTS | caps.CLONE_NEWIPC | caps.CLONE_NEWCGROUP)
+    caps.unshare(caps.CLONE_NEWPID | caps.CLONE_NEWUTS | caps.CLONE_NEWIPC | caps.CLONE_NEWCGROUP)
     pid = os.fork()
     if pid == 0:
         try:
