@@ -59,8 +59,15 @@ def create_user(conn: sa.Connection, handle: str, key_type: str, public_key: str
     return User(uid, handle, None, level, now)
 
 
+# Hot reads are built once: constructing a statement costs more than running it on SQLite.
+_BY_ID = sa.select(users).where(users.c.id == sa.bindparam("user_id"))
+_BY_FINGERPRINT = sa.select(users).join(ssh_keys, ssh_keys.c.user_id == users.c.id).where(
+    ssh_keys.c.fingerprint == sa.bindparam("fingerprint"))
+_KEYS_OF = sa.select(ssh_keys).where(ssh_keys.c.user_id == sa.bindparam("user_id")).order_by(ssh_keys.c.id)
+
+
 def by_id(conn: sa.Connection, user_id: str) -> User | None:
-    row = conn.execute(sa.select(users).where(users.c.id == user_id)).first()
+    row = conn.execute(_BY_ID, {"user_id": user_id}).first()
     return _user(row) if row else None
 
 
@@ -70,9 +77,7 @@ def by_handle(conn: sa.Connection, handle: str) -> User | None:
 
 
 def by_fingerprint(conn: sa.Connection, fingerprint: str) -> User | None:
-    row = conn.execute(
-        sa.select(users).join(ssh_keys, ssh_keys.c.user_id == users.c.id).where(ssh_keys.c.fingerprint == fingerprint)
-    ).first()
+    row = conn.execute(_BY_FINGERPRINT, {"fingerprint": fingerprint}).first()
     return _user(row) if row else None
 
 
@@ -92,8 +97,7 @@ def add_key(conn: sa.Connection, user_id: str, key_type: str, public_key: str, f
 
 
 def keys_of(conn: sa.Connection, user_id: str) -> list[SshKey]:
-    rows = conn.execute(sa.select(ssh_keys).where(ssh_keys.c.user_id == user_id).order_by(ssh_keys.c.id))
-    return [_key(r) for r in rows]
+    return [_key(r) for r in conn.execute(_KEYS_OF, {"user_id": user_id})]
 
 
 def key_by_fingerprint(conn: sa.Connection, fingerprint: str) -> SshKey | None:

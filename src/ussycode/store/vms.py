@@ -65,8 +65,12 @@ def insert(conn: sa.Connection, *, id: str, name: str, owner_id: str, image: str
         conn.execute(vm_tags.insert().values(vm_id=id, tag=tag))
 
 
+_BY_NAME = sa.select(vms).where(vms.c.name == sa.bindparam("name"))
+_COUNT_OF_OWNER = sa.select(sa.func.count()).select_from(vms).where(vms.c.owner_id == sa.bindparam("owner_id"))
+
+
 def by_name(conn: sa.Connection, name: str) -> Vm | None:
-    row = conn.execute(sa.select(vms).where(vms.c.name == name)).first()
+    row = conn.execute(_BY_NAME, {"name": name}).first()
     return _with_tags(conn, [row])[0] if row else None
 
 
@@ -86,8 +90,7 @@ def all_vms(conn: sa.Connection) -> list[Vm]:
 
 
 def count_of_owner(conn: sa.Connection, owner_id: str) -> int:
-    return int(conn.execute(sa.select(sa.func.count()).select_from(vms).where(vms.c.owner_id == owner_id))
-               .scalar_one())
+    return int(conn.execute(_COUNT_OF_OWNER, {"owner_id": owner_id}).scalar_one())
 
 
 def update(conn: sa.Connection, vm_id: str, **values: Any) -> None:
