@@ -16,7 +16,7 @@ import pytest_asyncio
 from ussycode.runtime.base import Runtime
 from ussycode.runtime.images import Image, ImageStore
 
-RUNTIME_NAMES = ["container"]
+RUNTIME_NAMES = ["container", "qemu", "firecracker"]
 
 
 def make_test_runtime(name: str, workdir: Path, images: ImageStore, **options: object) -> Runtime:
@@ -28,6 +28,20 @@ def make_test_runtime(name: str, workdir: Path, images: ImageStore, **options: o
         if not check.ok:
             pytest.skip(f"container runtime unavailable: {check.reason}")
         return ContainerRuntime(workdir / "disks", workdir / "run", images, **options)  # type: ignore[arg-type]
+    if name == "qemu":
+        from ussycode.runtime.qemu import QemuRuntime
+
+        check = QemuRuntime.check()
+        if not check.ok:
+            pytest.skip(f"qemu runtime unavailable: {check.reason}")
+        return QemuRuntime(workdir, images, run_dir=workdir / "qemu-run", **options)  # type: ignore[arg-type]
+    if name == "firecracker":
+        from ussycode.runtime.firecracker import FirecrackerRuntime
+
+        check = FirecrackerRuntime.check()
+        if not check.ok:
+            pytest.skip(f"firecracker runtime unavailable: {check.reason}")
+        return FirecrackerRuntime(workdir, images, run_dir=workdir / "fc-run", **options)
     raise AssertionError(f"no test factory for runtime {name}")
 
 

@@ -41,6 +41,11 @@ def _client_key() -> asyncssh.SSHKey:
 CLIENT_KEY = _client_key()
 
 
+def is_container(runtime: Runtime) -> bool:
+    """Container VMs share the host kernel; the other runtimes boot their own (qemu, firecracker)."""
+    return runtime.name == "container"
+
+
 def new_spec(name: str, *, memory_mb: int = 256, disk_gb: int = 1, image: str = "ussyuntu-mini") -> VmSpec:
     return VmSpec(
         id=uuid.uuid4().hex, name=name, image=image, cpu=1, memory_mb=memory_mb, disk_gb=disk_gb,
@@ -91,6 +96,26 @@ CONNECT = "import socket,sys; socket.create_connection((sys.argv[1], int(sys.arg
 async def can_connect(runtime: Runtime, vm: VmSpec, host: str, port: int) -> bool:
     result = await runtime.exec(vm.id, ["python3", "-c", CONNECT, host, str(port)], timeout=30)
     return result.exit_status == 0 and b"CONNECTED" in result.stdout
+
+
+def disk_file(runtime: Runtime, vm_id: str) -> Path:
+    """Where the runtime keeps the VM's disk on the host."""
+    if is_container(runtime):
+        return Path(runtime.disks_dir) / f"{vm_id}.ext4"  # type: ignore[attr-defined]
+    vm_dir: Path = runtime.paths(vm_id).vm_dir  # type: ignore[attr-defined]
+    return vm_dir / ("disk.raw" if runtime.name == "firecracker" else "disk.qcow2")
+
+
+def disks_root(runtime: Runtime) -> Path:
+    """The file system the runtime's disks live on (what a full guest disk must not fill)."""
+    return Path(runtime.disks_dir if is_container(runtime) else runtime.data_dir)  # type: ignore[attr-defined]
+
+
+def run_files(runtime: Runtime, vm_id: str) -> Path:
+    """The VM's per-boot host state (mounts, sockets, pidfiles)."""
+    if is_container(runtime):
+        return Path(runtime.run_dir) / vm_id  # type: ignore[attr-defined]
+    return Path(runtime.paths(vm_id).run_dir)  # type: ignore[attr-defined]
 
 
 def host_ipv4() -> str | None:
@@ -183,6 +208,12 @@ async def test_every_vm_has_its_own_host_keys(runtime: Runtime, vm_a: VmSpec, vm
 
 
 async def test_guest_root_has_no_dangerous_capabilities(runtime: Runtime, vm_a: VmSpec) -> None:
+    if not is_container(runtime):
+        pytest.skip(
+            f"{runtime.name} guests run their own kernel, where root may hold every capability; their confinement "
+            "is the hypervisor plus the namespace firewall (test_guest_root_is_confined_to_its_own_kernel and the "
+            "reachability tests)"
+        )
     for script in (
         "sudo -n ip link set lo down",  # CAP_NET_ADMIN: the firewall and routes are the host's
         "sudo -n mount -t tmpfs none /mnt",  # CAP_SYS_ADMIN
@@ -198,7 +229,35 @@ async def test_guest_root_has_no_dangerous_capabilities(runtime: Runtime, vm_a: 
         assert not bnd & (1 << cap), cap
 
 
+async def test_guest_root_is_confined_to_its_own_kernel(runtime: Runtime, vm_a: VmSpec) -> None:
+    """In a real VM, root rules a kernel of its own: not the host's, seeing only the VM's own disks and network."""
+    if is_container(runtime):
+        pytest.skip("container guests share the host kernel: test_guest_root_has_no_dangerous_capabilities covers them")
+    host_boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    assert (await sh(runtime, vm_a, "cat /proc/sys/kernel/random/boot_id")).strip() != host_boot_id
+    # Root holds every capability in there (it may load modules, reconfigure its network, raw sockets)…
+    bnd = int((await sh(runtime, vm_a, "sudo -n grep CapBnd /proc/self/status")).split()[1], 16)
+    assert bnd & (1 << 21) and bnd & (1 << 12) and bnd & (1 << 13)  # SYS_ADMIN NET_ADMIN NET_RAW
+    # …yet the only block devices it can see are the two this VM was given (root disk, config drive).
+    disks = await sh(
+        runtime, vm_a, 'for d in /sys/block/*; do case ${d##*/} in loop*|ram*|zram*) continue;; esac; '
+        'echo "${d##*/} $(cat $d/serial 2>/dev/null || echo no-serial)"; done', user="root",
+    )
+    assert sorted(line.split()[-1] for line in disks.splitlines()) == ["ussycfg", "ussyroot"], disks
+    # And root cannot reach a host listener either (the reachability tests use the unprivileged user).
+    server = await asyncio.start_server(lambda r, w: w.close(), host_ipv4() or "127.0.0.1", 0)
+    try:
+        host, port = server.sockets[0].getsockname()[:2]
+        probe = await runtime.exec(vm_a.id, ["python3", "-c", CONNECT, host, str(port)], user="root", timeout=30)
+        assert b"CONNECTED" not in probe.stdout
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
 async def test_vm_cannot_reach_host_ports(runtime: Runtime, vm_a: VmSpec) -> None:
+    # 10.0.2.2 is the user-mode network's gateway (QEMU's slirp, slirp4netns): it must not lead to the host's
+    # loopback (for QEMU it is the loopback of the VM's own network namespace, where nothing listens).
     targets = ["127.0.0.1"] + ([ip] if (ip := host_ipv4()) else [])
     listeners = []
     accepted: list[str] = []
@@ -219,6 +278,8 @@ async def test_vm_cannot_reach_host_ports(runtime: Runtime, vm_a: VmSpec) -> Non
             accepted.clear()
             # …but not from the VM.
             assert not await can_connect(runtime, vm_a, host, port), host
+            if host == "127.0.0.1":
+                assert not await can_connect(runtime, vm_a, "10.0.2.2", port)
         assert accepted == []
         assert await can_connect(runtime, vm_a, "127.0.0.1", 22)  # the probe itself works
     finally:
@@ -229,8 +290,12 @@ async def test_vm_cannot_reach_host_ports(runtime: Runtime, vm_a: VmSpec) -> Non
 
 async def test_vms_cannot_reach_each_other(runtime: Runtime, vm_a: VmSpec, vm_b: VmSpec) -> None:
     # B serves a port; A tries every address it could name, and the host cannot reach it either.
+    # Wait until it listens: python starts slowly in an emulated (TCG) guest on a busy host.
     await runtime.exec(
-        vm_b.id, ["bash", "-c", "nohup python3 -m http.server 7777 >/dev/null 2>&1 & sleep 0.5"], timeout=10
+        vm_b.id,
+        ["bash", "-c", "nohup python3 -m http.server 7777 >/dev/null 2>&1 & "
+         "for i in $(seq 150); do (: >/dev/tcp/127.0.0.1/7777) 2>/dev/null && break; sleep 0.2; done"],
+        timeout=60,
     )
     assert await can_connect(runtime, vm_b, "127.0.0.1", 7777)
     addrs = (await sh(runtime, vm_b, "hostname -I || true")).split()
@@ -253,7 +318,13 @@ async def test_vm_cannot_see_other_processes(runtime: Runtime, vm_a: VmSpec, vm_
 
 
 async def test_memory_limit_kills_the_hog_not_the_vm(runtime: Runtime, vm_a: VmSpec) -> None:
-    hog = await runtime.exec(vm_a.id, ["python3", "-c", "x = b'x' * (600 * 2**20); print('survived')"], timeout=60)
+    # 600 MB in 16 MB steps: more than the limit (a cgroup, or a VM's RAM), each step small enough for a kernel's
+    # overcommit heuristic, so the hog is killed by the OOM killer instead of failing one huge malloc.
+    # Faulting in a VM's RAM page by page is slow under TCG (12-20 s alone, minutes with other guests on 2 cores).
+    hog = await runtime.exec(
+        vm_a.id, ["python3", "-c", "x = [b'x' * 2**24 for _ in range(38)]; print('survived')"],
+        timeout=90 if is_container(runtime) else 300,
+    )
     assert hog.exit_status == 128 + 9, hog
     assert b"survived" not in hog.stdout
     reader, writer = await runtime.open_connection(vm_a.id, 22)
@@ -264,15 +335,19 @@ async def test_memory_limit_kills_the_hog_not_the_vm(runtime: Runtime, vm_a: VmS
 
 async def test_disk_limit_is_enforced_inside_only(runtime: Runtime, make_vm: MakeVm) -> None:
     vm = await make_vm("vm-disk", disk_gb=1)
-    free_before = shutil.disk_usage(runtime.disks_dir).free  # type: ignore[attr-defined]
+    # Free space is read after a sync: until then the host file system's delayed-allocation reservations for the
+    # disk's dirty pages over-count what the writes will really take.
+    await asyncio.to_thread(os.sync)
+    free_before = shutil.disk_usage(disks_root(runtime)).free
     fill = await runtime.exec(
         vm.id, ["dd", "if=/dev/zero", "of=/home/ussycode/fill", "bs=1M", "count=1400"], timeout=120
     )
     assert fill.exit_status != 0
     assert b"No space left on device" in fill.stderr
+    await asyncio.to_thread(os.sync)
     used = await runtime.disk_usage(vm.id)
     assert used <= 2**30
-    assert free_before - shutil.disk_usage(runtime.disks_dir).free < 1.1 * 2**30  # type: ignore[attr-defined]
+    assert free_before - shutil.disk_usage(disks_root(runtime)).free < 1.1 * 2**30
     await sh(runtime, vm, "rm -f ~/fill; echo ok")
 
 
@@ -357,16 +432,41 @@ async def test_copy_disk_is_independent(runtime: Runtime, make_vm: MakeVm) -> No
 # --- cleanup ---------------------------------------------------------------------------------------------
 
 
+def _processes_mentioning(*words: str) -> list[str]:
+    """Command lines of live host processes naming any of ``words`` (a VMM, its egress helper)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+            if ") Z " in (proc / "stat").read_text():
+                continue
+        except OSError:
+            continue
+        if any(w.encode() in cmdline for w in words):
+            found.append(cmdline.replace(b"\0", b" ").decode(errors="replace")[:200])
+    return found
+
+
 def _leftovers(runtime: Runtime, vm_id: str) -> list[str]:
-    """Host resources a container VM could leak (empty list when clean)."""
+    """Host resources a VM could leak (empty list when clean)."""
+    from ussycode.runtime import netns
+
+    if not is_container(runtime):
+        # A VMM runtime: the VMM process, its netns and its egress helper, its run files (sockets, pidfiles).
+        found = [f"process {p}" for p in _processes_mentioning(vm_id, netns.netns_name(vm_id))]
+        if netns.exists(netns.netns_name(vm_id)):
+            found.append("netns")
+        if run_files(runtime, vm_id).exists():
+            found.append("run files")
+        return found
     found = []
     state_dir = Path(getattr(runtime, "run_dir", "/nonexistent")) / vm_id
     with open("/proc/self/mountinfo") as f:
         mounts = f.read()
     if str(state_dir) in mounts:
         found.append("mounts")
-    from ussycode.runtime import netns
-
     if netns.exists(netns.netns_name(vm_id)):
         found.append("netns")
     if any(Path(f"/sys/fs/cgroup/{c}/ussycode/{vm_id}").exists() for c in ("memory", "cpu", "pids", "")):
@@ -381,12 +481,14 @@ def _leftovers(runtime: Runtime, vm_id: str) -> list[str]:
 
 async def test_destroy_removes_everything(runtime: Runtime, make_vm: MakeVm) -> None:
     vm = await make_vm("vm-gone")
-    disk = Path(runtime.disks_dir) / f"{vm.id}.ext4"  # type: ignore[attr-defined]
+    disk = disk_file(runtime, vm.id)
     assert disk.exists()
     await runtime.destroy(vm.id)
     await runtime.destroy(vm.id)  # idempotent
     assert not disk.exists()
-    assert not (Path(runtime.run_dir) / vm.id).exists()  # type: ignore[attr-defined]
+    assert not run_files(runtime, vm.id).exists()
+    if not is_container(runtime):
+        assert not disk.parent.exists()  # the VM's directory (console log, metadata) goes too
     for _ in range(50):  # the loop device is released asynchronously
         if not _leftovers(runtime, vm.id):
             break
@@ -402,8 +504,14 @@ async def test_failed_start_leaves_nothing_behind(
     try:
         with pytest.raises(RuntimeFailure) as info:
             await impatient.start(vm)
-        assert "did not answer" in str(info.value) or "exited" in str(info.value)
-        assert "console tail" in info.value.evidence and "nsinit" in info.value.evidence
+        # The evidence carries the command line that booted it (the container helper, or the VMM) + console tail.
+        if is_container(runtime):
+            assert "did not answer" in str(info.value) or "exited" in str(info.value)
+            assert "console tail" in info.value.evidence and "nsinit" in info.value.evidence
+        else:
+            assert "did not boot" in str(info.value)
+            vmm = "firecracker" if runtime.name == "firecracker" else "qemu-system-x86_64"
+            assert "console tail" in info.value.evidence and vmm in info.value.evidence
         assert await impatient.status(vm.id) == VmStatus.STOPPED
         for _ in range(50):
             if not _leftovers(runtime, vm.id):
@@ -419,13 +527,17 @@ async def test_failed_start_leaves_nothing_behind(
 SERVER_SCRIPT = """
 import asyncio, json, sys, uuid
 from pathlib import Path
-from ussycode.runtime.container import ContainerRuntime
 from ussycode.runtime.images import ImageStore
 from ussycode.types import VmSpec
 
 async def main():
-    work, images = Path(sys.argv[1]), Path(sys.argv[2])
-    rt = ContainerRuntime(work / "disks", work / "run", ImageStore(images))
+    work, images, name = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+    if name == "container":
+        from ussycode.runtime.container import ContainerRuntime
+        rt = ContainerRuntime(work / "disks", work / "run", ImageStore(images))
+    else:  # the same construction as conftest.make_test_runtime
+        from ussycode.runtime.qemu import QemuRuntime
+        rt = QemuRuntime(work, ImageStore(images), run_dir=work / "qemu-run")
     spec = VmSpec(id=uuid.uuid4().hex, name="vm-orphan", image="ussyuntu-mini", cpu=1, memory_mb=256, disk_gb=1)
     await rt.create(spec)
     await rt.start(spec)
@@ -439,12 +551,12 @@ asyncio.run(main())
 async def test_vm_outlives_the_server_process(
     runtime: Runtime, runtime_workdir: Path, image_store: ImageStore
 ) -> None:
-    if runtime.name != "container":
-        pytest.skip("the server script builds a container runtime")
+    if runtime.name not in ("container", "qemu"):
+        pytest.skip(f"the server script builds container and qemu runtimes, not {runtime.name}")
     import sys
 
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", SERVER_SCRIPT, str(runtime_workdir), str(image_store.images_dir),
+        sys.executable, "-c", SERVER_SCRIPT, str(runtime_workdir), str(image_store.images_dir), runtime.name,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(proc.communicate(), 120)

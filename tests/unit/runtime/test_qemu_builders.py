@@ -11,8 +11,17 @@ import pytest
 
 from ussycode.runtime import kernel, rootfs
 from ussycode.runtime.kvm import probe_argv
-from ussycode.runtime.qemu.argv import Accel, Machine, QemuConfig, build_argv, kernel_cmdline, netdev_arg, validate
-from ussycode.runtime.qemu.runtime import config_drive
+from ussycode.runtime.qemu.argv import (
+    TCG_TB_SIZE_MB,
+    Accel,
+    Machine,
+    QemuConfig,
+    build_argv,
+    kernel_cmdline,
+    netdev_arg,
+    validate,
+)
+from ussycode.runtime.qemu.runtime import config_drive, exit_code
 from ussycode.types import VmSpec
 
 
@@ -33,7 +42,10 @@ def opt(argv: list[str], flag: str) -> list[str]:
 def test_argv_q35_tcg() -> None:
     argv = build_argv(cfg())
     assert argv[0] == "qemu-system-x86_64"
-    assert opt(argv, "-machine") == ["q35,accel=tcg,smm=off,vmport=off"]
+    assert opt(argv, "-machine") == ["q35,smm=off,vmport=off"]
+    # A bounded translation cache: QEMU's 1 GiB default kept ~100 MiB of it resident per VM (see TCG_TB_SIZE_MB).
+    assert opt(argv, "-accel") == [f"tcg,tb-size={TCG_TB_SIZE_MB}"] and TCG_TB_SIZE_MB <= 32
+    assert opt(build_argv(cfg(tb_size_mb=64)), "-accel") == ["tcg,tb-size=64"]
     assert opt(argv, "-cpu") == ["max"]
     assert opt(argv, "-smp") == ["2"] and opt(argv, "-m") == ["1024M"]
     assert opt(argv, "-name") == ["ussy-vm1,debug-threads=on"]  # how status() recognises its process
@@ -50,7 +62,8 @@ def test_argv_q35_tcg() -> None:
 def test_argv_kvm_and_microvm() -> None:
     argv = build_argv(cfg(accel=Accel.KVM, machine=Machine.MICROVM, daemonize=False))
     assert opt(argv, "-cpu") == ["host"]
-    assert opt(argv, "-machine")[0].startswith("microvm,accel=kvm")
+    assert opt(argv, "-machine")[0].startswith("microvm,") and "accel" not in opt(argv, "-machine")[0]
+    assert opt(argv, "-accel") == ["kvm"]  # no TCG options under KVM
     assert "virtio-blk-device,drive=root,serial=ussyroot" in opt(argv, "-device")
     assert "-daemonize" not in argv
 
@@ -200,6 +213,23 @@ def test_config_drive_is_a_tar_with_quoted_env() -> None:
     assert files["authorized_keys"] == "ssh-ed25519 AAA user\nssh-ed25519 BBB runtime\n"
     assert "export A='it'\"'\"'s $HOME'" in files["env.sh"]
     assert "bad-name" not in files["env.sh"]
+    assert files["vm-id"] == "x\n"  # the guest makes new host keys when a copied disk meets a new VM id
+
+
+def test_vm_init_remakes_host_keys_for_a_copied_disk_and_prevents_thrashing() -> None:
+    init = (kernel.GUEST_DIR / "vm-init").read_text()
+    assert '"$CFG/vm-id"' in init and "keys-vm-id" in init
+    assert "lru_gen/min_ttl_ms" in init  # the OOM killer acts before the guest thrashes
+
+
+@pytest.mark.parametrize(
+    ("status", "sig", "code"),
+    [(0, None, 0), (1, None, 1), (None, None, 255), (-1, ("KILL", False, "", ""), 137),
+     (-1, ("TERM", False, "", ""), 143), (-1, ("SIGSEGV", True, "", ""), 139), (-1, ("NOPE", False, "", ""), 255)],
+)
+def test_exec_exit_code_is_shell_style(status: int | None, sig: tuple[str, bool, str, str] | None, code: int) -> None:
+    """A process killed by a signal (the guest's OOM killer) reads as 128 + n, as from the container runtime."""
+    assert exit_code(status, sig) == code
 
 
 def test_disk_argvs() -> None:

@@ -92,13 +92,18 @@ class VmPaths:
 
 
 def config_drive(spec: VmSpec, extra_keys: tuple[str, ...] = (), resolv: str = "") -> bytes:
-    """The config drive the guest's init reads: a tar of hostname, authorized_keys, env.sh (pure)."""
+    """The config drive the guest's init reads: a tar of hostname, authorized_keys, env.sh, vm-id (pure).
+
+    ``vm-id`` lets the guest tell a copied disk from its own: the init makes new SSH host keys when the disk's
+    keys were made by another VM (:meth:`QemuRuntime.copy_disk` copies them along with everything else).
+    """
     keys = "".join(k.strip() + "\n" for k in (*spec.authorized_keys, *extra_keys) if k.strip())
     env = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in sorted(spec.env.items()) if k.isidentifier())
     files = {
         "hostname": (spec.hostname or spec.name) + "\n",
         "authorized_keys": keys,
         "env.sh": "# written by ussycode from the VM's metadata\n" + env,
+        "vm-id": spec.id + "\n",
     }
     if resolv:
         files["resolv.conf"] = resolv
@@ -110,6 +115,20 @@ def config_drive(spec: VmSpec, extra_keys: tuple[str, ...] = (), resolv: str = "
             info.size, info.mode, info.mtime = len(data), 0o644, 0
             tar.addfile(info, io.BytesIO(data))
     return buf.getvalue()
+
+
+def exit_code(status: int | None, exit_signal: tuple[str, bool, str, str] | None) -> int:
+    """A shell-style exit code from what sshd reported: the status, or 128 + n for a process killed by signal n.
+
+    sshd reports a killed process as a signal name with no status (asyncssh: ``exit_status`` -1), where the
+    container runtime, like a shell, says ``128 + n`` (137 for the OOM killer's SIGKILL).
+    """
+    if exit_signal is not None:
+        try:
+            return 128 + int(signal.Signals["SIG" + exit_signal[0].removeprefix("SIG")])
+        except KeyError:
+            return 255
+    return status if status is not None and status >= 0 else 255
 
 
 def read_pid(pidfile: Path) -> int | None:
@@ -339,7 +358,7 @@ class QemuRuntime(Runtime):
 
     @staticmethod
     def _evidence(argv: list[str], tail: str) -> str:
-        return f"$ {format_argv(argv)}\n--- console (tail) ---\n{tail.rstrip()}"
+        return f"$ {format_argv(argv)}\n--- console tail ---\n{tail.rstrip()}"
 
     async def stop(self, vm_id: str, timeout: float = 10.0) -> None:
         if self._running(vm_id):
@@ -466,7 +485,7 @@ class QemuRuntime(Runtime):
             raise RuntimeFailure(f"could not run a command in VM {vm_id}: {exc}", reason="exec_failed") from exc
         out = result.stdout if isinstance(result.stdout, bytes) else b""
         err = result.stderr if isinstance(result.stderr, bytes) else b""
-        return ExecResult(result.exit_status if result.exit_status is not None else 255, out, err)
+        return ExecResult(exit_code(result.exit_status, result.exit_signal), out, err)
 
     async def _qmp(self, vm_id: str, cmd: str, args: dict[str, object] | None = None) -> object:
         qmp = QMPClient(f"ussy-{vm_id}")
