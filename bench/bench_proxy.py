@@ -74,6 +74,15 @@ async def direct_bridge(app: App, vm_id: str) -> tuple[asyncio.Server, int]:
     return server, int(server.sockets[0].getsockname()[1])
 
 
+def closed_app_connections(port: int | None) -> int:
+    """TCP connections to the app server closed recently (TIME-WAIT): a sign that keep-alive is not used."""
+    import subprocess
+
+    out = subprocess.run(["ss", "-Htan", "state", "time-wait", f"( sport = :{port} or dport = :{port} )"],
+                         capture_output=True, text=True, check=False).stdout
+    return len(out.splitlines())
+
+
 async def main(duration: float, connections: int) -> dict[str, Any]:
     logging.basicConfig(level=logging.WARNING)
     tmp = Path(tempfile.mkdtemp(prefix="ub-", dir="/var/tmp"))
@@ -133,8 +142,10 @@ async def main(duration: float, connections: int) -> dict[str, Any]:
         for name, (url, headers) in cases.items():
             await run_wrk(url, "GET", None, headers, 1, connections, tmp)  # warm-up
             before = opened["n"]
+            closed_before = closed_app_connections(app.http_port)
             results[name] = await run_wrk(url, "GET", None, headers, duration, connections, tmp)
             results[name]["vm_connections"] = opened["n"] - before
+            results[name]["app_connections_closed"] = closed_app_connections(app.http_port) - closed_before
         server.close()
         for vm in (pub, priv):
             await s.vms.remove(actor, vm.name)
@@ -165,6 +176,8 @@ def report(results: dict[str, Any], duration: float, connections: int) -> None:
              "session + share lookup in SQLite) on every request",
              "connections opened into the VM: " + ", ".join(f"{k}: {v['vm_connections']}"
                                                             for k, v in results.items()),
+             "app-server connections closed (TIME-WAIT) during each case: "
+             + ", ".join(f"{k}: {v['app_connections_closed']}" for k, v in results.items()),
              "errors: " + ", ".join(f"{k}: non-2xx {v['non_2xx']}, socket {v['socket_errors']}"
                                     for k, v in results.items())]
     write("proxy", rows, notes)
