@@ -18,11 +18,11 @@ class Check:
     detail: str
 
 
-def _binary(name: str, package: str, purpose: str) -> Check:
+def _binary(name: str, package: str, purpose: str, how: str = "") -> Check:
     path = shutil.which(name)
     if path:
         return Check(name, True, path)
-    return Check(name, False, f"not found: {purpose} needs it (apt-get install {package})")
+    return Check(name, False, f"not found: {purpose} needs it ({how or 'apt-get install ' + package})")
 
 
 def _cgroups() -> Check:
@@ -54,9 +54,11 @@ def host_checks() -> list[Check]:
     return [
         _privileges(),
         Check("/dev/kvm", os.path.exists("/dev/kvm"), "present" if os.path.exists("/dev/kvm") else "missing"),
-        _binary("firecracker", "firecracker (not in Debian; install the release binary)", "the firecracker runtime"),
+        _binary("firecracker", "", "the firecracker runtime",
+                "not packaged by Debian: install a release binary as /usr/local/bin/firecracker"),
         _binary("qemu-system-x86_64", "qemu-system-x86", "the qemu runtime"),
-        _binary("bwrap", "bubblewrap", "the container runtime"),
+        _binary("mkfs.ext4", "e2fsprogs", "VM disks"),
+        _binary("ip", "iproute2", "VM network namespaces"),
         _binary("caddy", "caddy", "HTTPS URLs"),
         _binary("mmdebstrap", "mmdebstrap", "image builds"),
         _binary("slirp4netns", "slirp4netns", "container VMs' internet egress"),
