@@ -16,6 +16,7 @@ from ussycode.api.app import build_app
 from ussycode.auth.keys import load_or_create_private_key
 from ussycode.commands.token import canonical_command
 from ussycode.config import Settings, parse_addr
+from ussycode.metadata.server import MetadataService
 from ussycode.runtime.base import Runtime
 from ussycode.services.container import Services
 from ussycode.services.events import EventBus
@@ -46,6 +47,7 @@ class App:
         self.tasks = TaskGroup("app")
         self.services: Services | None = None
         self.gateway: Gateway | None = None
+        self.metadata: MetadataService | None = None
         self.ssh_port: int | None = None
         self.http_port: int | None = None
         self.http_server: _AppServer | None = None
@@ -96,6 +98,8 @@ class App:
         await self._start_http()
         assert self.https is not None and self.http_port is not None
         await self.https.start(self.http_port)  # routes from the DB, then Caddy (HTTPS entry)
+        self.metadata = MetadataService(self.services)
+        await self.metadata.start()
         self.tasks.spawn(vms.watch(), "vm-watch")
 
     async def _start_http(self) -> None:
@@ -121,6 +125,8 @@ class App:
         https = getattr(self, "https", None)
         if https is not None:
             await https.stop()  # stop Caddy first: no new HTTPS requests while we shut down
+        if self.metadata is not None:
+            await self.metadata.stop()
         if self.gateway is not None:
             try:
                 await self.gateway.close(timeout=10)

@@ -75,6 +75,13 @@ class Runtime(abc.ABC):
         """A connected, non-blocking socket to ``port`` inside the VM (the gateway hands it to asyncssh)."""
         raise NotImplementedError(f"{self.name} runtime cannot open sockets into VMs")
 
+    async def open_listener(self, vm_id: str, host: str, port: int) -> socket.socket:
+        """A listening socket on ``host:port`` as the VM sees it, accepted by the server (the metadata service).
+
+        Optional: a runtime that cannot offer it raises NotImplementedError and its VMs have no metadata service.
+        """
+        raise NotImplementedError(f"{self.name} runtime cannot listen inside VMs")
+
     async def open_connection(self, vm_id: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """Streams to ``port`` inside the VM; by default over :meth:`open_socket`."""
         sock = await self.open_socket(vm_id, port)

@@ -146,6 +146,8 @@ def setup_argvs(netns: str) -> list[list[str]]:
     return [
         ["ip", "netns", "add", netns],
         ["ip", "-n", netns, "link", "set", "lo", "up"],
+        # The metadata address is the VM's own: the server listens on it inside the namespace.
+        ["ip", "-n", netns, "addr", "add", f"{METADATA_V4}/32", "dev", "lo"],
         ["ip", "netns", "exec", netns, "sysctl", "-q", "-w", "net.ipv4.ping_group_range=0 2147483647"],
     ]
 
@@ -173,8 +175,8 @@ class NetnsBroken(RuntimeError):
     """The calling thread could not return to its own namespace: it must never run anything else."""
 
 
-def connect_in_netns(netns: str, host: str, port: int, timeout: float = 5.0) -> socket.socket:
-    """Create a TCP socket inside ``netns`` and connect it to ``host:port`` (blocking; run on a dedicated thread).
+def socket_in_netns(netns: str) -> socket.socket:
+    """A TCP socket that belongs to ``netns`` for its whole life (blocking; run on a dedicated thread).
 
     The thread always goes back to the namespace it started in; if that fails, NetnsBroken is raised and the
     caller must retire the thread.
@@ -187,7 +189,7 @@ def connect_in_netns(netns: str, host: str, port: int, timeout: float = 5.0) -> 
         finally:
             os.close(target)
         try:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            return socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         finally:
             try:
                 _setns(own, CLONE_NEWNET)
@@ -195,10 +197,30 @@ def connect_in_netns(netns: str, host: str, port: int, timeout: float = 5.0) -> 
                 raise NetnsBroken(f"cannot return to the host network namespace: {exc}") from exc
     finally:
         os.close(own)
+
+
+def connect_in_netns(netns: str, host: str, port: int, timeout: float = 5.0) -> socket.socket:
+    """Create a TCP socket inside ``netns`` and connect it to ``host:port`` (see :func:`socket_in_netns`)."""
+    sock = socket_in_netns(netns)
     # The socket belongs to the VM's namespace for its whole life; connecting needs no namespace switch.
     try:
         sock.settimeout(timeout)
         sock.connect((host, port))
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def listen_in_netns(netns: str, host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port`` inside ``netns``, accepted from the host process: whoever connects
+    to it is, by construction, inside that VM (the metadata service's identity rests on this)."""
+    sock = socket_in_netns(netns)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(64)
         sock.setblocking(False)
     except BaseException:
         sock.close()

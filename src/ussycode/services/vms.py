@@ -132,6 +132,9 @@ class VmService:
     async def by_name(self, name: str) -> Vm | None:
         return await self.store.read(lambda c: q.by_name(c, name))
 
+    async def by_id(self, vm_id: str) -> Vm | None:
+        return await self.store.read(lambda c: q.by_id(c, vm_id))
+
     def _lock(self, vm_id: str) -> asyncio.Lock:
         return self._locks.setdefault(vm_id, asyncio.Lock())
 

@@ -28,6 +28,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -446,20 +447,27 @@ class ContainerRuntime(Runtime):
         """A TCP stream to 127.0.0.1:``port`` inside the VM's network namespace."""
         return await self._connect(self._running(vm_id), port)
 
+    async def open_listener(self, vm_id: str, host: str, port: int) -> socket.socket:
+        """A listening socket on ``host:port`` inside the VM's network namespace."""
+        st = self._running(vm_id)
+        if host == netns.METADATA_V4:  # namespaces made before the address was part of the set-up
+            await _run(["ip", "-n", st.netns, "addr", "replace", f"{host}/32", "dev", "lo"], "adding " + host)
+        return await self._in_netns(netns.listen_in_netns, st.netns, host, port)
+
     async def _socket(self, st: VmState, port: int, timeout: float = 5.0) -> socket.socket:
+        return await self._in_netns(netns.connect_in_netns, st.netns, "127.0.0.1", port, timeout)
+
+    async def _in_netns(self, fn: Callable[..., socket.socket], *args: Any) -> socket.socket:
         if self._executor is None:
             # One dedicated thread switches namespaces; nothing else ever runs on it.
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ussycode-netns")
         loop = asyncio.get_running_loop()
         try:
-            sock: socket.socket = await loop.run_in_executor(
-                self._executor, netns.connect_in_netns, st.netns, "127.0.0.1", port, timeout
-            )
+            return await loop.run_in_executor(self._executor, fn, *args)
         except netns.NetnsBroken:
             self._executor.shutdown(wait=False)
             self._executor = None
             raise
-        return sock
 
     async def _connect(
         self, st: VmState, port: int, timeout: float = 5.0
