@@ -69,7 +69,10 @@ def _media_type(request: Request) -> tuple[str, dict[str, str]]:
 
 def _content_kind(request: Request) -> str:
     media, params = _media_type(request)
-    if media in ("", "text/plain"):
+    # `curl -d 'ls --json'` labels its body application/x-www-form-urlencoded but sends it as typed: it is taken
+    # as the command line, verbatim (no form decoding, which would turn '+' into a space). /exec never reads
+    # cookies, so a cross-site form cannot carry a credential here.
+    if media in ("", "text/plain", "application/x-www-form-urlencoded"):
         if params.get("charset", "") not in _TEXT_CHARSETS:
             raise _Reject(415, "the body must be UTF-8 (Content-Type: text/plain; charset=utf-8)")
         return "text"

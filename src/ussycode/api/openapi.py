@@ -43,7 +43,9 @@ def openapi_document(server_url: str | None = None) -> dict[str, Any]:
                     "security": [{"bearer": []}],
                     "requestBody": {
                         "required": True,
-                        "description": f"The command line (UTF-8, at most {MAX_BODY} bytes).",
+                        "description": f"The command line (UTF-8, at most {MAX_BODY} bytes). A body labelled "
+                                       "application/x-www-form-urlencoded (what `curl -d` sends) is read as "
+                                       "text/plain.",
                         "content": {
                             "text/plain": {"schema": {"$ref": "#/components/schemas/CommandLine"}},
                             "application/json": {"schema": {

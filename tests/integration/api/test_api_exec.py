@@ -155,7 +155,6 @@ async def test_exec_bad_requests(server, api) -> None:
     assert_error(await api.exec(token, b"who\xffami"), 400, "utf-8")
     assert_error(await api.exec(token, b"whoami\x00"), 400, "nul")
     assert_error(await api.exec(token, "help 'unbalanced"), 400, "quotes")
-    assert_error(await api.exec(token, "whoami", content_type="application/x-www-form-urlencoded"), 415, "text/plain")
     assert_error(await api.exec(token, "whoami", content_type="text/html"), 415)
     assert_error(await api.exec(token, "whoami", content_type="text/plain; charset=latin-1"), 415, "utf-8")
     for doc in ({"command": 1}, {"command": None}, {"command": ["ls"]}, ["whoami"], "whoami", 3, None,
@@ -284,3 +283,21 @@ async def test_openapi_document(server, api) -> None:
     exec_op = doc["paths"]["/exec"]["post"]
     assert {"200", "400", "401", "403", "413", "415", "429", "504"} <= set(exec_op["responses"])
     assert set(exec_op["requestBody"]["content"]) == {"text/plain", "application/json"}
+
+
+async def test_plain_curl_d_works_as_typed(server, api) -> None:
+    """`curl -d` (form content type) as a user types it: the body is the command line, verbatim."""
+    key = await server.register("curler")
+    token = json.loads((await server.ssh(key, "token", "create", "--json")).stdout)["token"]
+    url = f"http://127.0.0.1:{server.app.http_port}/exec"
+    proc = await asyncio.create_subprocess_exec(
+        "curl", "-sS", "-H", f"Authorization: Bearer {token}", "-d", "whoami --json", url,
+        stdout=asyncio.subprocess.PIPE)
+    out, _ = await proc.communicate()
+    reply = json.loads(out)
+    assert reply["exit_code"] == 0 and json.loads(reply["output"])["handle"] == "curler"
+    proc = await asyncio.create_subprocess_exec(
+        "curl", "-sS", "-H", f"Authorization: Bearer {token}", "-d", "help a+b%20c", url,
+        stdout=asyncio.subprocess.PIPE)
+    out, _ = await proc.communicate()
+    assert "a+b%20c" in json.loads(out)["error"]  # no form decoding
