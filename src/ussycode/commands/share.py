@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 from ussycode.commands.context import CommandContext
 from ussycode.commands.output import table
@@ -114,7 +115,9 @@ async def share(ctx: CommandContext, a: argparse.Namespace) -> int:
                           f"revoke it with: share remove-link {a.vm} {link.token}")
         return 0
     if action == "remove-link":
-        await svc.remove_link(ctx.actor, a.vm, a.target)
+        # The token, or the whole link as printed by add-link.
+        token = parse_qs(urlsplit(a.target).query).get("ussy_share", [a.target])[0] if "?" in a.target else a.target
+        await svc.remove_link(ctx.actor, a.vm, token)
         ctx.out.print(f"share link {a.target} of {a.vm} revoked")
         return 0
     if action == "cname":

@@ -99,6 +99,15 @@ async def dns_txt_lookup(name: str) -> list[str]:
     return values
 
 
+def new_link_token() -> str:
+    """A share-link token (24 random bytes, base64url) that never starts with '-' or '_': people paste it as a
+    command argument (`share remove-link <vm> <token>`), where a leading '-' would read as an option."""
+    while True:
+        token = secrets.token_urlsafe(24)
+        if token[0].isalnum():
+            return token
+
+
 @dataclass(frozen=True)
 class LinkInfo:
     token: str
@@ -260,7 +269,7 @@ class ShareService:
 
     async def add_link(self, actor: Actor, vm_name: str, expires: dt.timedelta | None = None) -> LinkInfo:
         vm = await self.vms.get(actor, vm_name)
-        token = secrets.token_urlsafe(24)
+        token = new_link_token()
         now = utcnow()
         expires_at = now + expires if expires is not None else None
 
