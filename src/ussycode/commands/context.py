@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ussycode.auth.identity import Actor
@@ -63,7 +63,6 @@ class CommandContext:
     interactive: bool = False
     prompt: Prompt | None = None
     attach: Attach | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     async def ask(self, question: str) -> str | None:
         """Ask the person; ``None`` when nobody can answer (non-interactive) or they hung up."""

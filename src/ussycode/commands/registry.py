@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import shlex
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import NoReturn
 
 from ussycode.commands.context import CommandContext
@@ -40,7 +40,6 @@ class Command:
     interactive_only: bool = False
     admin_only: bool = False
     aliases: tuple[str, ...] = ()
-    subcommands: dict[str, str] = field(default_factory=dict)
 
     @property
     def usage(self) -> str:

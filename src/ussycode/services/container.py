@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ussycode.config import Settings
 from ussycode.services.events import EventBus
@@ -28,7 +28,6 @@ class Services:
     vms: VmService
     limiter: RateLimiter
     tokens: TokenService | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
     # HTTPS URLs, sharing and browser sessions (set by services.routes.HttpsEntry).
     shares: ShareService | None = None
     sessions: SessionService | None = None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import asyncssh
@@ -24,7 +24,6 @@ from ussycode.ssh.lobby import Lobby
 from ussycode.ssh.passthrough import PassthroughProcess, VmPassthrough, VmTcpSession
 from ussycode.store.users import User
 from ussycode.store.vms import Vm
-from ussycode.types import VmStatus
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +37,7 @@ class ConnState:
     key: PublicKey | None = None
     user: User | None = None
     vm: Vm | None = None
-    sessions: int = 0
     upstream: Any = None  # the SSHClientConnection to the VM, opened on first use
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class SessionCounter:
@@ -181,6 +178,3 @@ class Gateway:
             except Exception:  # noqa: S110 - best effort while shutting down
                 pass
         await asyncio.wait_for(self.server.wait_closed(), timeout)
-
-    def vm_ready(self, vm: Vm) -> bool:
-        return vm.status is VmStatus.RUNNING
