@@ -318,18 +318,23 @@ def lz4_legacy_decompress(data: bytes) -> bytes:
     return bytes(out)
 
 
+def _lz4_length(src: bytes, pos: int, length: int) -> tuple[int, int]:
+    """A literal or match length: a nibble of 15 continues in bytes, each added, until one is not 255."""
+    if length == 15:
+        while True:
+            b = src[pos]
+            pos += 1
+            length += b
+            if b != 255:
+                break
+    return length, pos
+
+
 def _lz4_block(src: bytes, pos: int, end: int, out: bytearray) -> None:
     while pos < end:
         token = src[pos]
         pos += 1
-        lit = token >> 4
-        if lit == 15:
-            while True:
-                b = src[pos]
-                pos += 1
-                lit += b
-                if b != 255:
-                    break
+        lit, pos = _lz4_length(src, pos, token >> 4)
         out += src[pos : pos + lit]
         pos += lit
         if pos >= end:
@@ -338,14 +343,7 @@ def _lz4_block(src: bytes, pos: int, end: int, out: bytearray) -> None:
         pos += 2
         if offset == 0:
             raise ValueError("lz4: zero offset")
-        mlen = token & 15
-        if mlen == 15:
-            while True:
-                b = src[pos]
-                pos += 1
-                mlen += b
-                if b != 255:
-                    break
+        mlen, pos = _lz4_length(src, pos, token & 15)
         mlen += 4
         start = len(out) - offset
         if start < 0:
