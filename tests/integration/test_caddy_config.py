@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from ussycode.proxy.manager import caddy_binary
 from ussycode.proxy.routes import Route, RouteKind, ServerSettings, TlsMode, build_config
-
-pytestmark = pytest.mark.skipif(shutil.which("caddy") is None, reason="caddy not installed (apt-get install caddy)")
 
 ROUTES = [
     Route(RouteKind.VM, "web.ussy.test", "unix//run/u/bridges/vm1-8080.sock", auth_url="http://127.0.0.1:8080/a"),
@@ -37,7 +35,7 @@ def test_caddy_accepts_config(tmp_path: Path, mode: TlsMode, ask: str) -> None:
     path.write_text(json.dumps(build_config(settings, ROUTES)))
     env = {"HOME": str(tmp_path), "XDG_DATA_HOME": str(tmp_path / "d"), "XDG_CONFIG_HOME": str(tmp_path / "c")}
     result = subprocess.run(
-        ["caddy", "validate", "--config", str(path)], capture_output=True, text=True, env=env, timeout=60
+        [caddy_binary(), "validate", "--config", str(path)], capture_output=True, text=True, env=env, timeout=60
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Valid configuration" in result.stdout + result.stderr

@@ -60,8 +60,6 @@ from ussycode.proxy.routes import (
 )
 from ussycode.tasks import TaskGroup
 
-pytestmark = pytest.mark.skipif(shutil.which("caddy") is None, reason="caddy not installed (apt-get install caddy)")
-
 DOMAIN = "localhost"
 ALICE = Identity("u1", "alice", "alice@example.com")
 CAROL = Identity("u3", "carol", None)  # shared, no e-mail

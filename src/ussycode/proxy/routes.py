@@ -296,7 +296,7 @@ def build_tls_app(settings: ServerSettings) -> JSON | None:
         # Hosts not covered above (custom domains; VM hosts under acme) get a certificate on demand, only if
         # the ask endpoint says 200 for that name.
         policies.append({"issuers": [issuer], "on_demand": True})
-        automation["on_demand"] = {"ask": settings.ask_url}
+        automation["on_demand"] = {"permission": {"module": "http", "endpoint": settings.ask_url}}
     return {"automation": automation}
 
 
