@@ -63,6 +63,8 @@ class Settings(BaseSettings):
     rate_per_minute: int = Field(120, description="Commands per minute per user (SSH one-shot and API).")
     rate_burst: int = Field(30, description="Burst size of the per-user command rate limit.")
     max_sessions_per_key: int = Field(20, description="Concurrent SSH sessions allowed per public key.")
+    cname_claim_days: int = Field(7, ge=1, le=365,
+                                  description="Days an unverified custom-domain claim (share cname) stays pending.")
 
     @field_validator("ssh_addr", "https_addr", "http_addr", "admin_addr", "smtp_addr")
     @classmethod

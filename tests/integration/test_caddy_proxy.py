@@ -43,6 +43,7 @@ from ussycode.api.forward_auth import (
     decide,
     parse_target,
 )
+from ussycode.auth.links import link_token_hash
 from ussycode.errors import RuntimeFailure
 from ussycode.proxy.bridge import BridgeManager
 from ussycode.proxy.caddy import CaddyAdmin
@@ -71,7 +72,7 @@ VMS = {
 }
 SHARES = ShareView(
     user_ids=frozenset({CAROL.user_id}),
-    links=(ShareLink("link-token-1234", "vm1", datetime.now(UTC) + timedelta(hours=1)),),
+    links=(ShareLink(link_token_hash("link-token-1234"), "vm1", 8080, datetime.now(UTC) + timedelta(hours=1)),),
 )
 
 
@@ -203,11 +204,17 @@ class Stack:
     def host(self, name: str) -> str:
         return f"{name}:{self.port}"
 
+    @property
+    def app(self) -> str:
+        return self.auth_url.split("/")[2]
+
     def routes(self) -> list[Route]:
         return [
-            Route(RouteKind.VM, "web.localhost", self.bridges.dial_address("vm1", 8080), auth_url=self.auth_url),
-            Route(RouteKind.PORT, "3000-web.localhost", self.bridges.dial_address("vm1", 3000), public=True),
-            Route(RouteKind.VM, "pub.localhost", self.bridges.dial_address("vm2", 8080), public=True),
+            Route(RouteKind.VM, "web.localhost", self.bridges.dial_address("vm1", 8080), auth_url=self.auth_url,
+                  app=self.app),
+            Route(RouteKind.PORT, "3000-web.localhost", self.bridges.dial_address("vm1", 3000), public=True,
+                  app=self.app),
+            Route(RouteKind.VM, "pub.localhost", self.bridges.dial_address("vm2", 8080), public=True, app=self.app),
         ]
 
 
@@ -396,8 +403,9 @@ async def test_reconcile_adds_replaces_removes_and_leaves_foreign_routes() -> No
         assert not (await admin.reconcile(desired, build_catchall())).changed  # already in sync
 
         # web becomes public, pub goes away, new-vm appears
-        web_public = Route(RouteKind.VM, "web.localhost", st.bridges.dial_address("vm1", 8080), public=True)
-        new = Route(RouteKind.VM, "new.localhost", st.bridges.dial_address("vm2", 8080), public=True)
+        web_public = Route(RouteKind.VM, "web.localhost", st.bridges.dial_address("vm1", 8080), public=True,
+                           app=st.app)
+        new = Route(RouteKind.VM, "new.localhost", st.bridges.dial_address("vm2", 8080), public=True, app=st.app)
         desired = [apex, build_route(web_public), build_route(routes[1]), build_route(new)]
         result = await admin.reconcile(desired, build_catchall())
         assert result.added == [new.route_id] and result.replaced == [web_public.route_id]
@@ -515,7 +523,8 @@ async def test_attach_to_existing_caddy_keeps_its_config() -> None:
         settings = ServerSettings(domain=DOMAIN, https_addr=f"127.0.0.1:{our_port}", tls=TlsMode.OFF)
         attached = ExternalCaddy(owner.admin_address, build_server(settings))
         ours = await attached.start()
-        await ours.put_route(build_route(Route(RouteKind.VM, "x.localhost", "127.0.0.1:9", public=True)))
+        x = Route(RouteKind.VM, "x.localhost", "127.0.0.1:9", public=True, app="127.0.0.1:9")
+        await ours.put_route(build_route(x))
         servers = await admin.get_config("apps/http/servers")
         assert set(servers) == {"theirs", "ussycode"}
         async with httpx.AsyncClient(timeout=5) as client:

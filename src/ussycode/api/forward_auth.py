@@ -26,6 +26,7 @@ from datetime import datetime
 from html import escape
 from urllib.parse import parse_qsl, quote, urlencode
 
+from ussycode.auth.links import link_token_hash
 from ussycode.types import VM_NAME_RE
 
 SHARE_PARAM = "ussy_share"
@@ -88,14 +89,17 @@ class BearerView:
 
 @dataclass(frozen=True)
 class ShareLink:
-    token: str
+    """A live share link as stored: the hash of its token, and the one URL (VM, port) it opens."""
+
+    token_hash: str
     vm_id: str
+    port: int = DEFAULT_PORT
     expires_at: datetime | None = None  # timezone-aware; None never expires
 
-    def valid_for(self, vm_id: str, token: str, now: datetime) -> bool:
-        if self.vm_id != vm_id or (self.expires_at is not None and self.expires_at <= now):
+    def valid_for(self, vm_id: str, port: int, token: str, now: datetime) -> bool:
+        if self.vm_id != vm_id or self.port != port or (self.expires_at is not None and self.expires_at <= now):
             return False
-        return hmac.compare_digest(self.token.encode(), token.encode())
+        return hmac.compare_digest(self.token_hash.encode(), link_token_hash(token).encode())
 
 
 @dataclass(frozen=True)
@@ -337,10 +341,25 @@ def _share_params(query: str) -> list[str]:
     return [v for k, v in parse_qsl(query, keep_blank_values=True) if k == SHARE_PARAM]
 
 
-def _link_ok(shares: ShareView, vm_id: str, token: str | None, now: datetime) -> bool:
+def _link_ok(shares: ShareView, vm_id: str, port: int, token: str | None, now: datetime) -> bool:
     if not token or not _TOKEN_RE.match(token):
         return False
-    return any(link.valid_for(vm_id, token, now) for link in shares.links)
+    return any(link.valid_for(vm_id, port, token, now) for link in shares.links)
+
+
+def user_access(vm: VmView, shares: ShareView, user: Identity) -> Access | None:
+    """How ``user`` may open the VM on their own account (owner or shared), None if they may not."""
+    if user.user_id == vm.owner_id:
+        return Access.OWNER
+    if user.user_id in shares.user_ids or (user.email and user.email.lower() in shares.emails):
+        return Access.SHARED
+    return None
+
+
+def may_open(vm: VmView, port: int, shares: ShareView, user: Identity) -> bool:
+    """Whether a signed-in user may open ``port`` of the VM without a share link (public, owner, shared):
+    the hosts the apex hands a session to."""
+    return vm.is_public(port) or user_access(vm, shares, user) is not None
 
 
 def share_cookie_name(vm_id: str) -> str:
@@ -366,25 +385,18 @@ def _access(
     if vm.is_public(port):
         return _allow(Access.PUBLIC, None, "public")
 
-    def may_use(user: Identity) -> Access | None:
-        if user.user_id == vm.owner_id:
-            return Access.OWNER
-        if user.user_id in shares.user_ids or (user.email and user.email.lower() in shares.emails):
-            return Access.SHARED
-        return None
-
     if request.bearer_token is not None:
         if bearer is None or not bearer.valid or bearer.user is None:
             return _json_error(401, Outcome.UNAUTHORIZED, "bearer_invalid", "invalid or expired token")
         if bearer.vm_id is not None and bearer.vm_id != vm.id:
             return _json_error(403, Outcome.FORBIDDEN, "bearer_wrong_vm", "this token is not valid for this VM")
-        if may_use(bearer.user) is None:
+        if user_access(vm, shares, bearer.user) is None:
             return _json_error(403, Outcome.FORBIDDEN, "bearer_no_access", "no access to this VM")
         return _allow(Access.BEARER, bearer.user, "bearer")
 
-    cookie_link = _link_ok(shares, vm.id, request.cookies.get(share_cookie_name(vm.id)), now)
+    cookie_link = _link_ok(shares, vm.id, port, request.cookies.get(share_cookie_name(vm.id)), now)
     if session is not None:
-        access = may_use(session)
+        access = user_access(vm, shares, session)
         if access is not None:
             return _allow(access, session, access.value)
         if cookie_link or link_credential:
@@ -437,12 +449,12 @@ def decide(
     path, query = request.path, request.query
     params = _share_params(query)
     navigating = request.method in ("GET", "HEAD")
-    link_valid = bool(params) and all(_link_ok(shares, vm.id, p, now) for p in params)
+    link_valid = bool(params) and all(_link_ok(shares, vm.id, target.port, p, now) for p in params)
     clean_url = _public_url(request, target.host, path, _strip_share_param(query))
     if params and link_valid and navigating:
         token = params[0]
         max_age = SHARE_COOKIE_MAX_AGE
-        expiry = next((ln.expires_at for ln in shares.links if ln.valid_for(vm.id, token, now)), None)
+        expiry = next((ln.expires_at for ln in shares.links if ln.valid_for(vm.id, target.port, token, now)), None)
         if expiry is not None:
             max_age = max(1, min(max_age, int((expiry - now).total_seconds())))
         cookie = f"{share_cookie_name(vm.id)}={token}; Path=/; Max-Age={max_age}; HttpOnly; SameSite=Lax"

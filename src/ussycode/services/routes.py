@@ -17,9 +17,11 @@ event (before the command that caused it returns), and on a timer (repairs drift
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import hmac
 import logging
+import secrets
 from typing import Any
 
 from ussycode.config import Settings, parse_addr
@@ -44,8 +46,8 @@ from ussycode.services.container import Services
 from ussycode.services.events import VmEvent
 from ussycode.services.sessions import SessionService, load_or_create_secret
 from ussycode.services.shares import MAIN_PORT, ShareService
+from ussycode.store import shares as shareq
 from ussycode.store import vms as vmq
-from ussycode.store.schema import custom_domains, vm_public_ports
 from ussycode.tasks import TaskGroup
 from ussycode.types import VmStatus
 
@@ -71,6 +73,8 @@ class RouteService:
         self.bridges = bridges
         self.app_addr = app_addr
         self.auth_url = f"http://{app_addr}{AUTH_PATH}?k={auth_key}"
+        # Made anew at each start: Caddy sends it with the client's address (hygiene.client_address_headers).
+        self.proxy_key = secrets.token_urlsafe(24)
         self.admin: CaddyAdmin | None = None
         self._lock = asyncio.Lock()
         self.last_result: ReconcileResult | None = None
@@ -80,17 +84,7 @@ class RouteService:
 
     async def _state(self) -> tuple[list[Any], dict[str, set[int]], dict[str, list[str]]]:
         def read(c: Any) -> tuple[list[Any], dict[str, set[int]], dict[str, list[str]]]:
-            import sqlalchemy as sa
-
-            ports: dict[str, set[int]] = {}
-            for vm_id, port in c.execute(sa.select(vm_public_ports.c.vm_id, vm_public_ports.c.port)):
-                ports.setdefault(vm_id, set()).add(port)
-            cnames: dict[str, list[str]] = {}
-            for domain, vm_id in c.execute(sa.select(custom_domains.c.domain, custom_domains.c.vm_id)
-                                           .where(custom_domains.c.verified_at.is_not(None))
-                                           .order_by(custom_domains.c.domain)):
-                cnames.setdefault(vm_id, []).append(domain)
-            return vmq.all_vms(c), ports, cnames
+            return vmq.all_vms(c), shareq.public_ports_by_vm(c), shareq.verified_cnames_by_vm(c)
 
         return await self.services.store.read(read)
 
@@ -98,23 +92,27 @@ class RouteService:
         """(Caddy routes, wanted bridges) from the DB."""
         domain = self.settings.domain
         vms, public, cnames = await self._state()
-        routes: list[JSON] = [build_route(Route(RouteKind.APEX, domain, self.app_addr, public=True))]
+        app, key = self.app_addr, self.proxy_key
+        routes: list[JSON] = [build_route(Route(RouteKind.APEX, domain, app, public=True, proxy_key=key))]
         wanted: set[tuple[str, int]] = set()
         for vm in vms:
             ports = public.get(vm.id, set())
             host = f"{vm.name}.{domain}"
             routes.append(build_route(Route(RouteKind.VM, host, self._dial(vm.id, MAIN_PORT),
-                                            public=MAIN_PORT in ports, auth_url=self.auth_url)))
+                                            public=MAIN_PORT in ports, auth_url=self.auth_url, app=app,
+                                            proxy_key=key)))
             port_hosts = []
             for port in sorted(ports - {MAIN_PORT}):
                 port_host = f"{port}-{host}"
                 port_hosts.append(port_host)
-                routes.append(build_route(Route(RouteKind.PORT, port_host, self._dial(vm.id, port), public=True)))
+                routes.append(build_route(Route(RouteKind.PORT, port_host, self._dial(vm.id, port), public=True,
+                                                app=app, proxy_key=key)))
             prefix = self._dial(vm.id, MAIN_PORT).removesuffix(f"{MAIN_PORT}.sock")
-            routes.append(build_any_port_route(host, prefix, self.auth_url, tuple(port_hosts)))
+            routes.append(build_any_port_route(host, prefix, self.auth_url, app, tuple(port_hosts), key))
             for cname in cnames.get(vm.id, []):
                 routes.append(build_route(Route(RouteKind.CNAME, cname, self._dial(vm.id, MAIN_PORT),
-                                                public=MAIN_PORT in ports, auth_url=self.auth_url)))
+                                                public=MAIN_PORT in ports, auth_url=self.auth_url, app=app,
+                                                proxy_key=key)))
             if vm.status is VmStatus.RUNNING:
                 wanted.add((vm.id, MAIN_PORT))
                 wanted.update((vm.id, p) for p in ports)
@@ -172,6 +170,7 @@ class HttpsEntry:
         ss = self.server_settings(http_port)
         bridges = BridgeManager(self.services.vms.runtime, s.run_dir)
         self.routes = routes = RouteService(self.services, bridges, ss.http_addr, forward_auth_key(self.key))
+        ss = dataclasses.replace(ss, proxy_key=routes.proxy_key)
         self.services.routes = routes
         desired, wanted = await routes.desired()
         await bridges.sync(wanted)

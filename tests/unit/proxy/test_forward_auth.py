@@ -25,6 +25,7 @@ from ussycode.api.forward_auth import (
     share_cookie_name,
     tls_ask,
 )
+from ussycode.auth.links import link_token_hash
 
 NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 DOMAIN = "ussy.test"
@@ -47,9 +48,9 @@ SHARES = ShareView(
     user_ids=frozenset({FRIEND.user_id}),
     emails=frozenset({"carol@example.com"}),
     links=(
-        ShareLink(TOKEN, "vm1", NOW + timedelta(hours=2)),
-        ShareLink(EXPIRED, "vm1", NOW - timedelta(seconds=1)),
-        ShareLink(OTHERS, "vm2", None),  # defensive: a link of another VM handed in by mistake
+        ShareLink(link_token_hash(TOKEN), "vm1", 8080, NOW + timedelta(hours=2)),
+        ShareLink(link_token_hash(EXPIRED), "vm1", 8080, NOW - timedelta(seconds=1)),
+        ShareLink(link_token_hash(OTHERS), "vm2", 8080, None),  # defensive: a link of another VM handed in by mistake
     ),
 )
 
@@ -340,7 +341,7 @@ def test_cookie_for_another_vm_does_not_open_this_one() -> None:
 
 
 def test_share_link_never_expiring_gets_a_day_and_http_has_no_secure() -> None:
-    shares = ShareView(links=(ShareLink(TOKEN, "vm1", None),))
+    shares = ShareView(links=(ShareLink(link_token_hash(TOKEN), "vm1", 8080, None),))
     d = run(req(uri=f"/?ussy_share={TOKEN}", scheme="http"), shares=shares)
     cookie = headers(d)["Set-Cookie"]
     assert "Max-Age=86400" in cookie and "Secure" not in cookie
