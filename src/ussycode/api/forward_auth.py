@@ -7,10 +7,12 @@ or by verified custom domain), the VM's shares, the browser session and the Bear
 :class:`Decision` as is: 2xx lets Caddy continue (copying the ``X-Ussy-*`` identity headers onto the request);
 any other status goes back to the client verbatim (login redirect, 401 JSON, 403, 404, share-link redirect).
 
+A share link opens the one URL (VM and port) it was made for; links are compared by the hash of their token.
+
 Order: bad host -> 400; unknown VM/port -> 404; a ``ussy_share`` link in the URL (valid: set a cookie, redirect
 to the URL without it; invalid: 403 unless the request is allowed anyway, then just strip it); public port ->
-allow; ``Authorization: Bearer`` -> allow (owner/shared, right VM scope) / 401 / 403, never falling back to
-cookies; session owner/shared -> allow; valid share-link cookie -> allow; session without access -> 403;
+allow; ``Authorization: Bearer usy0.…/usy1.…`` (a platform token; any other Authorization is the app's and is
+ignored here) -> allow (owner/shared, right VM scope) / 401 / 403, never falling back to cookies; session owner/shared -> allow; valid share-link cookie -> allow; session without access -> 403;
 nobody -> login redirect for a browser page, 401 JSON otherwise.
 """
 
@@ -40,6 +42,7 @@ _LABEL_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _PORT_LABEL_RE = re.compile(r"^([0-9]{4})-(.+)$")
 _TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{8,128}$")
 _SAFE_VALUE_RE = re.compile(r"^[\x20-\x7e]*$")
+_PLATFORM_TOKEN_RE = re.compile(r"(?i)^usy[01]\.")
 
 
 class HostError(ValueError):
@@ -176,9 +179,13 @@ class AuthRequest:
 
     @property
     def bearer_token(self) -> str | None:
-        """The Bearer credential, if the request carries one ("" for ``Bearer`` with nothing after it)."""
+        """The platform token (``usy0.``/``usy1.``) in ``Authorization: Bearer``, if there is one. Any other
+        Authorization (the app's own Basic or Bearer auth) is not ours: it is ignored here and reaches the app."""
         scheme, _, value = self.authorization.strip().partition(" ")
-        return value.strip() if scheme.lower() == "bearer" else None
+        value = value.strip()
+        if scheme.lower() != "bearer" or not _PLATFORM_TOKEN_RE.match(value):
+            return None
+        return value
 
 
 @dataclass(frozen=True)

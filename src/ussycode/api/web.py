@@ -326,7 +326,11 @@ async def _handoff_redirect(request: Request, session: WebSession, target: _Next
     settings, _, sessions = _parts(request)
     vm, shares_view = _views(target.record)
     if not may_open(vm, target.port, shares_view, Identity(session.user_id, session.handle, session.email)):
-        return RedirectResponse("/", 303, headers=SECURITY_HEADERS)
+        # No hand-off code for a host this user may not open (a share link works without one).
+        return _page("No access", f"<p>You are signed in as <b>{escape(session.handle)}</b>, but "
+                     f"<code>{escape(target.host)}</code> is not shared with you. Ask its owner to run "
+                     f"<code>share add {escape(vm.name)} {escape(session.handle)}</code>.</p>"
+                     "<p><a href='/'>Your VMs</a></p>", 403)
     code = await sessions.create_handoff(session, target.host, target.record.vm_id)
     location = settings.public_url(target.host) + HANDOFF_PATH + "?" + urlencode({"code": code,
                                                                                   "next": target.path})

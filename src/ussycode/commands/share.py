@@ -40,11 +40,12 @@ def _sessions(ctx: CommandContext) -> SessionService:
     return ctx.services.sessions
 
 
-def _link_json(link: LinkInfo, *, with_url: bool = False) -> dict[str, Any]:
-    out: dict[str, Any] = {"id": link.id, "port": link.port, "expires_at": iso(link.expires_at), "uses": link.uses}
-    if with_url:
-        out["url"] = link.url
-    return out
+def _link_json(link: LinkInfo, *, new: bool = False) -> dict[str, Any]:
+    """``share show``: {id, port, expires_at, uses}; ``add-link``: {id, url, port, expires_at} (the URL with the
+    token is shown only then)."""
+    if new:
+        return {"id": link.id, "url": link.url, "port": link.port, "expires_at": iso(link.expires_at)}
+    return {"id": link.id, "port": link.port, "expires_at": iso(link.expires_at), "uses": link.uses}
 
 
 def _share_args(p: argparse.ArgumentParser) -> None:
@@ -110,7 +111,7 @@ async def share(ctx: CommandContext, a: argparse.Namespace) -> int:
         expires = parse_duration(a.expires) if a.expires else None
         link = await svc.add_link(ctx.actor, a.vm, expires, a.port)
         if a.json:
-            ctx.out.json(_link_json(link, with_url=True))
+            ctx.out.json(_link_json(link, new=True))
         else:
             ctx.out.print(link.url)
             ctx.out.print(f"  anyone with this link can open {svc.port_url(a.vm, link.port)} in their browser"

@@ -311,7 +311,9 @@ def build_tls_app(settings: ServerSettings) -> JSON | None:
         return None
     if settings.tls is TlsMode.INTERNAL:
         issuer: JSON = {"module": "internal"}
-        policies: list[JSON] = [{"subjects": [f"*.{settings.domain}", settings.domain], "issuers": [issuer]}]
+        # VM and port hosts get their certificates on demand (below): clients refuse a wildcard directly under a
+        # one-label domain such as ``localhost``.
+        policies: list[JSON] = [{"subjects": [settings.domain], "issuers": [issuer]}]
     else:
         # No wildcard with ACME (it needs a DNS challenge): each VM host gets its own certificate.
         issuer = {"module": "acme", "email": settings.acme_email}

@@ -389,9 +389,18 @@ def test_bearer(kind: str, session: str) -> None:
         assert d.status == 403 and d.content_type == "application/json"
 
 
-def test_bearer_does_not_bypass_public_and_empty_bearer_is_401() -> None:
-    assert run(req(bearer="x"), bearer=BearerView(False), public=True).access is Access.PUBLIC
-    assert run(req(bearer=""), bearer=None).status == 401
+def test_bearer_does_not_bypass_public_and_empty_bearer_is_not_ours() -> None:
+    assert run(req(bearer="usy1.x"), bearer=BearerView(False), public=True).access is Access.PUBLIC
+    assert run(req(bearer="", html=False), bearer=None).status == 401  # nobody: 401 JSON
+
+
+@pytest.mark.parametrize("value", ["app-own-token", "", "eyJhbGciOi.x.y", "usy2.x", "xusy1.y"])
+def test_a_bearer_that_is_not_ours_is_the_apps(value: str) -> None:
+    """Not a platform token: ignored by the decision (the session decides) and left for the app."""
+    r = req(bearer=value, html=True)
+    assert r.bearer_token is None
+    assert run(r, session=SESSIONS["owner"]).access is Access.OWNER
+    assert run(r).status == 302  # no session: sign in, not "invalid token"
 
 
 def test_basic_auth_is_not_a_bearer() -> None:
@@ -401,7 +410,7 @@ def test_basic_auth_is_not_a_bearer() -> None:
 
 
 def test_bad_bearer_with_bad_share_link_stays_401() -> None:
-    d = run(req(uri=f"/?ussy_share={REMOVED}", bearer="x"), bearer=BearerView(False))
+    d = run(req(uri=f"/?ussy_share={REMOVED}", bearer="usy1.x"), bearer=BearerView(False))
     assert d.status == 401
 
 
@@ -417,7 +426,7 @@ def test_from_headers() -> None:
             "X-Forwarded-Method": "post",
             "X-Forwarded-Proto": "HTTP",
             "Cookie": 'a=1; bad; ussy_share_vm1="tok"; a=2',
-            "Authorization": "Bearer  t0k ",
+            "Authorization": "Bearer  usy1.t0k ",
             "Accept": "text/html",
         }
     )
@@ -429,7 +438,7 @@ def test_from_headers() -> None:
         "http",
     )
     assert r.cookies == {"a": "1", "ussy_share_vm1": "tok"}
-    assert r.bearer_token == "t0k"
+    assert r.bearer_token == "usy1.t0k"
     assert AuthRequest.from_headers({"host": "h", "x-forwarded-proto": "gopher"}).scheme == "https"
 
 
