@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import httpx
 import pytest
 
-from .conftest import Web, free_port
+from .conftest import Web, browser_client, free_port
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.slow]
 
@@ -179,10 +180,10 @@ async def test_no_credential_of_ours_reaches_a_vm_app(tls_web: Web, tmp_path: Pa
     r = await web.cmd(bob, "share", "add-link", "web", "--json")
     link = json.loads(r.stdout)
     link_token = link["url"].split("ussy_share=")[1]
-    l = browser(web, ca, tmp_path, "link")
-    r = await l(link["url"], "-H", HTML)
+    lk = browser(web, ca, tmp_path, "link")
+    r = await lk(link["url"], "-H", HTML)
     assert r.status == 302 and "ussy_share" not in r.headers["location"]
-    seen = (await l(u(web, "web.localhost", "/x?a=1"), "-H", HTML)).seen()
+    seen = (await lk(u(web, "web.localhost", "/x?a=1"), "-H", HTML)).seen()
     assert seen["headers"]["x-ussy-access"] == "share-link" and seen["path"] == "/x?a=1"
     assert_clean(seen, link_token)
     anon = browser(web, ca, tmp_path, "anon-post")
@@ -314,3 +315,68 @@ async def test_share_links_open_one_url_and_rest_as_hashes(tls_web: Web, tmp_pat
         r = await web.cmd(bob, "share", "remove-link", "web", hostile)
         assert r.exit_status in (1, 2) and "error" in r.stderr, (hostile[:20], r)
     assert json.loads((await web.cmd(bob, "share", "show", "web", "--json")).stdout)["links"] == []
+
+
+async def test_custom_domain_claims_cannot_squat(web: Web, needs_vms: None) -> None:
+    """Finding 5: a pending claim blocks nobody; the first to prove the domain gets it; pending claims expire.
+    Public DNS cannot be reached from here: the TXT lookup is the one stand-in."""
+    alice = await web.server.register("alice")
+    mallory = await web.server.register("mallory")
+    await web.new_vm(alice, "shop")
+    await web.new_vm(mallory, "squat")
+    txt: dict[str, list[str]] = {}
+
+    async def lookup(name: str) -> list[str]:
+        return txt.get(name, [])
+
+    web.server.app.services.shares.txt_lookup = lookup
+    r = await web.cmd(mallory, "share", "cname", "squat", "shop.example.com")
+    assert r.exit_status == 0, r
+    mallory_token = r.stdout.split("TXT")[1].split()[0]
+    r = await web.cmd(alice, "share", "cname", "shop", "shop.example.com")
+    assert r.exit_status == 0, r  # mallory's unverified claim does not block alice
+    alice_token = r.stdout.split("TXT")[1].split()[0]
+    assert alice_token != mallory_token
+    # mallory cannot verify without the DNS record; alice proves it and gets the domain
+    r = await web.cmd(mallory, "share", "cname-verify", "squat", "shop.example.com")
+    assert r.exit_status == 1 and "not verified" in r.stderr
+    txt["_ussycode-verify.shop.example.com"] = [alice_token]
+    assert (await web.cmd(alice, "share", "cname-verify", "shop", "shop.example.com")).exit_status == 0
+    # the other pending claim is gone; a new claim on a verified domain is refused
+    r = await web.cmd(mallory, "share", "cname-verify", "squat", "shop.example.com")
+    assert r.exit_status == 1 and "not claimed" in r.stderr
+    r = await web.cmd(mallory, "share", "cname", "squat", "shop.example.com")
+    assert r.exit_status == 1 and "already verified" in r.stderr
+    shown = (await web.cmd(alice, "share", "show", "shop")).stdout
+    assert "shop.example.com: verified" in shown
+
+    # pending claims expire (7 days by default): an old one is neither listed nor verifiable
+    r = await web.cmd(mallory, "share", "cname", "squat", "old.example.com")
+    assert r.exit_status == 0
+    store = web.server.app.services.store
+    await store.write(lambda c: c.exec_driver_sql(
+        "update custom_domains set created_at = datetime('now', '-8 days') where domain = 'old.example.com'"))
+    assert "old.example.com" not in (await web.cmd(mallory, "share", "show", "squat")).stdout
+    r = await web.cmd(mallory, "share", "cname-verify", "squat", "old.example.com")
+    assert r.exit_status == 1 and "expired" in r.stderr
+    r = await web.cmd(alice, "share", "cname", "shop", "old.example.com")
+    assert r.exit_status == 0  # and it blocks nobody
+
+
+async def test_client_address_comes_from_caddy_only(web: Web, needs_vms: None) -> None:
+    """Finding 6: a client on the host that talks to the app port with forged X-Forwarded-For (or our own
+    client-address header without the per-start key) is limited by its own address."""
+    app_port = web.server.app.http_port
+    statuses = []
+    async with httpx.AsyncClient(timeout=10) as raw:
+        for i in range(40):
+            r = await raw.get(f"http://127.0.0.1:{app_port}/__ussycode/login?token=bad-token-{i:04d}-xxxxxxxxxxxx",
+                              headers={"Host": "localhost", "X-Forwarded-For": f"203.0.113.{i}",
+                                       "X-Ussy-Client-Addr": f"198.51.100.{i}", "X-Ussy-Proxy-Key": "guess"})
+            statuses.append(r.status_code)
+    assert 429 in statuses and statuses.count(400) <= 15, statuses
+    # through Caddy, the same forged headers are dropped and Caddy's view of the peer is used
+    async with browser_client() as c:
+        r = await c.get(web.url("localhost", "/__ussycode/login?token=bad-token-through-caddy-xxxxxxxx"),
+                        headers={"X-Forwarded-For": "203.0.113.200", "X-Ussy-Client-Addr": "198.51.100.200"})
+        assert r.status_code == 429  # 127.0.0.1 is the same client, already over its limit
