@@ -239,9 +239,22 @@ def _int_field(obj: dict[str, Any], key: str) -> int | None:
     return value
 
 
+def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook`` for every object, at any depth: a key given twice makes the perms ambiguous (json
+    would keep the last value silently; another reader might keep the first), so the token is refused."""
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise TokenError("bad_perms", f"perms: the key {key[:20]!r} appears twice")
+        obj[key] = value
+    return obj
+
+
 def parse_perms(data: bytes) -> Perms:
     try:
-        obj = json.loads(data.decode("utf-8"))
+        obj = json.loads(data.decode("utf-8"), object_pairs_hook=_refuse_duplicate_keys)
+    except TokenError:
+        raise
     except (UnicodeDecodeError, ValueError):
         raise TokenError("bad_perms", "perms: not a UTF-8 JSON object") from None
     if not isinstance(obj, dict):
