@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 
 from ussycode.auth.identity import Actor
-from ussycode.auth.keys import PublicKey, parse_authorized_key
+from ussycode.auth.keys import MAX_KEY_COMMENT, PublicKey, parse_authorized_key
 from ussycode.errors import Conflict, NotFound, UsageError
 from ussycode.store import audit
 from ussycode.store import users as q
@@ -13,11 +13,14 @@ from ussycode.store import vms as vmq
 from ussycode.store.db import Store
 from ussycode.store.users import SshKey, User
 from ussycode.types import HANDLE_RE, RESERVED_NAMES
+from ussycode.validate import printable_text
 
 
 def validate_handle(handle: str) -> str:
-    handle = handle.strip().lower()
-    if not HANDLE_RE.match(handle):
+    """A handle as typed (surrounding spaces ignored, case folded); control characters are refused, not stripped."""
+    printable_text(handle, "handle", max_len=64, allow_empty=False)
+    handle = handle.strip(" ").lower()
+    if not HANDLE_RE.fullmatch(handle):
         raise UsageError(
             "invalid handle: use 2-20 characters: lower-case letters, digits and '-', starting with a letter"
         )
@@ -88,9 +91,7 @@ class UserService:
         return await self.store.write(tx)
 
     async def rename_key(self, actor: Actor, ref: str, comment: str) -> SshKey:
-        comment = comment.strip()
-        if len(comment) > 200 or any(ord(ch) < 32 for ch in comment):
-            raise UsageError("a key comment is at most 200 printable characters")
+        comment = printable_text(comment.strip(" "), "key comment", max_len=MAX_KEY_COMMENT)
 
         def tx(c: sa.Connection) -> SshKey:
             key = self._find(q.keys_of(c, actor.id), ref)
