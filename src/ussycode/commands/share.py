@@ -12,6 +12,7 @@ from ussycode.errors import Conflict, RuntimeFailure, UsageError
 from ussycode.services.sessions import LOGIN_TOKEN_TTL, SessionService
 from ussycode.services.shares import MAIN_PORT, VERIFY_PREFIX, LinkInfo, ShareService, parse_duration
 from ussycode.store.schema import iso
+from ussycode.validate import MAX_EMAIL, email_address, printable_text
 
 SUBCOMMANDS = {
     "show": "who may open the VM's URLs",
@@ -46,6 +47,20 @@ def _link_json(link: LinkInfo, *, new: bool = False) -> dict[str, Any]:
     if new:
         return {"id": link.id, "url": link.url, "port": link.port, "expires_at": iso(link.expires_at)}
     return {"id": link.id, "port": link.port, "expires_at": iso(link.expires_at), "uses": link.uses}
+
+
+def _share_target(target: str, *, strict: bool) -> str:
+    """A handle or an e-mail address as typed for ``share add``/``remove``: printable text only; an address must pass
+    the strict check to be added (it is normalised: IDNA domain), while removal also takes an older stored form."""
+    target = printable_text(target, "handle or e-mail address", max_len=MAX_EMAIL).strip(" ")
+    if "@" not in target:
+        return target
+    if strict:
+        return email_address(target)
+    try:
+        return email_address(target)
+    except UsageError:
+        return target
 
 
 def _share_args(p: argparse.ArgumentParser) -> None:
@@ -100,12 +115,14 @@ async def share(ctx: CommandContext, a: argparse.Namespace) -> int:
         ctx.out.print(f"{url} is {'now ' if changed else 'already '}{state}")
         return 0
     if action == "add":
-        changed = await svc.add_user(ctx.actor, a.vm, a.target)
-        ctx.out.print(f"{a.vm} {'is now' if changed else 'was already'} shared with {a.target}")
+        who = _share_target(a.target, strict=True)
+        changed = await svc.add_user(ctx.actor, a.vm, who)
+        ctx.out.print(f"{a.vm} {'is now' if changed else 'was already'} shared with {who}")
         return 0
     if action == "remove":
-        await svc.remove_user(ctx.actor, a.vm, a.target)
-        ctx.out.print(f"{a.vm} is no longer shared with {a.target}")
+        who = _share_target(a.target, strict=False)
+        await svc.remove_user(ctx.actor, a.vm, who)
+        ctx.out.print(f"{a.vm} is no longer shared with {who}")
         return 0
     if action == "add-link":
         expires = parse_duration(a.expires) if a.expires else None
