@@ -13,7 +13,8 @@ Order: bad host -> 400; unknown VM/port -> 404; a ``ussy_share`` link in the URL
 to the URL without it; invalid: 403 unless the request is allowed anyway, then just strip it); public port ->
 allow; ``Authorization: Bearer usy0.…/usy1.…`` (a platform token; any other Authorization is the app's and is
 ignored here) -> allow (owner/shared, right VM scope) / 401 / 403, never falling back to cookies; session
-owner/shared -> allow; valid share-link cookie -> allow; session without access -> 403; nobody -> login redirect for a browser page, 401 JSON otherwise.
+owner/shared -> allow; valid share-link cookie -> allow; session without access -> 403; nobody -> login
+redirect for a browser page, 401 JSON otherwise.
 """
 
 from __future__ import annotations
