@@ -245,7 +245,7 @@ def normalize_host(raw: str) -> str:
             raise HostError("host is not a valid internationalised name") from exc
         if len(host) > MAX_HOST:
             raise HostError("host too long")
-    if not all(_LABEL_RE.match(label) for label in host.split(".")):
+    if not all(_LABEL_RE.fullmatch(label) for label in host.split(".")):
         raise HostError("host has an invalid label")
     return host
 
@@ -267,13 +267,13 @@ def parse_target(raw_host: str, domain: str) -> Target:
     if "." in label:
         return Target(host)  # a.b.<domain>: never a VM
     port = DEFAULT_PORT
-    match = _PORT_LABEL_RE.match(label)
+    match = _PORT_LABEL_RE.fullmatch(label)
     if match:
         port = int(match.group(1))
         if not PORT_MIN <= port <= PORT_MAX:
             return Target(host)
         label = match.group(2)
-    if not VM_NAME_RE.match(label):
+    if not VM_NAME_RE.fullmatch(label):
         return Target(host)
     return Target(host, port=port, vm_name=label)
 
@@ -350,7 +350,7 @@ def _share_params(query: str) -> list[str]:
 
 
 def _link_ok(shares: ShareView, vm_id: str, port: int, token: str | None, now: datetime) -> bool:
-    if not token or not _TOKEN_RE.match(token):
+    if not token or not _TOKEN_RE.fullmatch(token):
         return False
     return any(link.valid_for(vm_id, port, token, now) for link in shares.links)
 

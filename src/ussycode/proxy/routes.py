@@ -74,7 +74,7 @@ class TlsMode(enum.StrEnum):
 
 def valid_host(host: str) -> bool:
     """A lower-case ASCII DNS name (punycode allowed), no port, no trailing dot."""
-    return bool(_HOST_RE.match(host))
+    return bool(_HOST_RE.fullmatch(host))
 
 
 @dataclass(frozen=True)

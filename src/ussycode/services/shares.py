@@ -34,6 +34,7 @@ from ussycode.store.db import Store
 from ussycode.store.schema import utcnow
 from ussycode.store.shares import AccessRecord, access_record
 from ussycode.store.vms import Vm
+from ussycode.validate import email_address, printable_text
 
 __all__ = ["AccessRecord", "ShareService", "access_record", "link_token_hash"]
 
@@ -47,7 +48,6 @@ MAX_CNAMES_PER_VM = 10
 MAX_LINK_LIFETIME = dt.timedelta(days=365)
 VERIFY_PREFIX = "_ussycode-verify."
 
-_EMAIL_RE = re.compile(r"^[^@\s]{1,64}@[a-z0-9-]+(\.[a-z0-9-]+)+$")
 _DURATION_RE = re.compile(r"^(\d{1,6})([smhdw])$")
 _DOMAIN_LABEL_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _LINK_ID_RE = re.compile(r"^[a-z0-9]{" + str(LINK_ID_LEN) + "}$")
@@ -69,7 +69,7 @@ def parse_duration(text: str) -> dt.timedelta:
 
 def validate_custom_domain(domain: str, base_domain: str) -> str:
     """A DNS name we could route (3-253 chars, a dot, labels of [a-z0-9-]) outside our own domain."""
-    domain = domain.strip().lower().rstrip(".")
+    domain = printable_text(domain, "domain", max_len=254, allow_empty=False).strip(" ").lower().rstrip(".")
     if not domain.isascii():
         try:
             domain = domain.encode("idna").decode("ascii")
@@ -77,7 +77,7 @@ def validate_custom_domain(domain: str, base_domain: str) -> str:
             raise UsageError("invalid domain: not a valid internationalised name") from None
     if not 3 <= len(domain) <= 253 or "." not in domain:
         raise UsageError("invalid domain: use a full name like app.example.com")
-    if not all(_DOMAIN_LABEL_RE.match(label) for label in domain.split(".")):
+    if not all(_DOMAIN_LABEL_RE.fullmatch(label) for label in domain.split(".")):
         raise UsageError("invalid domain: labels are 1-63 letters, digits or '-', not starting or ending with '-'")
     if domain == base_domain or domain.endswith("." + base_domain):
         raise UsageError(f"{domain} is under this server's domain; VM URLs there need no custom domain")
@@ -208,9 +208,7 @@ class ShareService:
         """(user_id, email, label) for a handle or an e-mail address."""
         who = who.strip()
         if "@" in who:
-            email = who.lower()
-            if len(email) > 254 or not _EMAIL_RE.match(email):
-                raise UsageError(f"invalid e-mail address {who[:60]!r}")
+            email = email_address(who).lower()
             return None, email, email
         user = await self.store.read(lambda c: userq.by_handle(c, who.lower()))
         if user is None:
