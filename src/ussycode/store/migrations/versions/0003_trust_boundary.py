@@ -27,8 +27,10 @@ def upgrade() -> None:
     conn = op.get_bind()
 
     # share_links: the token itself is replaced by its hash; existing links open the main URL (port 8080).
-    old_links = conn.execute(sa.text(
-        "SELECT token, vm_id, created_by, created_at, expires_at, uses FROM share_links")).mappings().all()
+    old = sa.table("share_links", sa.column("token", sa.String), sa.column("vm_id", sa.String),
+                   sa.column("created_by", sa.String), sa.column("created_at", sa.DateTime),
+                   sa.column("expires_at", sa.DateTime), sa.column("uses", sa.Integer))
+    old_links = conn.execute(sa.select(old)).mappings().all()
     op.drop_table("share_links")
     links = op.create_table(
         "share_links",
@@ -57,8 +59,10 @@ def upgrade() -> None:
                          "WHERE parent_hash IS NOT NULL AND revoked_at IS NULL"))
 
     # custom_domains: primary key (domain, vm_id); at most one verified row per domain.
-    old_domains = conn.execute(sa.text(
-        "SELECT domain, vm_id, verify_token, created_at, verified_at FROM custom_domains")).mappings().all()
+    old_cd = sa.table("custom_domains", sa.column("domain", sa.String), sa.column("vm_id", sa.String),
+                      sa.column("verify_token", sa.String), sa.column("created_at", sa.DateTime),
+                      sa.column("verified_at", sa.DateTime))
+    old_domains = conn.execute(sa.select(old_cd)).mappings().all()
     op.drop_table("custom_domains")
     domains = op.create_table(
         "custom_domains",
