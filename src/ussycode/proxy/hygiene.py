@@ -66,12 +66,9 @@ def strip_platform_credentials() -> JSON:
                 "match": [{"header_regexp": {"Authorization": {"pattern": PLATFORM_TOKEN_RE}}}],
                 "handle": [{"handler": "headers", "request": {"delete": ["Authorization"]}}],
             },
+            # Each Cookie value loses our pairs (a value that held only ours is left empty: a matcher sees only
+            # the first of several Cookie headers, so deleting "empty" ones could drop the app's cookies).
             {"handle": [{"handler": "headers", "request": {"replace": replace}}]},
-            # A Cookie header left empty (it held only our cookies) is dropped rather than sent empty.
-            {
-                "match": [{"header_regexp": {"Cookie": {"pattern": r"^[ \t;]*$"}}}],
-                "handle": [{"handler": "headers", "request": {"delete": ["Cookie"]}}],
-            },
             {
                 "match": [{"query": {SHARE_PARAM: ["*"]}}],
                 "handle": [{"handler": "rewrite", "query": {"delete": [SHARE_PARAM]}}],
