@@ -309,7 +309,8 @@ async def test_forward_auth_allow_deny_and_header_stripping() -> None:
         assert r.status_code == 403 and "not shared with you" in r.text
 
         # Bearer: bad -> 401 JSON, good -> allowed
-        r = await client.get(st.url("/"), headers={"Host": st.host("web.localhost"), "Authorization": "Bearer usy1.nope"})
+        r = await client.get(st.url("/"),
+                             headers={"Host": st.host("web.localhost"), "Authorization": "Bearer usy1.nope"})
         assert r.status_code == 401 and r.json() == {"error": "invalid or expired token", "code": 401}
         r = await client.get(
             st.url("/"), headers={"Host": st.host("web.localhost"), "Authorization": "Bearer usy1.good-token"}
