@@ -19,18 +19,23 @@ from ussycode.types import TrustLevel, VmStatus
 PG_URL = os.environ.get("USSYCODE_TEST_PG_URL")
 
 
+def empty_store(backend: str, tmp_path: Path) -> Store:
+    """A store with no tables: a new SQLite file, or the test PostgreSQL database emptied."""
+    if backend == "sqlite":
+        return Store(f"sqlite:///{tmp_path / 'u.db'}")
+    if not PG_URL:
+        pytest.skip("PostgreSQL not available: set USSYCODE_TEST_PG_URL (make test starts a local cluster)")
+    s = Store(PG_URL)
+    with s.engine.begin() as conn:
+        for table in ("custom_domains", "api_tokens", "login_tokens", "web_sessions", "share_links", "vm_shares",
+                      "vm_public_ports", "audit_log", "vm_tags", "vms", "ssh_keys", "users", "alembic_version"):
+            conn.exec_driver_sql(f"DROP TABLE IF EXISTS {table} CASCADE")
+    return s
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    if request.param == "sqlite":
-        s = Store(f"sqlite:///{tmp_path / 'u.db'}")
-    else:
-        if not PG_URL:
-            pytest.skip("PostgreSQL not available: set USSYCODE_TEST_PG_URL (make test starts a local cluster)")
-        s = Store(PG_URL)
-        with s.engine.begin() as conn:
-            for table in ("custom_domains", "api_tokens", "login_tokens", "web_sessions", "share_links", "vm_shares",
-                          "vm_public_ports", "audit_log", "vm_tags", "vms", "ssh_keys", "users", "alembic_version"):
-                conn.exec_driver_sql(f"DROP TABLE IF EXISTS {table} CASCADE")
+    s = empty_store(request.param, tmp_path)
     s.migrate()
     yield s
     s.close()
@@ -124,16 +129,7 @@ def test_0003_hashes_links_and_keeps_claims(backend: str, tmp_path: Path) -> Non
     from ussycode.auth.links import link_token_hash
     from ussycode.store.db import _alembic_config
 
-    if backend == "sqlite":
-        s = Store(f"sqlite:///{tmp_path / 'm.db'}")
-    else:
-        if not PG_URL:
-            pytest.skip("PostgreSQL not available: set USSYCODE_TEST_PG_URL (make test starts a local cluster)")
-        s = Store(PG_URL)
-        with s.engine.begin() as conn:
-            for table in ("custom_domains", "api_tokens", "login_tokens", "web_sessions", "share_links", "vm_shares",
-                          "vm_public_ports", "audit_log", "vm_tags", "vms", "ssh_keys", "users", "alembic_version"):
-                conn.exec_driver_sql(f"DROP TABLE IF EXISTS {table} CASCADE")
+    s = empty_store(backend, tmp_path)
     with s.engine.begin() as conn:
         command.upgrade(_alembic_config(conn), "0002")
         now = "2026-01-01 00:00:00"
