@@ -20,6 +20,7 @@ from ussycode.metadata.server import MetadataService
 from ussycode.runtime.base import Runtime
 from ussycode.services.container import Services
 from ussycode.services.events import EventBus
+from ussycode.services.operations import Operation
 from ussycode.services.ratelimit import RateLimiter
 from ussycode.services.registration import RegistrationGate
 from ussycode.services.tokens import TokenService
@@ -53,6 +54,8 @@ class App:
         self.http_port: int | None = None
         self.http_server: _AppServer | None = None
         self._stopped = asyncio.Event()
+        self._store: Store | None = None
+        self.reattaching: list[Operation] = []
 
     def _prepare_dirs(self) -> None:
         s = self.settings
@@ -71,13 +74,24 @@ class App:
         return runtime, images
 
     async def start(self) -> None:
+        """Start every part; if one fails, stop the ones already started (a managed Caddy included) and raise."""
+        try:
+            await self._start()
+        except BaseException:
+            log.error("start-up failed; stopping what was started")
+            await self.stop()
+            raise
+
+    async def _start(self) -> None:
         s = self.settings
         self._prepare_dirs()
         store = Store(s.db_url)
+        self._store = store
         backup = await asyncio.to_thread(store.migrate)
         if backup:
             log.info("database migrated; the previous version is kept at %s", backup)
         runtime, images = self._make_runtime()
+        self._runtime = runtime
         host_key = load_or_create_private_key(s.host_key_path)
         client_key = load_or_create_private_key(s.gateway_key_path)
         gateway_pub = client_key.export_public_key("openssh").decode().strip()
@@ -93,7 +107,7 @@ class App:
         self.https: HttpsEntry | None = HttpsEntry(self.services)
         # ---------------------------------------------------------------------------------------------------------
         log.info("runtime: %s", runtime.name)
-        await vms.reconcile()
+        # Listen first; VMs re-attach concurrently behind the listeners (each answers "starting" until done).
         self.gateway = Gateway(self.services, host_key, client_key)
         self.ssh_port = await self.gateway.start()
         log.info("SSH gateway listening on %s (port %d)", s.ssh_addr, self.ssh_port)
@@ -102,7 +116,13 @@ class App:
         await self.https.start(self.http_port)  # routes from the DB, then Caddy (HTTPS entry)
         self.metadata = MetadataService(self.services)
         await self.metadata.start()
+        self.reattaching = await vms.begin_reconcile()
         self.tasks.spawn(vms.watch(), "vm-watch")
+
+    async def reattached(self) -> None:
+        """Wait until every VM found at start-up is re-attached (or marked)."""
+        if self.reattaching:
+            await asyncio.wait([op.task for op in self.reattaching])
 
     async def _start_http(self) -> None:
         assert self.services is not None
@@ -139,8 +159,11 @@ class App:
             await asyncio.wait([self._http_task], timeout=10)
         await self.tasks.close()
         if self.services is not None:
-            await self.services.vms.runtime.close()
-            self.services.store.close()
+            await self.services.vms.close()
+        if self._runtime is not None:
+            await self._runtime.close()
+        if self._store is not None:
+            self._store.close()
         self._stopped.set()
 
     async def run_forever(self) -> None:

@@ -13,6 +13,7 @@ def vm_json(services: Services, vm: Vm) -> dict[str, Any]:
     return {
         "name": vm.name,
         "status": str(vm.status),
+        "pending": services.vms.pending(vm.id),
         "image": vm.image,
         "cpu": vm.cpu,
         "memory_mb": vm.memory_mb,

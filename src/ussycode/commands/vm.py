@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 
 from ussycode.commands.context import CommandContext
 from ussycode.commands.output import table, vm_json
 from ussycode.commands.registry import command
 from ussycode.errors import UsageError
 from ussycode.services.vms import DEFAULT_CPU, DEFAULT_DISK_GB, DEFAULT_MEMORY_MB, parse_env
+from ussycode.store.vms import Vm
 
 
 def _json_flag(p: argparse.ArgumentParser) -> None:
@@ -33,12 +35,16 @@ async def ls(ctx: CommandContext, a: argparse.Namespace) -> int:
     if not vms:
         ctx.out.print("no VMs yet. create one with: new")
         return 0
+    def status(v: Vm) -> str:
+        pending = ctx.services.vms.pending(v.id)
+        return f"{v.status} ({pending})" if pending else str(v.status)
+
     if a.long:
-        rows = [[v.name, str(v.status), v.image, str(v.cpu), f"{v.memory_mb}MB", f"{v.disk_gb}GB",
+        rows = [[v.name, status(v), v.image, str(v.cpu), f"{v.memory_mb}MB", f"{v.disk_gb}GB",
                  ctx.services.vms.url(v.name), ",".join(v.tags)] for v in vms]
         ctx.out.print(table(rows, ["name", "status", "image", "cpu", "mem", "disk", "url", "tags"]))
     else:
-        rows = [[v.name, str(v.status), v.image, ctx.services.vms.url(v.name)] for v in vms]
+        rows = [[v.name, status(v), v.image, ctx.services.vms.url(v.name)] for v in vms]
         ctx.out.print(table(rows, ["name", "status", "image", "url"]))
     return 0
 
@@ -176,4 +182,18 @@ async def ssh(ctx: CommandContext, a: argparse.Namespace) -> int:
     if ctx.attach is None:
         raise UsageError("ssh works only over SSH; from a terminal use: " + ctx.services.vms.ssh_command(a.vm))
     vm = await ctx.services.vms.get(ctx.actor, a.vm)
-    return await ctx.attach(vm.name, " ".join(a.command) if a.command else None)
+    return await ctx.attach(vm.name, guest_command(a.command))
+
+
+def guest_command(argv: list[str]) -> str | None:
+    """The command line the guest's shell runs for ``ssh <vm> <command…>`` (pure).
+
+    The lobby split the line like a shell, so the words are quoted again for the guest's shell: ``printf '%s|'
+    'a  b' 'c;d'`` reaches it as those three arguments. One word is passed as it is, like OpenSSH does with a
+    single argument, so ``ssh web 'ls | wc -l'`` runs a pipeline in the guest.
+    """
+    if not argv:
+        return None
+    if len(argv) == 1:
+        return argv[0]
+    return shlex.join(argv)

@@ -18,6 +18,8 @@ An implementation **must**:
 - ``copy_disk(src_id, dst_spec)``: a new, independent VM disk with the source's contents (the source is stopped).
 - ``exec(vm_id, argv, ...)``: run a process in the guest with pipes (used by tests, the doctor and init tasks).
 - ``get_state(vm_id)`` / ``load_state(vm_id, state)``: re-attach to a running VM after a server restart.
+- ``list_vms()``: the ids of every VM it holds on this host (running or not), found from the host itself (its
+  disks and run files), not from memory: the core compares them with the DB to stop VMs that have no row.
 
 An implementation **may** override ``check()`` to say whether it can run on this host (``doctor`` prints it).
 Guest contract: user ``ussycode`` (uid 1000, passwordless sudo), sshd on port 22 accepting the gateway key, the
@@ -97,6 +99,10 @@ class Runtime(abc.ABC):
 
     @abc.abstractmethod
     def get_state(self, vm_id: str) -> dict[str, Any]: ...
+
+    @abc.abstractmethod
+    async def list_vms(self) -> list[str]:
+        """Ids of the VMs this runtime holds on this host (running or stopped), read from the host."""
 
     @abc.abstractmethod
     async def load_state(self, vm_id: str, state: dict[str, Any]) -> None: ...

@@ -313,8 +313,7 @@ class ImageStore:
             manifest = json.loads((path / "manifest.json").read_text())
         except (OSError, ValueError) as exc:
             raise ImageError(
-                f"image {path.name} is corrupt (manifest.json: {exc}); rebuild it with "
-                f"`ussycode image build --force`",
+                f"image {path.name} is corrupt (manifest.json: {exc}); {_rebuild_hint(path)}",
                 reason="image_corrupt",
             ) from None
         if not isinstance(manifest, dict) or not {"name", "digest", "packages"} <= manifest.keys():
@@ -323,7 +322,7 @@ class ImageStore:
         for needed in ("etc/os-release", "usr/sbin/sshd", "usr/local/sbin/ussycode-init", "etc/passwd"):
             if not (rootfs / needed).exists():
                 raise ImageError(
-                    f"image {path.name} is corrupt ({needed} missing); rebuild it with `ussycode image build --force`",
+                    f"image {path.name} is corrupt ({needed} missing); {_rebuild_hint(path)}",
                     reason="image_corrupt",
                 )
         return manifest
@@ -333,6 +332,12 @@ class ImageStore:
             raise ImageError(f"image {path.name} does not exist", reason="image_missing")
         manifest = self._validate(path)
         return Image(name=str(manifest["name"]), digest=str(manifest["digest"]), path=path, manifest=manifest)
+
+
+def _rebuild_hint(path: Path) -> str:
+    """What to run to replace a corrupt image directory ``<name>-<digest12>`` (``build`` replaces a corrupt one)."""
+    name = path.name[:-13] if len(path.name) > 13 and path.name[-13] == "-" else path.name
+    return f"rebuild it with `ussycode image build --name {name}`"
 
 
 def _flock(path: Path) -> int:

@@ -8,6 +8,7 @@ inserts share one write transaction, so parallel ``new`` calls cannot overshoot 
 from __future__ import annotations
 
 import asyncio
+import builtins
 import logging
 import re
 import secrets
@@ -22,14 +23,14 @@ from ussycode.errors import Conflict, Forbidden, NotFound, RuntimeFailure, State
 from ussycode.runtime.base import Runtime
 from ussycode.services import quotas
 from ussycode.services.events import EventBus, VmEvent
+from ussycode.services.operations import Operation, Operations, Pending
 from ussycode.store import audit
 from ussycode.store import users as userq
 from ussycode.store import vms as q
 from ussycode.store.db import Store
 from ussycode.store.users import new_id
 from ussycode.store.vms import Vm
-from ussycode.tasks import TaskGroup
-from ussycode.types import RESERVED_NAMES, VM_NAME_RE, VmSpec, VmStatus, check_transition
+from ussycode.types import RESERVED_NAMES, VM_NAME_RE, TrustLevel, VmSpec, VmStatus, check_transition
 from ussycode.validate import printable_text
 
 log = logging.getLogger(__name__)
@@ -98,9 +99,8 @@ class VmService:
         self.images = images
         self.gateway_public_key = gateway_public_key
         self.events = events
-        self._locks: dict[str, asyncio.Lock] = {}
+        self.ops = Operations("vm-ops")
         self._start_slots = asyncio.Semaphore(max_parallel_starts)
-        self._background = TaskGroup("vms")
 
     # Presentation helpers shared by every frontend ---------------------------------------------------------
     def url(self, name: str) -> str:
@@ -137,9 +137,6 @@ class VmService:
     async def by_id(self, vm_id: str) -> Vm | None:
         return await self.store.read(lambda c: q.by_id(c, vm_id))
 
-    def _lock(self, vm_id: str) -> asyncio.Lock:
-        return self._locks.setdefault(vm_id, asyncio.Lock())
-
     async def _random_name(self) -> str:
         for _ in range(50):
             name = f"{secrets.choice(_ADJECTIVES)}-{secrets.choice(_NOUNS)}"
@@ -148,24 +145,41 @@ class VmService:
         return f"{secrets.choice(_ADJECTIVES)}-{secrets.choice(_NOUNS)}-{secrets.token_hex(2)}"
 
     # Lifecycle ----------------------------------------------------------------------------------------------
+    # Every change below runs as the VM's operation (services/operations.py): the task that does the work holds
+    # the VM's lock, and it runs to its end whoever waits for it. Intent is written to the DB before the runtime
+    # acts (``desired``), so a server killed at any moment is reconciled to a consistent state on restart.
+    def pending(self, vm_id: str) -> Pending | None:
+        """The operation in flight on this VM (``ls --json`` ``pending``), or None."""
+        return self.ops.pending(vm_id)
+
     async def create(self, actor: Actor, *, name: str | None = None, image: str | None = None,
                      cpu: int = DEFAULT_CPU, memory_mb: int = DEFAULT_MEMORY_MB, disk_gb: int = DEFAULT_DISK_GB,
                      env: dict[str, str] | None = None, progress: Callable[[str], Awaitable[None]] | None = None,
                      source_vm: Vm | None = None) -> Vm:
         if actor.vm_scope:
             raise Forbidden("this token is scoped to one VM and cannot create VMs")
+        if source_vm is not None:
+            return await self.copy(actor, source_vm.name, name)
         name = validate_vm_name(name) if name else await self._random_name()
         image = printable_text(image, "image name", max_len=64) if image else self.settings.default_image
         check_sizes(cpu, memory_mb, disk_gb)
-        if source_vm is None:
-            try:
-                self.images.resolve(image)
-            except UssyError:
-                raise
-            except Exception as exc:  # an image store's own failure is the user's missing image
-                raise NotFound(f"no image named {image!r}: {exc}") from None
+        try:
+            await asyncio.to_thread(self.images.resolve, image)  # hashes the image recipe: off the loop
+        except UssyError:
+            raise
+        except Exception as exc:  # an image store's own failure is the user's missing image
+            raise NotFound(f"no image named {image!r}: {exc}") from None
         vm_id = new_id()
 
+        async def work() -> Vm:
+            vm = await self.store.write(self._insert_tx(actor, vm_id, name, image, cpu, memory_mb, disk_gb,
+                                                        env or {}, None))
+            return await self._build(actor, vm, progress, None)
+
+        return await self.ops.run({vm_id: Pending.CREATING}, work, label=f"create {name}")
+
+    def _insert_tx(self, actor: Actor, vm_id: str, name: str, image: str, cpu: int, memory_mb: int,
+                   disk_gb: int, env: dict[str, str], source: Vm | None) -> Callable[[sa.Connection], Vm]:
         def tx(c: sa.Connection) -> Vm:
             user = userq.by_id(c, actor.id)
             if user is None:
@@ -175,64 +189,78 @@ class VmService:
             if q.by_name(c, name) is not None:
                 raise Conflict(f"the name {name!r} is taken; pick another")
             q.insert(c, id=vm_id, name=name, owner_id=actor.id, image=image, cpu=cpu, memory_mb=memory_mb,
-                     disk_gb=disk_gb, env=env or {}, runtime=self.runtime.name,
-                     tags=source_vm.tags if source_vm else ())
-            audit.record(c, actor_id=actor.id, source=actor.source, action="vm.cp" if source_vm else "vm.create",
+                     disk_gb=disk_gb, env=env, runtime=self.runtime.name, tags=source.tags if source else ())
+            audit.record(c, actor_id=actor.id, source=actor.source, action="vm.cp" if source else "vm.create",
                          target=name, image=image, cpu=cpu, memory_mb=memory_mb, disk_gb=disk_gb,
-                         **({"from": source_vm.name} if source_vm else {}))
-            vm = q.by_name(c, name)
+                         **({"from": source.name} if source else {}))
+            vm = q.by_id(c, vm_id)
             assert vm is not None
             return vm
 
-        vm = await self.store.write(tx)
+        return tx
 
-        async def build() -> Vm:
-            async with self._lock(vm.id):
-                try:
-                    if progress:
-                        await progress(f"creating disk for {name} ({disk_gb} GB)")
-                    if source_vm is not None:
-                        await self._copy_disk(actor, source_vm, vm, progress)
-                    else:
-                        await self.runtime.create(self.spec(vm))
-                    await self.events.publish(VmEvent("created", vm.id, vm.name))
-                    if progress:
-                        await progress(f"starting {name}")
-                    return await self._boot(actor, vm)
-                except Exception as exc:
-                    await self._mark_error(vm, exc)
-                    raise self._as_failure(exc, f"could not create {name}") from exc
+    async def _build(self, actor: Actor, vm: Vm, progress: Callable[[str], Awaitable[None]] | None,
+                     source: Vm | None) -> Vm:
+        """Make the disk (fresh or copied from ``source``) and boot ``vm``; the row exists, status ``creating``.
+        Cancelled (``rm`` during ``new``), it removes what it made, row included: the VM never existed."""
+        try:
+            await _say(progress, f"creating disk for {vm.name} ({vm.disk_gb} GB)")
+            if source is not None:
+                await self._copy_disk(source, vm, progress)
+            else:
+                await self.runtime.create(self.spec(vm))
+            await self.events.publish(VmEvent("created", vm.id, vm.name))
+            await _say(progress, f"starting {vm.name}")
+            return await self._boot(actor, vm)
+        except asyncio.CancelledError:
+            await _finish(self._discard(vm, "vm.create_cancelled"))
+            raise
+        except Exception as exc:
+            await self._mark_error(vm, exc)
+            raise self._as_failure(exc, f"could not create {vm.name}") from exc
 
-        return await self._run_to_the_end(build(), f"create {name}")
+    async def _discard(self, vm: Vm, action: str) -> None:
+        """Remove a VM that never finished being made: runtime side first, then the row."""
+        try:
+            await self.runtime.destroy(vm.id)
+        except Exception as exc:
+            log.error("cleaning up %s (%s) failed: %s", vm.name, vm.id, exc)
+            await self._mark_error(vm, exc)
+            return
 
-    async def _run_to_the_end(self, coro: Coroutine[Any, Any, Vm], what: str) -> Vm:
-        """Run a lifecycle change to its end even if the caller goes away (a dropped SSH session, an API
-        timeout): a half-made VM would otherwise stay ``creating`` with nobody to finish or clean it up."""
-        task = self._background.spawn(coro, what)
-        return await asyncio.shield(task)
+        def tx(c: sa.Connection) -> None:
+            q.delete(c, vm.id)
+            audit.record(c, actor_id=None, source="system", action=action, target=vm.name)
 
-    async def _copy_disk(self, actor: Actor, src: Vm, dst: Vm,
-                         progress: Callable[[str], Awaitable[None]] | None) -> None:
-        """Copy ``src``'s disk for ``dst``. A runtime that can only copy a stopped disk gets the source stopped
-        for the copy and started again afterwards (the caller already holds the source's lock)."""
+        await self.store.write(tx)
+        await self.events.publish(VmEvent("removed", vm.id, vm.name))
+
+    async def _copy_disk(self, src: Vm, dst: Vm, progress: Callable[[str], Awaitable[None]] | None) -> None:
+        """Copy ``src``'s disk for ``dst`` (both locks are held by the copy operation). A runtime that can only
+        copy a stopped disk gets the source stopped for the copy and started again afterwards, even when the
+        copy is cancelled (its ``desired`` stays ``running``, so a server killed meanwhile restarts it)."""
         try:
             await self.runtime.copy_disk(src.id, self.spec(dst))
             return
         except StateError:
             if await self.runtime.status(src.id) is not VmStatus.RUNNING:
                 raise
-        if progress:
-            await progress(f"stopping {src.name} for the copy (this runtime copies stopped disks only)")
+        await _say(progress, f"stopping {src.name} for the copy (this runtime copies stopped disks only)")
         await self.runtime.stop(src.id)
         try:
             await self.runtime.copy_disk(src.id, self.spec(dst))
         finally:
-            if progress:
-                await progress(f"starting {src.name} again")
+            await _say(progress, f"starting {src.name} again")
+            await _finish(self._restart_source(src))
+
+    async def _restart_source(self, src: Vm) -> None:
+        try:
             async with self._start_slots:
                 await self.runtime.start(self.spec(src))
             state = self.runtime.get_state(src.id)
             await self.store.write(lambda c: q.update(c, src.id, runtime_state=state))
+        except Exception as exc:
+            await self._mark_error(src, exc)
 
     async def _boot(self, actor: Actor, vm: Vm) -> Vm:
         async with self._start_slots:
@@ -250,8 +278,8 @@ class VmService:
         await self.events.publish(VmEvent("started", vm.id, vm.name))
         return vm
 
-    async def _mark_error(self, vm: Vm, exc: BaseException) -> None:
-        message = exc.user_message if isinstance(exc, UssyError) else str(exc)
+    async def _mark_error(self, vm: Vm, exc: BaseException | str) -> None:
+        message = exc if isinstance(exc, str) else exc.user_message if isinstance(exc, UssyError) else str(exc)
         log.error("VM %s (%s) failed: %s", vm.name, vm.id, getattr(exc, "log_message", exc))
         await self.store.write(lambda c: q.update(c, vm.id, status=VmStatus.ERROR, error=message[:2000]))
 
@@ -261,34 +289,67 @@ class VmService:
             return exc
         return RuntimeFailure(f"{what}: {exc}", log_message=repr(exc))
 
+    async def _current(self, vm: Vm) -> Vm:
+        """The row as it is now (inside an operation); NotFound if it was removed meanwhile."""
+        now = await self.by_id(vm.id)
+        if now is None:
+            raise NotFound(f"{vm.name} was removed")
+        return now
+
+    async def _owner_level(self, actor: Actor) -> TrustLevel:
+        owner = await self.store.read(lambda c: userq.by_id(c, actor.id))
+        return owner.trust_level if owner is not None else actor.user.trust_level
+
     async def start(self, actor: Actor, name: str) -> Vm:
         vm = await self.get(actor, name)
-        async with self._lock(vm.id):
-            vm = await self.get(actor, name)
-            if vm.status is VmStatus.RUNNING:
+        if vm.status is VmStatus.RUNNING and self.pending(vm.id) is None:
+            raise StateError(f"{name} is already running")
+        quotas.check_size(await self._owner_level(actor), vm.cpu, vm.memory_mb, vm.disk_gb)
+
+        async def work() -> Vm:
+            now = await self._current(vm)
+            if now.status is VmStatus.RUNNING:
                 raise StateError(f"{name} is already running")
-            check_transition(name, vm.status, VmStatus.RUNNING)
-            level = actor.user.trust_level
-            owner = await self.store.read(lambda c: userq.by_id(c, actor.id))
-            if owner is not None:
-                level = owner.trust_level
-            quotas.check_size(level, vm.cpu, vm.memory_mb, vm.disk_gb)
+            check_transition(name, now.status, VmStatus.RUNNING)
+            await self.store.write(lambda c: q.update(c, vm.id, desired="running"))
+            return await self._start_owned(actor, now, f"could not start {name}")
 
-            async def boot() -> Vm:
-                try:
-                    return await self._boot(actor, vm)
-                except Exception as exc:
-                    await self._mark_error(vm, exc)
-                    raise self._as_failure(exc, f"could not start {name}") from exc
+        return await self.ops.run({vm.id: Pending.STARTING}, work, label=f"start {name}",
+                                  join=True)
 
-            return await self._run_to_the_end(boot(), f"start {name}")
+    async def _start_owned(self, actor: Actor, vm: Vm, what: str) -> Vm:
+        """Boot inside an operation. Cancelled (``rm``/``stop`` during it), it stops what it started."""
+        try:
+            return await self._boot(actor, vm)
+        except asyncio.CancelledError:
+            await _finish(self._halt(vm, "the start was cancelled"))
+            raise
+        except Exception as exc:
+            await self._mark_error(vm, exc)
+            raise self._as_failure(exc, what) from exc
+
+    async def _halt(self, vm: Vm, why: str) -> None:
+        """Stop the VM in the runtime and record it stopped (a cancelled start's clean-up)."""
+        log.info("stopping %s: %s", vm.name, why)
+        try:
+            await self.runtime.stop(vm.id)
+        except Exception as exc:
+            await self._mark_error(vm, exc)
+            return
+        await self.store.write(lambda c: q.update(c, vm.id, status=VmStatus.STOPPED, desired="stopped"))
+        await self.events.publish(VmEvent("stopped", vm.id, vm.name))
 
     async def stop(self, actor: Actor, name: str) -> Vm:
         vm = await self.get(actor, name)
-        async with self._lock(vm.id):
-            vm = await self.get(actor, name)
-            if vm.status is VmStatus.STOPPED:
+        preempting = self.pending(vm.id) in (Pending.STARTING, Pending.CREATING, Pending.RESTARTING)
+        if vm.status is VmStatus.STOPPED and self.pending(vm.id) is None:
+            raise StateError(f"{name} is already stopped")
+
+        async def work() -> Vm:
+            now = await self._current(vm)
+            if now.status is VmStatus.STOPPED and not preempting:
                 raise StateError(f"{name} is already stopped")
+            await self.store.write(lambda c: q.update(c, vm.id, desired="stopped"))
             await self.runtime.stop(vm.id)
 
             def tx(c: sa.Connection) -> Vm:
@@ -298,28 +359,53 @@ class VmService:
                 assert new is not None
                 return new
 
-            vm = await self.store.write(tx)
-        await self.events.publish(VmEvent("stopped", vm.id, vm.name))
-        return vm
+            stopped = await self.store.write(tx)
+            await self.events.publish(VmEvent("stopped", vm.id, vm.name))
+            return stopped
+
+        return await self.ops.run({vm.id: Pending.STOPPING}, work, label=f"stop {name}", preempt=True)
 
     async def restart(self, actor: Actor, name: str) -> Vm:
         vm = await self.get(actor, name)
-        if vm.status is VmStatus.RUNNING:
-            await self.stop(actor, name)
-        return await self.start(actor, name)
+        quotas.check_size(await self._owner_level(actor), vm.cpu, vm.memory_mb, vm.disk_gb)
+
+        async def work() -> Vm:
+            now = await self._current(vm)
+            await self.store.write(lambda c: q.update(c, vm.id, desired="running"))
+            if now.status is VmStatus.RUNNING:
+                await self.runtime.stop(vm.id)
+                await self.store.write(lambda c: q.update(c, vm.id, status=VmStatus.STOPPED))
+                await self.events.publish(VmEvent("stopped", vm.id, vm.name))
+                now = await self._current(vm)
+            return await self._start_owned(actor, now, f"could not restart {name}")
+
+        return await self.ops.run({vm.id: Pending.RESTARTING}, work, label=f"restart {name}")
 
     async def remove(self, actor: Actor, name: str) -> None:
+        """Delete the VM. A start, create or copy in flight is cancelled first (it cleans up after itself);
+        anything else in flight is waited for. The intent is recorded first (``desired = removed``): a server
+        killed half-way finishes the removal when it starts again."""
         vm = await self.get(actor, name)
-        async with self._lock(vm.id):
-            await self.runtime.destroy(vm.id)
+
+        async def work() -> None:
+            now = await self.by_id(vm.id)
+            if now is None:
+                return  # a cancelled create removed it already
+            await self.store.write(lambda c: q.update(c, vm.id, desired=REMOVED))
+            try:
+                await self.runtime.destroy(vm.id)
+            except Exception as exc:
+                await self._mark_error(now, exc)
+                raise self._as_failure(exc, f"could not remove {name} (run 'rm {name}' again)") from exc
 
             def tx(c: sa.Connection) -> None:
                 q.delete(c, vm.id)
                 audit.record(c, actor_id=actor.id, source=actor.source, action="vm.remove", target=name)
 
             await self.store.write(tx)
-        self._locks.pop(vm.id, None)
-        await self.events.publish(VmEvent("removed", vm.id, vm.name))
+            await self.events.publish(VmEvent("removed", vm.id, vm.name))
+
+        await self.ops.run({vm.id: Pending.REMOVING}, work, label=f"rm {name}", preempt=True)
 
     async def rename(self, actor: Actor, old: str, new: str) -> Vm:
         new = validate_vm_name(new)
@@ -334,7 +420,7 @@ class VmService:
             assert renamed is not None
             return renamed
 
-        async with self._lock(vm.id):
+        async with self.ops.lock(vm.id):
             renamed = await self.store.write(tx)
         await self.events.publish(VmEvent("renamed", vm.id, new, old_name=old))
         return renamed
@@ -357,13 +443,26 @@ class VmService:
         return await self.store.write(tx)
 
     async def copy(self, actor: Actor, name: str, new_name: str | None = None) -> Vm:
+        """A new VM with a copy of ``name``'s disk. One operation holds both VMs' locks for the whole copy."""
+        if actor.vm_scope:
+            raise Forbidden("this token is scoped to one VM and cannot create VMs")
         src = await self.get(actor, name)
         if src.status is VmStatus.CREATING:
             raise StateError(f"{name} is still being created")
-        async with self._lock(src.id):
-            return await self.create(actor, name=new_name or await self._copy_name(name), image=src.image,
-                                     cpu=src.cpu, memory_mb=src.memory_mb, disk_gb=src.disk_gb, env=src.env,
-                                     source_vm=src)
+        dst_name = validate_vm_name(new_name) if new_name else await self._copy_name(name)
+        dst_id = new_id()
+
+        async def work() -> Vm:
+            source = await self._current(src)
+            if source.status is VmStatus.CREATING or source.desired == REMOVED:
+                raise StateError(f"{name} is {source.status}; it cannot be copied now")
+            dst = await self.store.write(self._insert_tx(
+                actor, dst_id, dst_name, source.image, source.cpu, source.memory_mb, source.disk_gb,
+                source.env, source))
+            return await self._build(actor, dst, None, source)
+
+        return await self.ops.run({src.id: Pending.COPYING, dst_id: Pending.CREATING}, work,
+                                  label=f"cp {name} {dst_name}")
 
     async def _copy_name(self, name: str) -> str:
         for i in range(2, 100):
@@ -374,46 +473,112 @@ class VmService:
 
     # Reconciliation -------------------------------------------------------------------------------------------
     async def reconcile(self) -> None:
-        """Make reality match the DB after a (re)start: re-attach running VMs, boot those that should run."""
-        for vm in await self.store.read(q.all_vms):
-            try:
-                await self._reconcile_one(vm)
-            except Exception as exc:
-                log.exception("reconciling %s failed", vm.name)
-                await self._mark_error(vm, exc)
+        """Make reality match the DB after a (re)start, and wait for it: see :meth:`begin_reconcile`."""
+        ops = await self.begin_reconcile()
+        if ops:
+            await asyncio.wait([op.task for op in ops])
+
+    async def begin_reconcile(self) -> builtins.list[Operation]:
+        """Start re-attaching every VM, each as its own operation (``pending: starting`` until done), and stop
+        VMs the runtime runs without a row. Returns at once with the operations, so the server can listen
+        while VMs re-attach concurrently behind it.
+
+        Per row: an interrupted ``rm`` (``desired = removed``) is finished; an interrupted ``new``/``cp``
+        (status ``creating``) is undone, row included; a VM that should run is re-attached or booted; a VM that
+        should be stopped but runs is stopped."""
+        rows = await self.store.read(q.all_vms)
+        ops: builtins.list[Operation] = []
+        for vm in rows:
+            if self.ops.pending(vm.id) is None:
+                ops.append(self.ops.submit({vm.id: Pending.STARTING}, _bind(self._reconcile_one, vm),
+                                           label=f"reattach {vm.name}"))
+        await self.sweep_orphans({vm.id for vm in rows})
+        return ops
 
     async def _reconcile_one(self, vm: Vm) -> None:
-        async with self._lock(vm.id):
-            if vm.runtime_state:
-                await self.runtime.load_state(vm.id, vm.runtime_state)
-            actual = await self.runtime.status(vm.id)
-            if vm.desired == "running" and actual is not VmStatus.RUNNING:
-                log.info("starting %s: it was running before the server stopped", vm.name)
-                system = await self._system_actor(vm)
-                try:
-                    await self._boot(system, vm)
-                except Exception as exc:
-                    await self._mark_error(vm, exc)
+        try:
+            now = await self.by_id(vm.id)
+            if now is None:
                 return
-            if actual is VmStatus.RUNNING:
-                state = self.runtime.get_state(vm.id)
-                await self.store.write(lambda c: q.update(c, vm.id, status=actual, runtime_state=state))
-                await self.events.publish(VmEvent("started", vm.id, vm.name))
-            elif vm.status is not actual and vm.status is not VmStatus.ERROR:
-                await self.store.write(lambda c: q.update(c, vm.id, status=actual))
+            if now.desired == REMOVED:
+                log.warning("finishing the removal of %s (interrupted)", now.name)
+                await self._discard(now, "vm.remove")
+                return
+            if now.status is VmStatus.CREATING:
+                log.warning("removing %s: its creation was interrupted", now.name)
+                await self._discard(now, "vm.create_interrupted")
+                return
+            if now.runtime_state:
+                await self.runtime.load_state(now.id, now.runtime_state)
+            actual = await self.runtime.status(now.id)
+            if now.desired == "running" and actual is not VmStatus.RUNNING:
+                log.info("starting %s: it was running before the server stopped", now.name)
+                system = await self._system_actor(now)
+                try:
+                    await self._boot(system, now)
+                except Exception as exc:
+                    await self._mark_error(now, exc)
+            elif now.desired == "stopped" and actual is VmStatus.RUNNING:
+                await self._halt(now, "it should be stopped")
+            elif actual is VmStatus.RUNNING:
+                state = self.runtime.get_state(now.id)
+                await self.store.write(lambda c: q.update(c, now.id, status=actual, runtime_state=state))
+                await self.events.publish(VmEvent("started", now.id, now.name))
+            elif now.status is not actual and now.status is not VmStatus.ERROR:
+                await self.store.write(lambda c: q.update(c, now.id, status=actual))
+        except Exception as exc:
+            log.exception("reconciling %s failed", vm.name)
+            await self._mark_error(vm, exc)
+
+    async def sweep_orphans(self, known: set[str] | None = None) -> builtins.list[str]:
+        """Stop VMs the runtime runs that have no row (nobody could ever reach or remove them), and say so.
+        Returns the ids stopped. Their disks stay: deleting data is a person's decision."""
+        try:
+            present = await self.runtime.list_vms()
+        except NotImplementedError:
+            return []
+        if known is None:
+            known = {vm.id for vm in await self.store.read(q.all_vms)}
+        stopped: builtins.list[str] = []
+        for vm_id in sorted(set(present) - known):
+            async with self.ops.lock(vm_id):
+                if self.ops.pending(vm_id) is not None or await self.by_id(vm_id) is not None:
+                    continue
+                if await self.runtime.status(vm_id) is not VmStatus.RUNNING:
+                    continue
+                log.warning("VM %s runs but has no row in the database; stopping it (its disk is kept)", vm_id)
+                try:
+                    await self.runtime.stop(vm_id)
+                except Exception:
+                    log.exception("stopping orphan VM %s failed", vm_id)
+                    continue
+                await self.store.write(lambda c, vm_id=vm_id: audit.record(  # type: ignore[misc]
+                    c, actor_id=None, source="system", action="vm.orphan_stopped", target=vm_id))
+                stopped.append(vm_id)
+        return stopped
 
     async def _system_actor(self, vm: Vm) -> Actor:
         owner = await self.store.read(lambda c: userq.by_id(c, vm.owner_id))
         assert owner is not None
         return Actor(user=owner, source="system")
 
-    async def watch_once(self) -> None:
-        """Notice VMs that died behind our back: the DB never claims a dead VM is running."""
-        for vm in await self.store.read(q.all_vms):
-            if vm.status is not VmStatus.RUNNING or self._lock(vm.id).locked():
+    async def watch_once(self, *, sweep: bool = True) -> None:
+        """Notice VMs that died behind our back (the DB never claims a dead VM is running), and VMs that run
+        without a row. Each correction is made under the VM's lock, after checking again."""
+        rows = await self.store.read(q.all_vms)
+        for n, vm in enumerate(rows):
+            if n % 64 == 63:
+                await asyncio.sleep(0)  # thousands of rows: let the loop breathe
+            if vm.status is not VmStatus.RUNNING or self.ops.busy(vm.id):
                 continue
-            actual = await self.runtime.status(vm.id)
-            if actual is not VmStatus.RUNNING:
+            if await self.runtime.status(vm.id) is VmStatus.RUNNING:
+                continue
+            async with self.ops.lock(vm.id):
+                now = await self.by_id(vm.id)
+                if now is None or now.status is not VmStatus.RUNNING or self.ops.pending(vm.id) is not None:
+                    continue
+                if await self.runtime.status(vm.id) is VmStatus.RUNNING:
+                    continue
                 log.warning("VM %s stopped unexpectedly", vm.name)
 
                 def tx(c: sa.Connection, vm: Vm = vm) -> None:
@@ -422,12 +587,46 @@ class VmService:
                     audit.record(c, actor_id=None, source="system", action="vm.crashed", target=vm.name)
 
                 await self.store.write(tx)
-                await self.events.publish(VmEvent("stopped", vm.id, vm.name))
+            await self.events.publish(VmEvent("stopped", vm.id, vm.name))
+        if sweep:
+            await self.sweep_orphans({vm.id for vm in rows})
 
-    async def watch(self, interval: float = 3.0) -> None:
+    async def watch(self, interval: float = 3.0, sweep_every: int = 10) -> None:
+        n = 0
         while True:
             try:
-                await self.watch_once()
+                await self.watch_once(sweep=n % sweep_every == 0)
             except Exception:
                 log.exception("VM watch failed")
+            n += 1
             await asyncio.sleep(interval)
+
+    async def close(self, grace: float = 20.0) -> None:
+        """Let operations in flight finish (then cancel them: each cleans up after itself)."""
+        await self.ops.close(grace)
+
+
+REMOVED = "removed"  # ``desired`` of a VM whose removal has begun
+
+
+async def _say(progress: Callable[[str], Awaitable[None]] | None, message: str) -> None:
+    """Progress for whoever asked; they may have hung up, which must not stop the operation."""
+    if progress is not None:
+        try:
+            await progress(message)
+        except Exception as exc:  # noqa: BLE001 - a gone caller's channel
+            log.debug("progress not delivered: %s", exc)
+
+
+async def _finish(coro: Coroutine[Any, Any, None]) -> None:
+    """Run a clean-up to its end even if the task running it is cancelled again meanwhile."""
+    task = asyncio.ensure_future(coro)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.wait([task])
+        raise
+
+
+def _bind(fn: Callable[[Vm], Awaitable[None]], vm: Vm) -> Callable[[], Awaitable[None]]:
+    return lambda: fn(vm)

@@ -29,6 +29,9 @@ async def connect_to_vm(gateway: Gateway, vm_id: str, vm_name: str) -> asyncssh.
     vm = await gateway.services.vms.by_name(vm_name)
     if vm is None or vm.id != vm_id:
         raise StateError(f"{vm_name} no longer exists")
+    pending = gateway.services.vms.pending(vm.id)
+    if pending is not None:  # e.g. still re-attaching after a server restart
+        raise StateError(f"{vm_name} is {pending}; try again in a moment", reason="pending")
     if vm.status is not VmStatus.RUNNING:
         raise StateError(f"{vm_name} is {vm.status}; start it with 'start {vm_name}'")
     runtime = gateway.services.vms.runtime

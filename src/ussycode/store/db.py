@@ -94,9 +94,9 @@ class Store:
     """The DB handle every service uses: ``await store.read(fn)`` / ``await store.write(fn)``.
 
     ``fn`` receives a :class:`sqlalchemy.Connection` inside a transaction. Writes run in order on one writer
-    thread. Reads on SQLite run right on the event loop: a few indexed reads in WAL mode are never blocked by the
-    writer and cost less than the hop to a worker thread (which dominated request handling); on PostgreSQL they
-    run on a small thread pool.
+    thread; reads run on a small pool of reader threads (as Datasette does), never on the event loop: a read
+    over thousands of rows takes tens of milliseconds, and every SSH session and proxied request would wait
+    for it. ``fn`` must not touch the loop (it runs in another thread).
     """
 
     def __init__(self, url: str) -> None:
@@ -106,7 +106,6 @@ class Store:
         self.engine = make_engine(url)
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="db-write")
         self._readers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="db-read")
-        self._inline_reads = url.startswith("sqlite")
 
     def migrate(self) -> Path | None:
         return migrate(self.engine)
@@ -119,8 +118,6 @@ class Store:
         return await asyncio.get_running_loop().run_in_executor(self._writer, self._run, fn)
 
     async def read(self, fn: Callable[[sa.Connection], T]) -> T:
-        if self._inline_reads:
-            return self._run(fn)
         return await asyncio.get_running_loop().run_in_executor(self._readers, self._run, fn)
 
     def close(self) -> None:

@@ -177,6 +177,10 @@ class ContainerRuntime(Runtime):
     def get_state(self, vm_id: str) -> dict[str, Any]:
         return self._state(vm_id).as_json()
 
+    async def list_vms(self) -> list[str]:
+        """Every VM with a state sidecar in the disks directory."""
+        return sorted(p.stem for p in await asyncio.to_thread(lambda: list(self.disks_dir.glob("*.json"))))
+
     async def load_state(self, vm_id: str, state: dict[str, Any]) -> None:
         """Re-attach to VM ``vm_id`` from a blob :meth:`get_state` returned (the VM keeps running)."""
         async with self._lock(vm_id):

@@ -244,6 +244,11 @@ class QemuRuntime(Runtime):
             "forwards": sorted(self._forwards.get(vm_id, {22})),
         }
 
+    async def list_vms(self) -> list[str]:
+        """Every VM with a directory under ``<data_dir>/qemu/vms``."""
+        vms = self.data_dir / "vms"
+        return sorted(p.name for p in await asyncio.to_thread(lambda: list(vms.iterdir()) if vms.is_dir() else []))
+
     async def load_state(self, vm_id: str, state: dict[str, Any]) -> None:
         pid = state.get("pid")
         p = self.paths(vm_id)
