@@ -79,6 +79,8 @@ class App:
             await self._start()
         except BaseException:
             log.error("start-up failed; stopping what was started")
+            if self.services is not None:
+                await self.services.vms.close(grace=0)  # re-attachments never began: drop them
             await self.stop()
             raise
 
@@ -107,7 +109,9 @@ class App:
         self.https: HttpsEntry | None = HttpsEntry(self.services)
         # ---------------------------------------------------------------------------------------------------------
         log.info("runtime: %s", runtime.name)
-        # Listen first; VMs re-attach concurrently behind the listeners (each answers "starting" until done).
+        # Every VM is marked "starting" before anything listens; they re-attach concurrently once all listens.
+        go = asyncio.Event()
+        self.reattaching = await vms.begin_reconcile(go)
         self.gateway = Gateway(self.services, host_key, client_key)
         self.ssh_port = await self.gateway.start()
         log.info("SSH gateway listening on %s (port %d)", s.ssh_addr, self.ssh_port)
@@ -116,7 +120,7 @@ class App:
         await self.https.start(self.http_port)  # routes from the DB, then Caddy (HTTPS entry)
         self.metadata = MetadataService(self.services)
         await self.metadata.start()
-        self.reattaching = await vms.begin_reconcile()
+        go.set()
         self.tasks.spawn(vms.watch(), "vm-watch")
 
     async def reattached(self) -> None:
@@ -144,6 +148,8 @@ class App:
 
     async def stop(self) -> None:
         """Stop accepting, close sessions, stop background work. VMs keep running (and are re-attached)."""
+        if self.services is not None:
+            await self.services.vms.close(grace=10)  # operations in flight end (or undo themselves) first
         https = getattr(self, "https", None)
         if https is not None:
             await https.stop()  # stop Caddy first: no new HTTPS requests while we shut down
@@ -158,8 +164,6 @@ class App:
             self.http_server.should_exit = True
             await asyncio.wait([self._http_task], timeout=10)
         await self.tasks.close()
-        if self.services is not None:
-            await self.services.vms.close()
         if self._runtime is not None:
             await self._runtime.close()
         if self._store is not None:

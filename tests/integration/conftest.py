@@ -109,12 +109,15 @@ async def server_factory(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
     keys_dir = tmp_path / "keys"
     keys_dir.mkdir()
 
-    async def start(data_dir: Path | None = None, **overrides: Any) -> Server:
+    async def start(data_dir: Path | None = None, *, reattached: bool = True, **overrides: Any) -> Server:
+        """A server on ``data_dir``; with ``reattached`` (the default), once its VMs are back."""
         if shutil.which("ssh") is None:
             pytest.skip("OpenSSH client not installed (apt-get install openssh-client)")
         app = make_app(data_dir or tmp_path / "data", **overrides)
         await app.start()
         apps.append(app)
+        if reattached:
+            await app.reattached()
         assert app.ssh_port is not None
         return Server(app, app.ssh_port, app.settings.data_dir, keys_dir)
 

@@ -46,8 +46,9 @@ class MetadataService:
     async def start(self) -> None:
         """Listen for every running VM, and follow VMs as they start and stop."""
         self.services.events.subscribe(self._on_event)
-        for vm in await self.services.store.read(_running_vms):
-            await self._ensure(vm)
+        for vm_id in await self.services.store.read(_running_vms):
+            if self.services.vms.pending(vm_id) is None:  # one re-attaching says "started" when it is done
+                await self._ensure(vm_id)
 
     async def stop(self) -> None:
         for vm_id in list(self._servers):

@@ -477,25 +477,28 @@ class VmService:
         ops = await self.begin_reconcile()
         if ops:
             await asyncio.wait([op.task for op in ops])
+        await self.sweep_orphans()
 
-    async def begin_reconcile(self) -> builtins.list[Operation]:
-        """Start re-attaching every VM, each as its own operation (``pending: starting`` until done), and stop
-        VMs the runtime runs without a row. Returns at once with the operations, so the server can listen
-        while VMs re-attach concurrently behind it.
+    async def begin_reconcile(self, go: asyncio.Event | None = None) -> builtins.list[Operation]:
+        """Register the re-attachment of every VM, each as its own operation (``pending: starting`` until
+        done), and return them at once. The work waits for ``go``: the server registers first (so nothing
+        ever reads a VM as idle before it is re-attached), starts listening, then lets them run concurrently.
 
         Per row: an interrupted ``rm`` (``desired = removed``) is finished; an interrupted ``new``/``cp``
         (status ``creating``) is undone, row included; a VM that should run is re-attached or booted; a VM that
-        should be stopped but runs is stopped."""
+        should be stopped but runs is stopped. VMs the runtime runs without a row are the watcher's (its first
+        round runs at once)."""
         rows = await self.store.read(q.all_vms)
         ops: builtins.list[Operation] = []
         for vm in rows:
             if self.ops.pending(vm.id) is None:
-                ops.append(self.ops.submit({vm.id: Pending.STARTING}, _bind(self._reconcile_one, vm),
+                ops.append(self.ops.submit({vm.id: Pending.STARTING}, _bind(self._reconcile_one, vm, go),
                                            label=f"reattach {vm.name}"))
-        await self.sweep_orphans({vm.id for vm in rows})
         return ops
 
-    async def _reconcile_one(self, vm: Vm) -> None:
+    async def _reconcile_one(self, vm: Vm, go: asyncio.Event | None = None) -> None:
+        if go is not None:
+            await go.wait()
         try:
             now = await self.by_id(vm.id)
             if now is None:
@@ -628,5 +631,6 @@ async def _finish(coro: Coroutine[Any, Any, None]) -> None:
         raise
 
 
-def _bind(fn: Callable[[Vm], Awaitable[None]], vm: Vm) -> Callable[[], Awaitable[None]]:
-    return lambda: fn(vm)
+def _bind(fn: Callable[[Vm, asyncio.Event | None], Awaitable[None]], vm: Vm,
+          go: asyncio.Event | None) -> Callable[[], Awaitable[None]]:
+    return lambda: fn(vm, go)

@@ -36,7 +36,8 @@ async def test_new_ssh_persist_restart_rm(server_factory, tmp_path: Path) -> Non
     server = await server_factory(data)
     key = await server.register("demo")
     vm = await _new(server, key, "--name=box1", "--env", "'GREETING=hello world'")
-    assert set(vm) == {"name", "status", "image", "cpu", "memory_mb", "disk_gb", "url", "ssh", "tags", "created_at"}
+    assert set(vm) == {"name", "status", "pending", "image", "cpu", "memory_mb", "disk_gb", "url", "ssh", "tags",
+                       "created_at"}
     https_port = server.app.settings.https_addr.rsplit(":", 1)[1]
     assert vm["name"] == "box1" and vm["url"] == f"http://box1.localhost:{https_port}"  # the tests run --tls off
     assert vm["ssh"].startswith("ssh -p ") and vm["ssh"].endswith(" box1@localhost")
@@ -227,6 +228,11 @@ async def test_ssh_from_the_lobby(server) -> None:
     await _new(server, key, "--name=hop1", "--disk=1")
     r = await server.ssh(key, "ssh", "hop1", "echo", "from-lobby")
     assert r.exit_status == 0 and r.stdout.strip() == "from-lobby", r
+    # As typed in a shell: ssh host ssh hop1 printf "'%s|'" "'a  b'" "'c;d'" (the words keep their quoting).
+    r = await server.ssh(key, "ssh", "hop1", "printf", "'%s|'", "'a  b'", "'c;d'")
+    assert r.exit_status == 0 and r.stdout == "a  b|c;d|", r
+    r = await server.ssh(key, "ssh", "hop1", "'echo one two | wc -w'")  # one word: the guest's shell parses it
+    assert r.exit_status == 0 and r.stdout.strip() == "2", r
     conn = await server.connect(key)
     async with conn:
         proc = await conn.create_process(term_type="xterm", term_size=(80, 24))
