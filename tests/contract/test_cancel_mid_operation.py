@@ -113,3 +113,27 @@ async def test_caller_cancelled_mid_copy(control: Control) -> None:
         vm.id for vm in await c.vms.list(c.actor) if vm.name in ("cancel-src", "cancel-dst")}
     await c.vms.remove(c.actor, "cancel-dst")
     await c.vms.remove(c.actor, "cancel-src")
+
+
+async def test_a_failed_copy_never_leaves_the_source_frozen(control: Control,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    c = control
+    if c.runtime.name != "container":
+        pytest.skip("only the container runtime freezes a running source (fsfreeze) for a copy")
+    from ussycode.runtime.container import runtime as container_runtime
+
+    await c.vms.create(c.actor, name="frozen-src")
+
+    def copy_fails(src: Path, dst: Path) -> None:
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(container_runtime.disks, "copy_disk", copy_fails)
+    with pytest.raises(Exception, match="disk full"):
+        await c.vms.copy(c.actor, "frozen-src", "frozen-dst")
+    src = await c.vms.by_name("frozen-src")
+    assert src is not None
+    done = await c.runtime.exec(src.id, ["sh", "-c", "echo still-writable > ~/probe && cat ~/probe"], timeout=10)
+    assert done.exit_status == 0 and done.stdout.strip() == b"still-writable"
+    assert await c.vms.by_name("frozen-dst") is not None  # the failed copy stays listed, in error, until rm
+    await c.vms.remove(c.actor, "frozen-dst")
+    await c.vms.remove(c.actor, "frozen-src")

@@ -107,6 +107,9 @@ def recipe_digest(recipe: Recipe, files: list[Path] | None = None) -> str:
     return h.hexdigest()
 
 
+BUILD_TIMEOUT = 3600.0  # an image build that takes longer is stuck (a mirror that stopped answering)
+
+
 def image_dirname(name: str, digest: str) -> str:
     return f"{name}-{digest[:12]}"
 
@@ -270,11 +273,17 @@ class ImageStore:
                 stderr=asyncio.subprocess.STDOUT,
             )
             assert proc.stdout is not None
-            async for raw in proc.stdout:
-                line = raw.decode(errors="replace").rstrip()
-                tail = (tail + [line])[-40:]
-                say(line)
-            code = await proc.wait()
+            try:
+                async with asyncio.timeout(BUILD_TIMEOUT):
+                    async for raw in proc.stdout:
+                        line = raw.decode(errors="replace").rstrip()
+                        tail = (tail + [line])[-40:]
+                        say(line)
+                    code = await proc.wait()
+            except BaseException:
+                proc.kill()
+                await asyncio.shield(proc.wait())
+                raise
             if code != 0:
                 raise ImageError(
                     f"building image {recipe.name} failed (mmdebstrap exit {code})",

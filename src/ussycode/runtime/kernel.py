@@ -203,7 +203,7 @@ def _cpio_member(out: bytearray, name: str, mode: int, body: bytes, ino: int) ->
 
 def shared_libraries(binary: Path) -> list[Path]:
     """The shared libraries ``binary`` loads (from ``ldd``), the dynamic loader included."""
-    result = subprocess.run(["ldd", str(binary)], capture_output=True, text=True, check=False)
+    result = subprocess.run(["ldd", str(binary)], capture_output=True, text=True, check=False, timeout=30)
     libs: list[Path] = []
     for line in result.stdout.splitlines():
         match = re.search(r"(/\S+)\s+\(0x", line)
@@ -247,7 +247,7 @@ def _find_busybox() -> Path:
     for candidate in ("/bin/busybox", "/usr/bin/busybox"):
         path = Path(candidate)
         if path.exists():
-            out = subprocess.run(["ldd", candidate], capture_output=True, text=True, check=False)
+            out = subprocess.run(["ldd", candidate], capture_output=True, text=True, check=False, timeout=30)
             if "not a dynamic executable" in out.stdout + out.stderr:
                 return path
     found = shutil.which("busybox")

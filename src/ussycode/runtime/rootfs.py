@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ussycode.errors import ImageError, RuntimeFailure
+from ussycode.runtime.proc import run as run_command
 
 # Room for the base image's own metadata and a little free space; the VM disk gives the real size.
 _BASE_SLACK = 1.25
@@ -58,13 +59,10 @@ def tree_size_mb(tree: Path) -> int:
     return max(_BASE_MIN_MB, int(total / 2**20 * _BASE_SLACK) + 64)
 
 
-async def _run(argv: list[str], what: str) -> str:
-    proc = await asyncio.create_subprocess_exec(
-        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
-    )
-    out, _ = await proc.communicate()
-    text = out.decode(errors="replace")
-    if proc.returncode != 0:
+async def _run(argv: list[str], what: str, timeout: float = 900.0) -> str:
+    done = await run_command(argv, timeout=timeout, what=what)
+    text = done.output
+    if done.returncode != 0:
         raise RuntimeFailure(
             f"{what} failed", evidence=f"$ {' '.join(argv)}\n{text[-2000:]}", reason="disk"
         )

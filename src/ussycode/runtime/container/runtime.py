@@ -20,12 +20,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import shlex
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -40,7 +40,11 @@ from ussycode.runtime.cgroups import CgroupLimits, Cgroups, detect_version
 from ussycode.runtime.container import argv as nsinit
 from ussycode.runtime.container.state import VmState, alive, kill, start_time
 from ussycode.runtime.images import GUEST_DIR, ImageStore
+from ussycode.runtime.proc import run as run_command
+from ussycode.runtime.proc import run_sync as run_command_sync
 from ussycode.types import VmSpec, VmStatus
+
+log = logging.getLogger(__name__)
 
 GUEST_INIT = GUEST_DIR / "init.sh"
 SSH_PORT = 22
@@ -199,7 +203,7 @@ class ContainerRuntime(Runtime):
         async with self._lock(spec.id):
             if self._sidecar(spec.id).exists() and self._disk(spec.id).exists():
                 return
-            image = self.images.resolve(spec.image)
+            image = await asyncio.to_thread(self.images.resolve, spec.image)
             self.disks_dir.mkdir(parents=True, exist_ok=True)
             await asyncio.to_thread(disks.create_disk, self._disk(spec.id), spec.disk_gb)
             try:
@@ -264,11 +268,17 @@ class ContainerRuntime(Runtime):
             init=GUEST_INIT, meta=meta, cgroup_procs=self.cgroups.procs_files(st.vm_id), pidfile=pidfile,
         )
         with open(self._console(st.vm_id), "wb") as console:  # noqa: ASYNC230 (local, instant)
-            proc = await asyncio.create_subprocess_exec(
+            launcher = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=console, stderr=console,
                 start_new_session=True, cwd="/", env={"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")},
             )
-            code = await proc.wait()
+            try:
+                code = await asyncio.wait_for(launcher.wait(), self.boot_timeout)
+            except TimeoutError:
+                launcher.kill()
+                await launcher.wait()
+                raise RuntimeFailure(f"VM {st.hostname}: the launcher hung",
+                                     evidence=self._evidence(st, argv)) from None
         if code != 0 or not pidfile.exists():
             raise RuntimeFailure(
                 f"VM {st.hostname} failed to boot (launcher exit {code})", evidence=self._evidence(st, argv)
@@ -312,12 +322,28 @@ class ContainerRuntime(Runtime):
             ])
         finally:
             os.close(write_fd)
+        # Wait for the ready byte on the loop itself (no thread left blocked in read() on a descriptor that is
+        # closed below when the wait times out).
+        loop = asyncio.get_running_loop()
+        ready_byte: asyncio.Future[bytes] = loop.create_future()
+
+        def readable() -> None:
+            if not ready_byte.done():
+                try:
+                    ready_byte.set_result(os.read(read_fd, 1))
+                except BlockingIOError:
+                    return
+                except OSError:
+                    ready_byte.set_result(b"")
+
+        os.set_blocking(read_fd, False)
+        loop.add_reader(read_fd, readable)
         try:
-            loop = asyncio.get_running_loop()
-            ready = await asyncio.wait_for(loop.run_in_executor(None, os.read, read_fd, 1), timeout)
+            ready = await asyncio.wait_for(ready_byte, timeout)
         except TimeoutError:
             ready = b""
         finally:
+            loop.remove_reader(read_fd)
             os.close(read_fd)
         if ready != b"1":
             with contextlib.suppress(OSError):
@@ -527,13 +553,13 @@ class ContainerRuntime(Runtime):
                 raise StateError(f"VM {dst.name} already has a disk")
             mnt = self._vm_dir(src_id) / "disk"
             frozen = alive(src.pid, src.pid_start) and os.path.ismount(mnt)  # noqa: ASYNC240 (instant)
-            if frozen:
-                await _run(["fsfreeze", "--freeze", str(mnt)], "freezing the source disk")
             try:
+                if frozen:  # inside the try: a freeze that timed out may still have frozen it
+                    await _run(["fsfreeze", "--freeze", str(mnt)], "freezing the source disk", timeout=30)
                 await asyncio.to_thread(disks.copy_disk, Path(src.disk), self._disk(dst.id))
             finally:
-                if frozen:
-                    await _run(["fsfreeze", "--unfreeze", str(mnt)], "unfreezing the source disk")
+                if frozen:  # whatever happened (a timeout, a cancelled copy), the source is never left frozen
+                    await asyncio.shield(_unfreeze(mnt))
             try:
                 st = self._new_state(dst, src.digest)
                 st.image = src.image
@@ -570,18 +596,14 @@ class ContainerRuntime(Runtime):
             self._executor = None
 
 
-async def _run(argv: list[str], what: str, stdin: str | None = None) -> None:
-    proc = await asyncio.create_subprocess_exec(
-        *argv,
-        stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    out, _ = await proc.communicate(stdin.encode() if stdin is not None else None)
-    if proc.returncode != 0:
-        raise RuntimeFailure(
-            f"{what} failed (exit {proc.returncode})", evidence=f"$ {shlex.join(argv)}\n{out.decode(errors='replace')}"
-        )
+async def _run(argv: list[str], what: str, stdin: str | None = None, timeout: float = 60.0) -> None:
+    await run_command(argv, timeout=timeout, what=what, stdin=stdin.encode() if stdin is not None else None, check=True)
+
+
+async def _unfreeze(mnt: Path) -> None:
+    done = await run_command(["fsfreeze", "--unfreeze", str(mnt)], timeout=30, what="unfreezing the source disk")
+    if done.returncode != 0 and "Invalid argument" not in done.output:  # EINVAL: it was not frozen
+        log.error("could not unfreeze %s: %s", mnt, done.output.strip())
 
 
 def reap(pid: int, timeout: float = 2.0) -> None:
@@ -598,10 +620,10 @@ def reap(pid: int, timeout: float = 2.0) -> None:
 
 
 def _run_sync(argv: list[str], output: bool = False) -> str:
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    done = run_command_sync(argv, timeout=60)
     if output:
-        return proc.stdout
-    return "" if proc.returncode == 0 else (proc.stderr or proc.stdout or f"exit {proc.returncode}")
+        return done.stdout
+    return "" if done.returncode == 0 else (done.stderr or done.stdout or f"exit {done.returncode}")
 
 
 async def _wait_dead(pid: int | None, started: int | None, timeout: float) -> bool:

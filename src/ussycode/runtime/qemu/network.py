@@ -16,17 +16,12 @@ from pathlib import Path
 
 from ussycode.errors import RuntimeFailure
 from ussycode.runtime import netns
+from ussycode.runtime.proc import run as run_command
 
 
-async def _run(argv: list[str], stdin: bytes | None = None) -> tuple[int, str]:
-    proc = await asyncio.create_subprocess_exec(
-        *argv,
-        stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    out, _ = await proc.communicate(stdin)
-    return proc.returncode or 0, out.decode(errors="replace")
+async def _run(argv: list[str], stdin: bytes | None = None, timeout: float = 30.0) -> tuple[int, str]:
+    done = await run_command(argv, timeout=timeout, stdin=stdin)
+    return done.returncode, done.output
 
 
 async def ensure_netns(name: str, *, egress: bool, pasta_pidfile: Path) -> None:

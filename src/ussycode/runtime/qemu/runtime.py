@@ -310,7 +310,12 @@ class QemuRuntime(Runtime):
         proc = await asyncio.create_subprocess_exec(
             *full, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
         )
-        out, _ = await proc.communicate()
+        try:  # QEMU daemonizes once its devices are set up: the parent exits within seconds
+            out, _ = await asyncio.wait_for(proc.communicate(), 60)
+        except TimeoutError:
+            proc.kill()
+            out = (await proc.communicate())[0] + b"\n(QEMU did not daemonize within 60 s)"
+            await self._kill(spec.id)
         if proc.returncode != 0:
             await self._cleanup_run(spec.id)
             raise RuntimeFailure(

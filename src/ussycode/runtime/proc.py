@@ -1,0 +1,91 @@
+"""Running host commands: every subprocess the server waits for has a timeout.
+
+Lifecycle operations hold a VM's lock while they run ``ip``, ``nft``, ``fsfreeze``, ``mkfs``…; one hung command
+must not hold that VM (or the server) forever. :func:`run` kills the command's whole process group when its time
+is up or when the caller is cancelled, and reports the command line as evidence. :func:`run_sync` is the same for
+code that already runs in a worker thread. Long-lived children (a VM, Caddy) are started elsewhere and are not
+"waited for".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shlex
+import signal
+import subprocess
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from ussycode.errors import RuntimeFailure
+
+DEFAULT_TIMEOUT = 60.0
+
+
+@dataclass(frozen=True)
+class Completed:
+    argv: list[str]
+    returncode: int
+    stdout: bytes
+    stderr: bytes
+
+    @property
+    def output(self) -> str:
+        """stdout and stderr as text (stderr is merged into stdout when ``merge_stderr``)."""
+        return (self.stdout + self.stderr).decode(errors="replace")
+
+
+def _evidence(argv: list[str], output: str) -> str:
+    return f"$ {shlex.join(argv)}\n{output[-2000:]}".rstrip()
+
+
+async def run(argv: list[str], *, timeout: float, what: str = "", stdin: bytes | None = None, check: bool = False,
+              merge_stderr: bool = True, env: Mapping[str, str] | None = None) -> Completed:
+    """Run ``argv`` to its end or for ``timeout`` seconds, whichever is first.
+
+    :raise RuntimeFailure: it timed out (it and its children are killed), or ``check`` and it failed.
+    """
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT if merge_stderr else asyncio.subprocess.PIPE,
+        start_new_session=True,  # its own process group: a timeout kills its children too
+        env=dict(env) if env is not None else None,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(stdin), timeout)
+    except BaseException as exc:
+        _kill_group(proc.pid)
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await asyncio.shield(proc.wait())
+        if isinstance(exc, TimeoutError):
+            raise RuntimeFailure(f"{what or argv[0]} timed out after {timeout:.0f} s",
+                                 evidence=_evidence(argv, ""), reason="timeout") from None
+        raise
+    result = Completed(argv, proc.returncode or 0, out or b"", err or b"")
+    if check and result.returncode != 0:
+        raise RuntimeFailure(f"{what or argv[0]} failed (exit {result.returncode})",
+                             evidence=_evidence(argv, result.output))
+    return result
+
+
+def run_sync(argv: list[str], *, timeout: float, what: str = "", check: bool = False,
+             input: str | None = None) -> subprocess.CompletedProcess[str]:
+    """:func:`run` for code already in a worker thread (text mode)."""
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, input=input, check=False)
+    except subprocess.TimeoutExpired:
+        raise RuntimeFailure(f"{what or argv[0]} timed out after {timeout:.0f} s", evidence=_evidence(argv, ""),
+                             reason="timeout") from None
+    if check and proc.returncode != 0:
+        raise RuntimeFailure(f"{what or argv[0]} failed (exit {proc.returncode})",
+                             evidence=_evidence(argv, proc.stderr or proc.stdout))
+    return proc
+
+
+def _kill_group(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
