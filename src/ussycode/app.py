@@ -92,7 +92,7 @@ class App:
         backup = await asyncio.to_thread(store.migrate)
         if backup:
             log.info("database migrated; the previous version is kept at %s", backup)
-        runtime, images = self._make_runtime()
+        runtime, images = await asyncio.to_thread(self._make_runtime)  # `auto` may probe KVM (seconds)
         self._runtime = runtime
         host_key = load_or_create_private_key(s.host_key_path)
         client_key = load_or_create_private_key(s.gateway_key_path)

@@ -2,8 +2,10 @@
 
 ``/dev/kvm`` existing proves little: on nested hosts guests hang right after real-mode setup. The probe boots
 the guest kernel with our initramfs in probe mode (its init prints ``ussycode-init: probe ok`` and powers off)
-under KVM with a timeout. The verdict is cached in a JSON file keyed by what decides it (kernel, QEMU binary,
-/dev/kvm), so only the first call on a host pays for the boot.
+under KVM with a timeout. The verdict is a fact about the host, so there is one cache for everyone who asks
+(doctor, ``auto``, the QEMU and Firecracker runtimes): :data:`VERDICT_FILE`, keyed by what decides it (kernel,
+QEMU binary, /dev/kvm), and a copy in memory. Only the first call on a host pays for the boot (up to 20 s):
+call it from a worker thread (``asyncio.to_thread``), never on the event loop.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,6 +23,9 @@ from pathlib import Path
 from ussycode.errors import ImageError
 
 PROBE_MARKER = "ussycode-init: probe ok"
+VERDICT_FILE = Path("/var/cache/ussycode/kvm-probe.json")
+_memo: dict[str, KvmVerdict] = {}
+_memo_lock = threading.Lock()
 QEMU_BINARY = "qemu-system-x86_64"
 
 
@@ -70,7 +76,8 @@ def _mtime(path: Path) -> int:
 def kvm_verdict(
     cache_dir: Path, *, timeout: float = 20.0, qemu: str = QEMU_BINARY, refresh: bool = False
 ) -> KvmVerdict:
-    """Whether KVM runs guests on this host (cached in ``cache_dir/kvm-probe.json``)."""
+    """Whether KVM runs guests on this host (cached in :data:`VERDICT_FILE` and in memory; ``cache_dir`` is
+    where the probe's initramfs is built)."""
     if not os.path.exists("/dev/kvm"):
         return KvmVerdict(False, "/dev/kvm does not exist (no KVM: load kvm_intel/kvm_amd or enable nesting)")
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
@@ -85,7 +92,17 @@ def kvm_verdict(
     except (ImageError, OSError) as exc:
         return KvmVerdict(False, f"no guest kernel to probe KVM with: {exc}")
     key = _cache_key(guest.vmlinuz, qemu)
-    cache = cache_dir / "kvm-probe.json"
+    with _memo_lock:  # one probe at a time; the others wait for its verdict
+        if not refresh and key in _memo:
+            return _memo[key]
+        verdict = _probe_or_cached(key, guest.vmlinuz, initrd, qemu, timeout, refresh)
+        _memo[key] = verdict
+        return verdict
+
+
+def _probe_or_cached(key: str, vmlinuz: Path, initrd: Path, qemu: str, timeout: float,
+                     refresh: bool) -> KvmVerdict:
+    cache = VERDICT_FILE
     if not refresh:
         try:
             data = json.loads(cache.read_text())
@@ -93,17 +110,20 @@ def kvm_verdict(
                 return KvmVerdict(bool(data["usable"]), str(data["reason"]), key, float(data.get("seconds", 0)))
         except (OSError, ValueError, KeyError):
             pass
-    ok, tail, seconds = boot_probe(probe_argv(qemu, guest.vmlinuz, initrd), timeout)
+    ok, tail, seconds = boot_probe(probe_argv(qemu, vmlinuz, initrd), timeout)
     if ok:
         verdict = KvmVerdict(True, f"KVM booted a test guest to init in {seconds:.1f} s", key, seconds)
     else:
         last = " | ".join(line.strip() for line in tail.strip().splitlines()[-3:])
         reason = f"/dev/kvm exists but a test guest did not reach init under KVM: {last}"
         verdict = KvmVerdict(False, reason, key, seconds)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=cache_dir, delete=False) as tmp:
-        json.dump(asdict(verdict), tmp)
-    os.replace(tmp.name, cache)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=cache.parent, delete=False) as tmp:
+            json.dump(asdict(verdict), tmp)
+        os.replace(tmp.name, cache)
+    except OSError:
+        pass  # not writable (not root): the in-memory copy still serves this process
     return verdict
 
 

@@ -13,6 +13,7 @@ dedicated thread), never by routing to a guest address.
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import ctypes.util
 import hashlib
@@ -207,6 +208,18 @@ def connect_in_netns(netns: str, host: str, port: int, timeout: float = 5.0) -> 
         sock.settimeout(timeout)
         sock.connect((host, port))
         sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def connect_socket(sock: socket.socket, host: str, port: int, timeout: float = 5.0) -> socket.socket:
+    """Connect a socket made by :func:`socket_in_netns` on the event loop (its namespace is fixed when it is
+    made): no thread sits in ``connect()`` waiting for a slow VM while other VMs' connections queue behind it."""
+    sock.setblocking(False)
+    try:
+        await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, (host, port)), timeout)
     except BaseException:
         sock.close()
         raise

@@ -31,7 +31,7 @@ def _container_check() -> HostCheck:
 def _qemu(disks_dir: Path, run_dir: Path, images: ImageStore) -> Runtime:
     from ussycode.runtime.qemu import QemuRuntime
 
-    return QemuRuntime(Path(disks_dir).parent, images)
+    return QemuRuntime(Path(disks_dir).parent, images, run_dir=Path(run_dir) / "qemu")
 
 
 def _qemu_check() -> HostCheck:
@@ -43,7 +43,7 @@ def _qemu_check() -> HostCheck:
 def _firecracker(disks_dir: Path, run_dir: Path, images: ImageStore) -> Runtime:
     from ussycode.runtime.firecracker import FirecrackerRuntime
 
-    return FirecrackerRuntime(Path(disks_dir).parent, images)
+    return FirecrackerRuntime(Path(disks_dir).parent, images, run_dir=Path(run_dir) / "firecracker")
 
 
 def _firecracker_check() -> HostCheck:

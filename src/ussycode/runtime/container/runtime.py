@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 
 GUEST_INIT = GUEST_DIR / "init.sh"
 SSH_PORT = 22
+LAUNCH_TIMEOUT = 30.0  # the launcher sets up the namespaces and exits; longer than this, it hangs
 
 
 def env_script(env: dict[str, str]) -> str:
@@ -273,7 +274,7 @@ class ContainerRuntime(Runtime):
                 start_new_session=True, cwd="/", env={"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")},
             )
             try:
-                code = await asyncio.wait_for(launcher.wait(), self.boot_timeout)
+                code = await asyncio.wait_for(launcher.wait(), LAUNCH_TIMEOUT)
             except TimeoutError:
                 launcher.kill()
                 await launcher.wait()
@@ -485,7 +486,8 @@ class ContainerRuntime(Runtime):
         return await self._in_netns(netns.listen_in_netns, st.netns, host, port)
 
     async def _socket(self, st: VmState, port: int, timeout: float = 5.0) -> socket.socket:
-        return await self._in_netns(netns.connect_in_netns, st.netns, "127.0.0.1", port, timeout)
+        sock = await self._in_netns(netns.socket_in_netns, st.netns)  # the thread only makes the socket
+        return await netns.connect_socket(sock, "127.0.0.1", port, timeout)
 
     async def _in_netns(self, fn: Callable[..., socket.socket], *args: Any) -> socket.socket:
         if self._executor is None:

@@ -79,7 +79,6 @@ class FirecrackerRuntime(QemuRuntime):
     name = "firecracker"
 
     def __init__(self, data_dir: Path, images: Any, *, binary: str = "firecracker", **kw: Any) -> None:
-        kw.setdefault("run_dir", Path("/run/ussycode/firecracker"))
         super().__init__(data_dir, images, **kw)
         self.data_dir = data_dir / "firecracker"
         self.binary = binary
@@ -120,7 +119,7 @@ class FirecrackerRuntime(QemuRuntime):
     async def start(self, spec: VmSpec) -> None:
         if self._running(spec.id):
             return
-        reason = firecracker_reason(self.binary, self.data_dir / "cache")
+        reason = await asyncio.to_thread(firecracker_reason, self.binary, self.data_dir / "cache")
         if reason:
             raise RuntimeFailure(f"cannot start VM {spec.name} with Firecracker: {reason}", reason="unavailable")
         try:
@@ -199,7 +198,8 @@ class FirecrackerRuntime(QemuRuntime):
         loop = asyncio.get_running_loop()
         ns = self.netns_name(vm_id)
         # The guest's address exists only inside the VM's own namespace (on its tap link).
-        return await loop.run_in_executor(self._ns_pool, netns.connect_in_netns, ns, GUEST_IP, port, timeout)
+        sock = await loop.run_in_executor(self._ns_pool, netns.socket_in_netns, ns)
+        return await netns.connect_socket(sock, GUEST_IP, port, timeout)
 
     async def open_socket(self, vm_id: str, port: int) -> socket.socket:
         if not 1 <= port <= 65535:

@@ -171,7 +171,7 @@ class QemuRuntime(Runtime):
         data_dir: Path,
         images: ImageSource,
         *,
-        run_dir: Path = Path("/run/ussycode/qemu"),
+        run_dir: Path,
         machine: Machine = Machine.Q35,
         accel: Accel | None = None,
         egress: bool = True,
@@ -435,12 +435,13 @@ class QemuRuntime(Runtime):
         loop = asyncio.get_running_loop()
         ns = self.netns_name(vm_id)
         try:
-            return await loop.run_in_executor(self._ns_pool, netns.connect_in_netns, ns, "127.0.0.1", port, timeout)
+            sock = await loop.run_in_executor(self._ns_pool, netns.socket_in_netns, ns)
         except netns.NetnsBroken:
             # That worker thread is stuck in the VM's namespace: retire the whole pool.
             self._ns_pool.shutdown(wait=False)
             self._ns_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="qemu-netns")
             raise
+        return await netns.connect_socket(sock, "127.0.0.1", port, timeout)
 
     async def open_socket(self, vm_id: str, port: int) -> socket.socket:
         if not 1 <= port <= 65535:
