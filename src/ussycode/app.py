@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -121,6 +122,9 @@ class App:
         self.metadata = MetadataService(self.services)
         await self.metadata.start()
         go.set()
+        # What start-up made lives as long as the server: keep the collector's full passes off it (each one
+        # holds the event loop for the time it takes to walk every object).
+        gc.freeze()
         self.tasks.spawn(vms.watch(), "vm-watch")
 
     async def reattached(self) -> None:

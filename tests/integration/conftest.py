@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
-from collections.abc import AsyncIterator, Callable
+import sys
+import threading
+import time
+import traceback
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +25,69 @@ import pytest
 from ussycode.app import App
 from ussycode.config import load_settings
 from ussycode.store import vms as vms_q
+
+SLOW_CALLBACK = 0.1  # seconds: a callback that holds the event loop longer fails the test
+
+
+@pytest.fixture(autouse=True)
+def loop_stalls(request: pytest.FixtureRequest) -> Iterator[list[tuple[float, str]]]:
+    """Fail the test if any event-loop callback (a task step, a timer, an I/O callback) ran longer than
+    SLOW_CALLBACK: asyncio's own slow-callback check (``loop.slow_callback_duration``), without debug mode's
+    other costs. Every ``Handle`` the loop runs is timed, the server's and the test's alike; a watchdog thread
+    records where the loop's thread was while a callback overran, so the failure names the blocking line."""
+    stalls: list[tuple[float, str]] = []
+    original = asyncio.events.Handle._run
+    running: dict[str, Any] = {"since": None, "thread": None, "where": ""}
+    done = threading.Event()
+
+    def timed(handle: asyncio.Handle) -> None:
+        running["thread"], running["where"] = threading.get_ident(), ""
+        running["since"] = started = time.perf_counter()
+        try:
+            original(handle)
+        finally:
+            running["since"] = None
+            took = time.perf_counter() - started
+            if took > SLOW_CALLBACK:
+                stalls.append((took, f"{_describe(handle)}\n    blocked in: {running['where'] or '?'}"))
+
+    def watchdog() -> None:
+        while not done.wait(0.02):
+            since, thread = running["since"], running["thread"]
+            if since is not None and not running["where"] and time.perf_counter() - since > SLOW_CALLBACK * 0.8:
+                frame = sys._current_frames().get(thread)
+                running["where"] = " <- ".join(
+                    f"{Path(f.filename).name}:{f.lineno} {f.name}"
+                    for f in reversed(traceback.extract_stack(frame)[-6:])) if frame is not None else ""
+
+    # The test process's own heap (pytest, every imported module) is not the server's: keep the collector's full
+    # passes over it out of the measurement (the server freezes its start-up heap the same way).
+    gc.collect()
+    gc.freeze()
+    asyncio.events.Handle._run = timed  # type: ignore[method-assign]
+    dog = threading.Thread(target=watchdog, name="loop-watchdog", daemon=True)
+    dog.start()
+    try:
+        yield stalls
+    finally:
+        asyncio.events.Handle._run = original  # type: ignore[method-assign]
+        done.set()
+        dog.join()
+    if stalls:
+        worst = "\n".join(f"  {took * 1000:.0f} ms: {what}" for took, what in sorted(stalls, reverse=True)[:5])
+        pytest.fail(f"the event loop was blocked {len(stalls)} time(s) for more than "
+                    f"{SLOW_CALLBACK * 1000:.0f} ms:\n{worst}")
+
+
+def _describe(handle: asyncio.Handle) -> str:
+    callback = getattr(handle, "_callback", None)
+    task = getattr(callback, "__self__", None)
+    if isinstance(task, asyncio.Task):
+        coro = task.get_coro()
+        frame = getattr(coro, "cr_frame", None)
+        where = f" at {frame.f_code.co_filename}:{frame.f_lineno}" if frame is not None else ""
+        return f"task {task.get_name()} {getattr(coro, '__qualname__', coro)}{where}"
+    return repr(callback)
 
 
 @dataclass
