@@ -28,7 +28,7 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
 from ussycode.commands.context import CommandContext, Output
-from ussycode.commands.registry import dispatch, load_all, lookup, split
+from ussycode.commands.registry import dispatch, load_all, lookup, split_async
 from ussycode.errors import RateLimited, Unauthenticated, UsageError, UssyError
 from ussycode.services.container import Services
 
@@ -166,7 +166,7 @@ class ExecEndpoint:
         kind = _content_kind(request)
         line = command_line(kind, await read_body(request))
         try:
-            argv = split(line)
+            argv = await split_async(line)
         except UsageError as exc:
             raise _Reject(400, exc.user_message) from None
         if not argv:

@@ -11,7 +11,7 @@ from asyncssh.process import SSHServerProcess
 
 from ussycode.auth.identity import Actor
 from ussycode.commands.context import CommandContext, Output
-from ussycode.commands.registry import dispatch, split
+from ussycode.commands.registry import dispatch, split_async
 from ussycode.errors import Forbidden, RateLimited, RuntimeFailure, UsageError, UssyError
 from ussycode.ssh.passthrough import connect_to_vm, forward
 
@@ -143,7 +143,7 @@ class Lobby:
 
     async def _register_oneshot(self, process: SSHServerProcess[Any], command: str) -> int:
         try:
-            argv = split(command)
+            argv = await split_async(command)
         except UsageError as exc:
             self._err(process, f"error: {exc.user_message}\n")
             return 2
@@ -211,7 +211,7 @@ class Lobby:
         ctx = CommandContext(actor=self._actor(), services=self.services, out=out, interactive=interactive,
                              prompt=prompt, attach=attach)
         try:
-            argv = split(line)
+            argv = await split_async(line)
             if argv and argv[0] == "register":
                 return self._already_registered(process)
             return await dispatch(ctx, argv)
