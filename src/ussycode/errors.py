@@ -9,6 +9,7 @@ Every error a person can cause or see derives from :class:`UssyError`; each fron
     ├── Conflict              name taken, wrong state (HTTP 409)
     │   └── StateError        a lifecycle call in a state that does not allow it
     ├── Forbidden             not allowed for this actor (HTTP 403)
+    │   └── CommandNotPermitted   the token does not allow this command
     ├── QuotaExceeded         over a trust-tier limit (HTTP 403)
     ├── RateLimited           too many requests (HTTP 429, carries retry_after)
     ├── Unauthenticated       no or bad credentials (HTTP 401)
@@ -61,6 +62,16 @@ class StateError(Conflict):
 class Forbidden(UssyError):
     http_status = 403
     reason = "forbidden"
+
+
+class CommandNotPermitted(Forbidden):
+    """The actor's token does not allow this command (``/exec`` answers 403 and audits it)."""
+
+    reason = "command_not_permitted"
+
+    def __init__(self, user_message: str, *, command: str, **kw: str) -> None:
+        super().__init__(user_message, **kw)
+        self.command = command
 
 
 class QuotaExceeded(Forbidden):

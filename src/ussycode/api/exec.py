@@ -28,8 +28,8 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
 from ussycode.commands.context import CommandContext, Output
-from ussycode.commands.registry import dispatch, load_all, lookup, split_async
-from ussycode.errors import RateLimited, Unauthenticated, UsageError, UssyError
+from ussycode.commands.registry import dispatch, render_error, split_async
+from ussycode.errors import CommandNotPermitted, RateLimited, Unauthenticated, UsageError
 from ussycode.services.container import Services
 
 log = logging.getLogger(__name__)
@@ -122,17 +122,6 @@ def command_line(kind: str, body: bytes) -> str:
     return line
 
 
-def render_failure(exc: BaseException) -> tuple[str, int]:
-    """stderr text and exit status for a failed command, exactly as the SSH lobby shows them."""
-    if isinstance(exc, UsageError):
-        text = f"error: {exc.user_message}"
-        return (text + f"\n{exc.usage}" if exc.usage else text), exc.exit_code
-    if isinstance(exc, UssyError):
-        return f"error: {exc.user_message}", exc.exit_code
-    log.exception("API command failed", exc_info=exc)
-    return "error: internal error; it has been logged", 1
-
-
 class ExecEndpoint:
     """The ASGI endpoint (a class, so every method reaches it and gets a JSON 405)."""
 
@@ -171,27 +160,22 @@ class ExecEndpoint:
             raise _Reject(400, exc.user_message) from None
         if not argv:
             raise _Reject(400, "empty command: send a command line such as 'whoami' or 'ls --json'")
-        load_all()
-        cmd = lookup(argv[0])
-        if cmd is not None and actor.allowed_commands is not None and cmd.name not in actor.allowed_commands:
-            await services.tokens.record_forbidden(actor, cmd.name)
-            allowed = ", ".join(sorted(actor.allowed_commands)) or "none"
-            raise _Reject(403, f"command {cmd.name!r} is not permitted by this token (it allows: {allowed})")
         out = Output()
         ctx = CommandContext(actor=actor, services=services, out=out, interactive=False)
         started = time.monotonic()
         try:
-            if cmd is not None and cmd.interactive_only:
-                raise UsageError(f"{cmd.name} needs an interactive terminal; run it in the lobby over ssh")
             async with asyncio.timeout(self.timeout):
                 status = await dispatch(ctx, argv)
+        except CommandNotPermitted as exc:
+            await services.tokens.record_forbidden(actor, exc.command)
+            raise _Reject(403, exc.user_message) from None
         except RateLimited as exc:
             return error_response(429, exc.user_message, {"Retry-After": str(math.ceil(exc.retry_after))})
         except TimeoutError:
             log.info("API command %s by %s cancelled after %.0fs", argv[0][:40], actor.handle, self.timeout)
             return error_response(504, f"the command ran over {self.timeout:g} s and was cancelled")
         except Exception as exc:  # every failure of the command itself is rendered like SSH renders it
-            text, status = render_failure(exc)
+            text, status = render_error(exc)
             out.error(text)
         log.debug("API %s by %s: %d in %.3fs", argv[0][:40], actor.handle, status, time.monotonic() - started)
         body: dict[str, Any] = {"output": out.stdout, "exit_code": status}

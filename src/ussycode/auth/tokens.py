@@ -38,6 +38,8 @@ from typing import Any
 
 import asyncssh
 
+from ussycode import durations
+
 USY1 = "usy1"
 USY0 = "usy0"
 SSHSIG_NAMESPACE = "ussycode-api"
@@ -52,8 +54,6 @@ _USY1_RE = re.compile(r"^usy1\.([a-z0-9]{12})\.([A-Za-z0-9_-]{43})$")
 _B64_RE = re.compile(r"^[A-Za-z0-9_+/-]+=*$")
 _CMD_RE = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
 _VM_RE = re.compile(r"^[a-z][a-z0-9-]{1,28}[a-z0-9]$")
-_DURATION_RE = re.compile(r"^([1-9][0-9]{0,5})([mhdwy])$")
-_UNITS = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "y": 365 * 86400}
 _SSHSIG_MAGIC = b"SSHSIG"
 _HASHES = {"sha512": hashlib.sha512, "sha256": hashlib.sha256}
 _REFUSED_SIG_ALGS = frozenset({b"ssh-rsa"})  # SHA-1 RSA signatures are not allowed by PROTOCOL.sshsig
@@ -71,14 +71,8 @@ class TokenError(ValueError):
 # --- durations --------------------------------------------------------------------------------------------------
 
 def parse_duration(text: str) -> dt.timedelta:
-    """``30m``, ``12h``, ``7d``, ``2w``, ``1y`` → a timedelta; ValueError with a readable message otherwise."""
-    m = _DURATION_RE.match(text.strip().lower())
-    if not m:
-        raise ValueError(f"invalid duration {text[:40]!r}: use a number and a unit, like 30m, 12h, 7d, 2w or 1y")
-    value = dt.timedelta(seconds=int(m.group(1)) * _UNITS[m.group(2)])
-    if value > MAX_DURATION:
-        raise ValueError(f"duration {text[:40]!r} is too long; the longest is 10y")
-    return value
+    """A token lifetime (``30m``…``10y``) through the one duration parser; ValueError with a readable message."""
+    return durations.parse_duration(text, shortest=dt.timedelta(minutes=1), longest=MAX_DURATION)
 
 
 # --- base64url ----------------------------------------------------------------------------------------------------

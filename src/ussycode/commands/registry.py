@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import shlex
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -16,8 +17,9 @@ from typing import NoReturn
 
 from ussycode.auth.policy import Action, can
 from ussycode.commands.context import CommandContext
-from ussycode.errors import Forbidden, UsageError
+from ussycode.errors import CommandNotPermitted, Forbidden, RuntimeFailure, UsageError, UssyError
 
+log = logging.getLogger(__name__)
 MAX_LINE = 64 * 1024
 Handler = Callable[[CommandContext, argparse.Namespace], Awaitable[int]]
 
@@ -93,6 +95,26 @@ async def split_async(line: str) -> list[str]:
     return await asyncio.to_thread(split, line)
 
 
+def render_error(exc: BaseException) -> tuple[str, int]:
+    """The text (stderr) and exit status of a failed command: one rendering for SSH and ``/exec``.
+
+    A usage error carries the usage line; a runtime failure carries its evidence (the command line and the
+    console tail, last 15 lines), as the README promises; anything that is not a :class:`UssyError` is a bug,
+    logged in full and reported without detail."""
+    if isinstance(exc, UsageError):
+        text = f"error: {exc.user_message}"
+        if exc.usage:
+            text += f"\n{exc.usage}"
+        return text, exc.exit_code
+    if isinstance(exc, RuntimeFailure) and exc.evidence:
+        tail = "\n".join("  " + line for line in exc.evidence.strip().splitlines()[-15:])
+        return f"error: {exc.user_message}\n{tail}", exc.exit_code
+    if isinstance(exc, UssyError):
+        return f"error: {exc.user_message}", exc.exit_code
+    log.error("command failed", exc_info=exc)
+    return "error: internal error; it has been logged", 1
+
+
 def load_all() -> None:
     """Import every command module so that they register (idempotent)."""
     from ussycode.commands import account, admin, help, share, token, vm  # noqa: F401
@@ -108,9 +130,13 @@ async def dispatch(ctx: CommandContext, argv: list[str]) -> int:
         raise UsageError(f"unknown command: {argv[0][:40]!r}; type 'help' for commands")
     actor = ctx.actor
     if actor.allowed_commands is not None and cmd.name not in actor.allowed_commands:
-        raise Forbidden(f"command {cmd.name!r} is not permitted by this token")
+        allowed = ", ".join(sorted(actor.allowed_commands)) or "none"
+        raise CommandNotPermitted(f"command {cmd.name!r} is not permitted by this token (it allows: {allowed})",
+                                  command=cmd.name)
     if cmd.admin_only and not can(actor, Action.ADMIN_COMMANDS):
         raise Forbidden(f"{cmd.name} is for admins only")
+    if cmd.interactive_only and not ctx.interactive:
+        raise UsageError(f"{cmd.name} needs an interactive terminal; run it in the lobby over ssh")
     if not ctx.interactive:
         ctx.services.limiter.take(actor.id)
     ns = cmd.parser.parse_args(argv[1:])

@@ -22,6 +22,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import sqlalchemy as sa
 
+from ussycode import durations
 from ussycode.auth.identity import Actor
 from ussycode.auth.links import LINK_ID_LEN, link_token_hash, new_link_id, new_link_token
 from ussycode.errors import Conflict, NotFound, RuntimeFailure, UsageError
@@ -48,23 +49,15 @@ MAX_CNAMES_PER_VM = 10
 MAX_LINK_LIFETIME = dt.timedelta(days=365)
 VERIFY_PREFIX = "_ussycode-verify."
 
-_DURATION_RE = re.compile(r"^(\d{1,6})([smhdw])$")
 _DOMAIN_LABEL_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _LINK_ID_RE = re.compile(r"^[a-z0-9]{" + str(LINK_ID_LEN) + "}$")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 TxtLookup = Callable[[str], Awaitable[list[str]]]
 
 
 def parse_duration(text: str) -> dt.timedelta:
-    """``30m``, ``24h``, ``7d``, ``2w`` (one unit); at most a year."""
-    match = _DURATION_RE.match(text.strip().lower())
-    if not match:
-        raise UsageError(f"invalid duration {text[:20]!r}: use a number and a unit, like 30m, 24h, 7d or 2w")
-    delta = dt.timedelta(seconds=int(match.group(1)) * _UNITS[match.group(2)])
-    if delta.total_seconds() <= 0 or delta > MAX_LINK_LIFETIME:
-        raise UsageError("a duration must be between 1s and 365d")
-    return delta
+    """A share link's lifetime (``30m``, ``24h``, ``7d``…, at most a year), through the one duration parser."""
+    return durations.parse_duration(text, longest=MAX_LINK_LIFETIME)
 
 
 def validate_custom_domain(domain: str, base_domain: str) -> str:

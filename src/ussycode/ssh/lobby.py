@@ -11,8 +11,8 @@ from asyncssh.process import SSHServerProcess
 
 from ussycode.auth.identity import Actor
 from ussycode.commands.context import CommandContext, Output
-from ussycode.commands.registry import dispatch, split_async
-from ussycode.errors import Forbidden, RateLimited, RuntimeFailure, UsageError, UssyError
+from ussycode.commands.registry import dispatch, render_error, split_async
+from ussycode.errors import Forbidden, RateLimited, UsageError, UssyError
 from ussycode.ssh.passthrough import connect_to_vm, forward
 
 if TYPE_CHECKING:
@@ -21,22 +21,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 PROMPT = "ussy> "
 HANDLE_ATTEMPTS = 5
-
-
-def render_error(exc: BaseException) -> tuple[str, int]:
-    """The text (for stderr) and exit status of a failed command."""
-    if isinstance(exc, UsageError):
-        text = f"error: {exc.user_message}"
-        if exc.usage:
-            text += f"\n{exc.usage}"
-        return text, exc.exit_code
-    if isinstance(exc, RuntimeFailure) and exc.evidence:
-        tail = "\n".join("  " + line for line in exc.evidence.strip().splitlines()[-15:])
-        return f"error: {exc.user_message}\n{tail}", exc.exit_code
-    if isinstance(exc, UssyError):
-        return f"error: {exc.user_message}", exc.exit_code
-    log.exception("command failed", exc_info=exc)
-    return "error: internal error; it has been logged", 1
 
 
 class Lobby:
