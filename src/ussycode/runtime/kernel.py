@@ -12,6 +12,7 @@ Pure parts (module resolution, the file list, the cpio writer, vmlinux extractio
 
 from __future__ import annotations
 
+import bz2
 import hashlib
 import lzma
 import os
@@ -23,6 +24,9 @@ import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+import lz4.block
+import zstandard
 
 from ussycode.errors import ImageError
 
@@ -262,12 +266,15 @@ def _find_busybox() -> Path:
 
 _ELF_MAGIC = b"\x7fELF"
 _LZ4_LEGACY_MAGIC = b"\x02\x21\x4c\x18"
+_LZ4_LEGACY_BLOCK = 8 << 20
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
 def extract_vmlinux(vmlinuz: bytes) -> bytes:
     """The ELF kernel inside a bzImage, like the kernel's ``scripts/extract-vmlinux``.
 
-    Tries every known compression header at every offset where it appears (gzip, xz, lzma, lz4 legacy) and
+    Tries every known compression header at every offset where it appears (gzip, xz, lzma, lz4 legacy, zstd,
+    bzip2) and
     returns the first decompressed payload that is an ELF file.
 
     :raise ImageError: none of them yields an ELF image.
@@ -279,13 +286,15 @@ def extract_vmlinux(vmlinuz: bytes) -> bytes:
         (b"\xfd7zXZ\x00", lambda d: lzma.decompress(d, format=lzma.FORMAT_XZ)),
         (b"\x5d\x00\x00\x00", lambda d: lzma.decompress(d, format=lzma.FORMAT_ALONE)),
         (_LZ4_LEGACY_MAGIC, lz4_legacy_decompress),
+        (_ZSTD_MAGIC, zstd_decompress),
+        (b"BZh", bz2.decompress),
     )
     for magic, decode in decoders:
         start = vmlinuz.find(magic)
         while start != -1:
             try:
                 payload = decode(vmlinuz[start:])
-            except (OSError, EOFError, ValueError, lzma.LZMAError, zlib.error, IndexError):
+            except (OSError, EOFError, ValueError, lzma.LZMAError, zlib.error, IndexError, zstandard.ZstdError):
                 payload = b""
             if payload.startswith(_ELF_MAGIC):
                 return payload
@@ -299,10 +308,9 @@ def _gunzip(data: bytes) -> bytes:
 
 
 def lz4_legacy_decompress(data: bytes) -> bytes:
-    """Decode an LZ4 "legacy" frame (what the kernel's ``KERNEL_LZ4`` uses): blocks of at most 8 MiB.
-
-    Stops at the first block header that cannot be a block (the kernel appends its size after the frame).
-    """
+    """Decode an LZ4 "legacy" frame (what the kernel's ``KERNEL_LZ4`` uses): blocks of at most 8 MiB, each
+    decoded by the ``lz4`` library. Stops at the first block header that cannot be a block (the kernel appends
+    its size after the frame)."""
     if not data.startswith(_LZ4_LEGACY_MAGIC):
         raise ValueError("not an lz4 legacy frame")
     pos = 4
@@ -311,50 +319,19 @@ def lz4_legacy_decompress(data: bytes) -> bytes:
         size = int.from_bytes(data[pos : pos + 4], "little")
         if size == int.from_bytes(_LZ4_LEGACY_MAGIC, "little") or size == 0 or pos + 4 + size > len(data):
             break
-        if size > (8 << 20) + (8 << 12):
+        if size > _LZ4_LEGACY_BLOCK + (8 << 12):
             break
-        _lz4_block(data, pos + 4, pos + 4 + size, out)
+        try:
+            out += lz4.block.decompress(data[pos + 4 : pos + 4 + size], uncompressed_size=_LZ4_LEGACY_BLOCK)
+        except lz4.block.LZ4BlockError as exc:
+            raise ValueError(f"lz4: {exc}") from None
         pos += 4 + size
     return bytes(out)
 
 
-def _lz4_length(src: bytes, pos: int, length: int) -> tuple[int, int]:
-    """A literal or match length: a nibble of 15 continues in bytes, each added, until one is not 255."""
-    if length == 15:
-        while True:
-            b = src[pos]
-            pos += 1
-            length += b
-            if b != 255:
-                break
-    return length, pos
-
-
-def _lz4_block(src: bytes, pos: int, end: int, out: bytearray) -> None:
-    while pos < end:
-        token = src[pos]
-        pos += 1
-        lit, pos = _lz4_length(src, pos, token >> 4)
-        out += src[pos : pos + lit]
-        pos += lit
-        if pos >= end:
-            return
-        offset = src[pos] | (src[pos + 1] << 8)
-        pos += 2
-        if offset == 0:
-            raise ValueError("lz4: zero offset")
-        mlen, pos = _lz4_length(src, pos, token & 15)
-        mlen += 4
-        start = len(out) - offset
-        if start < 0:
-            raise ValueError("lz4: offset before start")
-        if offset >= mlen:
-            out += out[start : start + mlen]
-        else:
-            # Overlapping copy: the match repeats the last `offset` bytes.
-            chunk = bytes(out[start:])
-            reps, rest = divmod(mlen, offset)
-            out += chunk * reps + chunk[:rest]
+def zstd_decompress(data: bytes) -> bytes:
+    """Decode one zstd frame (the kernel's ``KERNEL_ZSTD``), ignoring what follows it."""
+    return zstandard.ZstdDecompressor().decompressobj().decompress(data)
 
 
 def build_vmlinux(cache_dir: Path, kernel: GuestKernel | None = None) -> Path:
@@ -380,6 +357,7 @@ __all__ = [
     "find_kernel",
     "initramfs_entries",
     "lz4_legacy_decompress",
+    "zstd_decompress",
     "parse_modules_dep",
     "resolve_modules",
     "write_newc",

@@ -179,10 +179,40 @@ def test_write_newc_is_a_valid_cpio(tmp_path: Path) -> None:
 
 
 def test_lz4_legacy_roundtrip_with_overlapping_matches() -> None:
-    # Hand-made block: literal "ab", then a match of length 10 at offset 2 ("abababababab"), then literal "Z".
-    block = bytes([0x26]) + b"ab" + (2).to_bytes(2, "little") + bytes([0x10]) + b"Z"
+    import lz4.block
+
+    data = b"ab" * 500 + b"Z" * 40  # matches that overlap what they copy (offsets 2 and 1)
+    block = lz4.block.compress(data, store_size=False)
     frame = b"\x02\x21\x4c\x18" + len(block).to_bytes(4, "little") + block
-    assert kernel.lz4_legacy_decompress(frame) == b"ab" + b"ababababab" + b"Z"
+    assert kernel.lz4_legacy_decompress(frame) == data
+    with pytest.raises(ValueError, match="lz4"):
+        kernel.lz4_legacy_decompress(b"\x02\x21\x4c\x18" + (5).to_bytes(4, "little") + b"\xff" * 5)
+
+
+def test_lz4_legacy_frame_of_several_blocks_made_by_the_library() -> None:
+    import lz4.block
+
+    elf = b"\x7fELF" + bytes(range(256)) * 40000  # 10 MB: two blocks of at most 8 MiB
+    chunks = [elf[i : i + (8 << 20)] for i in range(0, len(elf), 8 << 20)]
+    frame = b"\x02\x21\x4c\x18"
+    for chunk in chunks:
+        block = lz4.block.compress(chunk, store_size=False)
+        frame += len(block).to_bytes(4, "little") + block
+    frame += len(elf).to_bytes(4, "little")  # the kernel appends the uncompressed size
+    assert len(chunks) == 2 and kernel.lz4_legacy_decompress(frame) == elf
+    assert kernel.extract_vmlinux(b"MZ stub" + frame) == elf
+
+
+def test_extract_vmlinux_finds_zstd_and_bzip2_payloads() -> None:
+    import bz2
+
+    import zstandard
+
+    elf = b"\x7fELF" + b"kernel" * 1000
+    assert kernel.extract_vmlinux(b"MZ stub" + zstandard.ZstdCompressor().compress(elf) + b"size") == elf
+    assert kernel.extract_vmlinux(b"MZ stub" + bz2.compress(elf)) == elf
+    with pytest.raises(Exception, match="ELF"):
+        kernel.extract_vmlinux(b"MZ stub" + zstandard.ZstdCompressor().compress(b"not a kernel"))
 
 
 def test_extract_vmlinux_finds_gzip_payload() -> None:
