@@ -1,4 +1,4 @@
-"""A new user's browser, for real: headless Chromium (CDP) against the real server, Caddy and a real VM.
+"""A new user's browser, for real: headless Chromium (Playwright) against the real server, Caddy and a real VM.
 
 Private by default -> login page; ``browser`` link -> the VM page with the user's identity; logout -> shut out;
 public -> anyone; share link -> a fresh browser gets in, and is refused after ``share remove-link``;
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from .cdp import CHROMIUM, chromium
+from .browser import CHROMIUM, chromium
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.slow,
               pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install -y chromium)")]
