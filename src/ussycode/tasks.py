@@ -39,6 +39,11 @@ class TaskGroup:
     def __len__(self) -> int:
         return len(self._tasks)
 
+    async def drain(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds for the tasks to end on their own."""
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=timeout)
+
     async def close(self, timeout: float = 5.0) -> None:
         tasks = list(self._tasks)
         for task in tasks:

@@ -4,20 +4,31 @@ Each running VM gets its own listener, made by the runtime inside that VM's netw
 (:meth:`Runtime.open_listener`) and served by this process: who is asking is known from which listener took the
 connection, never from anything the guest sends, so a VM cannot read another VM's metadata.
 
-Endpoints (GET, read-only, JSON unless noted): ``/`` (the VM: name, domain, URL, owner, image, sizes, env) and
-``/hostname`` (plain text). Requests are parsed with h11, bounded in size and time, and answered with
-``Connection: close``.
+Endpoints (GET/HEAD, read-only, JSON unless noted): ``/`` (the VM: name, domain, URL, owner, image, sizes, env)
+and ``/hostname`` (plain text). It is a Starlette app served by uvicorn (the same stack as the app server), one
+uvicorn server per VM listener, which stamps the VM's id into every request it accepts. Requests are bounded in
+size (``MAX_REQUEST`` of headers; no bodies are read) and time (``REQUEST_TIMEOUT`` per connection, then it is
+closed whatever the guest does), and answered with ``Connection: close``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+from collections.abc import Iterator
 from typing import Any
 
-import h11
 import sqlalchemy as sa
+import uvicorn
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ussycode.runtime.netns import METADATA_V4
 from ussycode.services.container import Services
@@ -25,14 +36,86 @@ from ussycode.services.events import VmEvent
 from ussycode.store import vms as vmq
 from ussycode.store.schema import iso
 from ussycode.store.users import by_id as user_by_id
+from ussycode.tasks import TaskGroup
 from ussycode.types import VmStatus
 
 log = logging.getLogger(__name__)
 PORT = 80
 MAX_REQUEST = 16 * 1024
-BAD_REQUEST = (b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: 25\r\n"
-               b"Connection: close\r\n\r\n{\"error\": \"bad request\"}\n")
 REQUEST_TIMEOUT = 10.0
+VM_ID = "ussycode.vm_id"  # the scope key the per-VM server sets; nothing a guest sends can set it
+CLOSE = {"Connection": "close"}
+
+
+class _BoundedH11(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with a deadline per connection: a guest that sends slowly (or nothing)
+    is cut off after REQUEST_TIMEOUT, as uvicorn itself only times out idle keep-alive connections."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._deadline = self.loop.call_later(REQUEST_TIMEOUT, transport.close)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._deadline.cancel()
+        super().connection_lost(exc)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without signal handling (the App owns SIGTERM/SIGINT)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def _json(status: int, body: dict[str, Any]) -> JSONResponse:
+    return JSONResponse(body, status_code=status, headers=CLOSE)
+
+
+def build_metadata_app(services: Services) -> Starlette:
+    """The ASGI app; it answers only requests that carry the VM id its per-VM server stamped."""
+
+    async def info(request: Request) -> Response:
+        vm = await services.vms.by_id(request.scope[VM_ID])
+        if vm is None:
+            return _json(404, {"error": "this VM no longer exists"})
+        owner = await services.store.read(lambda c: user_by_id(c, vm.owner_id))
+        spec = services.vms.spec(vm)
+        data: dict[str, Any] = {
+            "name": vm.name, "domain": services.settings.domain, "url": services.vms.url(vm.name),
+            "ssh": services.vms.ssh_command(vm.name), "owner": owner.handle if owner else None,
+            "image": vm.image, "cpu": vm.cpu, "memory_mb": vm.memory_mb, "disk_gb": vm.disk_gb,
+            "tags": list(vm.tags), "created_at": iso(vm.created_at), "env": spec.env,
+        }
+        return Response(json.dumps(data, indent=2) + "\n", media_type="application/json", headers=CLOSE)
+
+    async def hostname(request: Request) -> Response:
+        vm = await services.vms.by_id(request.scope[VM_ID])
+        if vm is None:
+            return _json(404, {"error": "this VM no longer exists"})
+        return PlainTextResponse(vm.name + "\n", headers=CLOSE)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        if exc.status_code == 405:
+            return _json(405, {"error": "read-only: use GET"})
+        if exc.status_code == 404:
+            return _json(404, {"error": "not found; try / or /hostname"})
+        return _json(exc.status_code, {"error": str(exc.detail)})
+
+    methods = ["GET", "HEAD"]
+    routes = [Route(path, info, methods=methods) for path in ("/", "/v1", "/v1/")]
+    routes.append(Route("/hostname", hostname, methods=methods))
+    return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+
+
+def _for_vm(app: ASGIApp, vm_id: str) -> ASGIApp:
+    async def stamped(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return  # no lifespan, no websockets
+        await app({**scope, VM_ID: vm_id}, receive, send)
+
+    return stamped
 
 
 class MetadataService:
@@ -40,7 +123,9 @@ class MetadataService:
         self.services = services
         self.host = host
         self.port = port
-        self._servers: dict[str, asyncio.Server] = {}
+        self.app = build_metadata_app(services)
+        self._servers: dict[str, _Server] = {}
+        self._tasks = TaskGroup("metadata")
         self._unsupported_logged = False
 
     async def start(self) -> None:
@@ -53,6 +138,8 @@ class MetadataService:
     async def stop(self) -> None:
         for vm_id in list(self._servers):
             await self._close(vm_id)
+        await self._tasks.drain(3.0)  # each server notices should_exit within 0.1 s and closes its listener
+        await self._tasks.close()
 
     def listening(self, vm_id: str) -> bool:
         return vm_id in self._servers
@@ -64,8 +151,7 @@ class MetadataService:
             await self._close(event.vm_id)
 
     async def _ensure(self, vm_id: str) -> None:
-        old = self._servers.get(vm_id)
-        if old is not None:
+        if vm_id in self._servers:
             await self._close(vm_id)  # a restarted VM has a new namespace: the old socket is dead
         runtime = self.services.vms.runtime
         try:
@@ -78,75 +164,18 @@ class MetadataService:
         except Exception:
             log.exception("metadata listener for VM %s failed", vm_id)
             return
-        self._servers[vm_id] = await asyncio.start_server(
-            lambda r, w: self._serve(vm_id, r, w), sock=sock, limit=MAX_REQUEST)
+        config = uvicorn.Config(_for_vm(self.app, vm_id), lifespan="off", log_config=None, access_log=False,
+                                server_header=False, date_header=False, proxy_headers=False, http=_BoundedH11,
+                                h11_max_incomplete_event_size=MAX_REQUEST, timeout_keep_alive=1,
+                                limit_concurrency=32, timeout_graceful_shutdown=1)
+        server = _Server(config)
+        self._servers[vm_id] = server
+        self._tasks.spawn(server.serve(sockets=[sock]), f"metadata {vm_id}")
 
     async def _close(self, vm_id: str) -> None:
         server = self._servers.pop(vm_id, None)
         if server is not None:
-            server.close()
-
-    async def _serve(self, vm_id: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST)
-        try:
-            async with asyncio.timeout(REQUEST_TIMEOUT):
-                request = await _read_request(conn, reader)
-            if request is None:
-                return
-            status, body, ctype = await self._answer(vm_id, request)
-            if request.method == b"HEAD":
-                body = b""
-            headers = [("Content-Type", ctype), ("Content-Length", str(len(body))), ("Connection", "close")]
-            payload = b"".join(conn.send(e) or b"" for e in (
-                h11.Response(status_code=status, headers=headers), h11.Data(data=body), h11.EndOfMessage()))
-        except h11.RemoteProtocolError:
-            payload = BAD_REQUEST
-        except TimeoutError:
-            payload = b""
-        try:
-            writer.write(payload)
-            await writer.drain()
-        except OSError:
-            pass
-        finally:
-            writer.close()
-
-    async def _answer(self, vm_id: str, request: h11.Request) -> tuple[int, bytes, str]:
-        if request.method not in (b"GET", b"HEAD"):
-            return 405, b'{"error": "read-only: use GET"}\n', "application/json"
-        vm = await self.services.vms.by_id(vm_id)
-        if vm is None:
-            return 404, b'{"error": "this VM no longer exists"}\n', "application/json"
-        path = request.target.split(b"?", 1)[0]
-        if path == b"/hostname":
-            return 200, vm.name.encode() + b"\n", "text/plain; charset=utf-8"
-        if path not in (b"/", b"/v1", b"/v1/"):
-            return 404, b'{"error": "not found; try / or /hostname"}\n', "application/json"
-        owner = await self.services.store.read(lambda c: user_by_id(c, vm.owner_id))
-        spec = self.services.vms.spec(vm)
-        data: dict[str, Any] = {
-            "name": vm.name, "domain": self.services.settings.domain, "url": self.services.vms.url(vm.name),
-            "ssh": self.services.vms.ssh_command(vm.name), "owner": owner.handle if owner else None,
-            "image": vm.image, "cpu": vm.cpu, "memory_mb": vm.memory_mb, "disk_gb": vm.disk_gb,
-            "tags": list(vm.tags), "created_at": iso(vm.created_at), "env": spec.env,
-        }
-        return 200, (json.dumps(data, indent=2) + "\n").encode(), "application/json"
-
-
-async def _read_request(conn: h11.Connection, reader: asyncio.StreamReader) -> h11.Request | None:
-    while True:
-        event = conn.next_event()
-        if event is h11.NEED_DATA:
-            data = await reader.read(4096)
-            conn.receive_data(data)
-            if not data and conn.their_state is h11.IDLE:
-                return None
-            continue
-        if isinstance(event, h11.Request):
-            return event
-        if isinstance(event, h11.ConnectionClosed):
-            return None
-        raise h11.RemoteProtocolError("unexpected event", error_status_hint=400)
+            server.should_exit = True
 
 
 def _running_vms(c: sa.Connection) -> list[str]:
