@@ -171,7 +171,7 @@ class App:
         if self._runtime is not None:
             await self._runtime.close()
         if self._store is not None:
-            self._store.close()
+            await asyncio.to_thread(self._store.close)  # joins its threads
         self._stopped.set()
 
     async def run_forever(self) -> None:
