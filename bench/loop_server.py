@@ -13,6 +13,7 @@ import os
 import sys
 import threading
 import time
+import traceback
 
 RECORD_OVER = 0.005
 
@@ -22,18 +23,36 @@ def install(path: str) -> None:
     out = open(path, "a", buffering=1)  # noqa: SIM115 - lives as long as the process
     lock = threading.Lock()
 
+    running: dict[str, object] = {"since": None, "where": None, "thread": None}
+
     def timed(handle: asyncio.Handle) -> None:
-        started = time.perf_counter()
+        running["thread"], running["where"] = threading.get_ident(), None
+        cpu = time.thread_time()
+        running["since"] = started = time.perf_counter()
         try:
             original(handle)
         finally:
-            took = time.perf_counter() - started
+            running["since"] = None
+            took, cpu = time.perf_counter() - started, time.thread_time() - cpu
             if took > RECORD_OVER:
                 callback = getattr(handle, "_callback", None)
                 task = getattr(callback, "__self__", None)
                 what = task.get_name() if isinstance(task, asyncio.Task) else repr(callback)[:120]
+                rec = {"t": time.time(), "ms": round(took * 1000, 2), "cpu_ms": round(cpu * 1000, 2), "what": what,
+                       "where": running["where"] or ""}
                 with lock:
-                    out.write(json.dumps({"t": time.time(), "ms": round(took * 1000, 2), "what": what}) + "\n")
+                    out.write(json.dumps(rec) + "\n")
+
+    def watchdog() -> None:
+        while True:
+            time.sleep(0.004)
+            since = running["since"]
+            if isinstance(since, float) and running["where"] is None and time.perf_counter() - since > 0.01:
+                frame = sys._current_frames().get(running["thread"])  # type: ignore[arg-type]
+                running["where"] = " <- ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} {f.name}"
+                                               for f in reversed(traceback.extract_stack(frame)[-7:]))
+
+    threading.Thread(target=watchdog, name="loop-watchdog", daemon=True).start()
 
     asyncio.events.Handle._run = timed  # type: ignore[method-assign]
 
