@@ -46,3 +46,17 @@ def test_one_renderer_for_ssh_and_exec() -> None:
     assert render_error(UsageError("bad", usage="usage: new [--name N]")) == ("error: bad\nusage: new [--name N]", 2)
     assert render_error(NotFound("no VM named 'x'")) == ("error: no VM named 'x'", 1)
     assert render_error(KeyError("bug")) == ("error: internal error; it has been logged", 1)
+
+
+def test_qemu_and_firecracker_share_code_by_composition(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from ussycode.runtime.firecracker import FirecrackerRuntime
+    from ussycode.runtime.qemu import QemuRuntime
+    from ussycode.runtime.vmm import VmmHost
+
+    assert not issubclass(FirecrackerRuntime, QemuRuntime)
+    qemu = QemuRuntime(tmp_path, images=None, run_dir=tmp_path / "run" / "qemu")  # type: ignore[arg-type]
+    fc = FirecrackerRuntime(tmp_path, images=None, run_dir=tmp_path / "run" / "firecracker")
+    assert isinstance(qemu.vmm, VmmHost) and isinstance(fc.vmm, VmmHost) and qemu.vmm is not fc.vmm
+    assert qemu.paths("a").vm_dir == tmp_path / "qemu" / "vms" / "a"
+    assert fc.paths("a").vm_dir == tmp_path / "firecracker" / "vms" / "a"
+    assert str(fc.paths("a").run_dir).startswith(str(tmp_path / "run" / "firecracker"))  # under the data dir

@@ -6,8 +6,8 @@ system can) copy of the image's ext4 base, grown to the VM's size. The VM's netw
 VM's own network namespace (Firecracker runs there too), so the host never routes to the guest; host → guest
 sockets are made inside that namespace. Stop is ``SendCtrlAltDel`` (the guest init powers off), then kill.
 
-Lifecycle bookkeeping (paths, status from ``/proc``, exec over SSH, re-attach) is shared with
-:class:`~ussycode.runtime.qemu.runtime.QemuRuntime`; only the VMM-specific parts are overridden here.
+Lifecycle bookkeeping (paths, status from ``/proc``, exec over SSH, re-attach) is a
+:class:`~ussycode.runtime.vmm.VmmHost` this runtime owns, as the QEMU runtime owns its own (composition).
 """
 
 from __future__ import annotations
@@ -24,13 +24,14 @@ from typing import Any
 import httpx
 
 from ussycode.errors import NotFound, RuntimeFailure, StateError, UsageError
-from ussycode.runtime import kernel, kvm, netns, rootfs
-from ussycode.runtime.base import HostCheck
+from ussycode.runtime import kernel, kvm, rootfs
+from ussycode.runtime.base import ExecResult, HostCheck, Runtime
 from ussycode.runtime.firecracker import payloads
 from ussycode.runtime.qemu import network
 from ussycode.runtime.qemu.argv import GUEST_ADDR, GUEST_GW
-from ussycode.runtime.qemu.runtime import QemuRuntime, config_drive, console_tail, qemu_alive
-from ussycode.types import VmSpec
+from ussycode.runtime.qemu.runtime import config_drive, qemu_alive
+from ussycode.runtime.vmm import VmmHost, VmPaths, console_tail, evidence
+from ussycode.types import VmSpec, VmStatus
 
 TAP = "tap0"
 GUEST_IP = GUEST_ADDR.split("/", 1)[0]
@@ -75,26 +76,80 @@ class FirecrackerApi:
         return data
 
 
-class FirecrackerRuntime(QemuRuntime):
+class FirecrackerRuntime(Runtime):
+    """VMs as Firecracker processes. Files, pids, namespaces, sshd waits and exec over SSH are a
+    :class:`~ussycode.runtime.vmm.VmmHost` (the QEMU runtime owns one too); booting through the API is here."""
+
     name = "firecracker"
 
-    def __init__(self, data_dir: Path, images: Any, *, binary: str = "firecracker", **kw: Any) -> None:
-        super().__init__(data_dir, images, **kw)
-        self.data_dir = data_dir / "firecracker"
+    def __init__(self, data_dir: Path, images: Any, *, run_dir: Path, binary: str = "firecracker",
+                 egress: bool = True, boot_timeout: float = 180.0) -> None:
+        self.vmm = VmmHost(data_dir / "firecracker", run_dir, is_ours=self._is_ours, guest_ip=GUEST_IP,
+                           boot_timeout=boot_timeout, pool_name="fc-netns")
+        self.images = images
+        self.egress = egress
         self.binary = binary
         self.jailer = shutil.which("jailer")
+
+    @property
+    def data_dir(self) -> Path:
+        return self.vmm.data_dir
+
+    @property
+    def run_root(self) -> Path:
+        return self.vmm.run_root
+
+    @property
+    def boot_timeout(self) -> float:
+        return self.vmm.boot_timeout
 
     @classmethod
     def check(cls) -> HostCheck:
         reason = firecracker_reason()
         return HostCheck(reason is None, reason or "firecracker with working KVM")
 
-    def _is_ours(self, pid: int | None, vm_id: str) -> bool:
+    @staticmethod
+    def _is_ours(pid: int | None, vm_id: str) -> bool:
         return qemu_alive(pid, vm_id, marker=payloads.jail_id(vm_id).encode() + b"\0")
 
     def _api(self, vm_id: str) -> FirecrackerApi:
         return FirecrackerApi(self.paths(vm_id).run_dir / "api.sock")
 
+    # --- what the VmmHost knows --------------------------------------------------------------------------
+    def paths(self, vm_id: str) -> VmPaths:
+        return self.vmm.paths(vm_id)
+
+    def netns_name(self, vm_id: str) -> str:
+        return self.vmm.netns_name(vm_id)
+
+    def _pid(self, vm_id: str) -> int | None:
+        return self.vmm.pid(vm_id)
+
+    def _running(self, vm_id: str) -> bool:
+        return self.vmm.running(vm_id)
+
+    async def status(self, vm_id: str) -> VmStatus:
+        return await self.vmm.status(vm_id)
+
+    def get_state(self, vm_id: str) -> dict[str, Any]:
+        return self.vmm.state(vm_id)
+
+    async def list_vms(self) -> list[str]:
+        return await self.vmm.list_vms()
+
+    async def destroy(self, vm_id: str) -> None:
+        await self.vmm.destroy(vm_id, lambda: self.stop(vm_id, timeout=5.0))
+
+    async def exec(
+        self, vm_id: str, argv: list[str], *, stdin: bytes = b"", user: str = "ussycode", timeout: float = 60.0
+    ) -> ExecResult:
+        sock = await self.open_socket(vm_id, 22)
+        return await self.vmm.exec(vm_id, sock, argv, stdin=stdin, user=user, timeout=timeout)
+
+    async def close(self) -> None:
+        self.vmm.close()
+
+    # --- Firecracker's own ------------------------------------------------------------------------------
     async def create(self, spec: VmSpec) -> None:
         try:
             payloads.machine_config(spec.cpu, spec.memory_mb)
@@ -133,7 +188,7 @@ class FirecrackerRuntime(QemuRuntime):
         guest = kernel.find_kernel()
         vmlinux = await asyncio.to_thread(kernel.build_vmlinux, self.data_dir / "cache", guest)
         initrd = await asyncio.to_thread(kernel.build_initramfs, self.data_dir / "cache", guest)
-        key = await self._runtime_key()
+        key = await self.vmm.runtime_key()
         p.run_dir.mkdir(parents=True, exist_ok=True)
         api_sock = p.run_dir / "api.sock"
         api_sock.unlink(missing_ok=True)
@@ -143,7 +198,7 @@ class FirecrackerRuntime(QemuRuntime):
         for argv in tap_argvs(ns):
             code, out = await network._run(argv)
             if code != 0 and "File exists" not in out:
-                await self._cleanup_run(spec.id)
+                await self.vmm.cleanup_run(spec.id)
                 raise RuntimeFailure("could not create the VM's tap device", evidence=f"$ {argv}\n{out}")
         argv = network.exec_prefix(ns) + payloads.firecracker_argv(self.binary, api_sock, spec.id)
         with p.console.open("wb") as console:
@@ -160,11 +215,11 @@ class FirecrackerRuntime(QemuRuntime):
             )
             for call in calls:
                 await api.call(call)
-            self._forwards[spec.id] = {22}
-            await self._wait_ssh(spec, argv)
+            self.vmm.forwards[spec.id] = {22}
+            await self.vmm.wait_ssh(spec, argv)
         except BaseException:
-            await self._kill(spec.id)
-            await self._cleanup_run(spec.id)
+            await self.vmm.kill(spec.id)
+            await self.vmm.cleanup_run(spec.id)
             raise
 
     async def _wait_socket(self, sock: Path, argv: list[str], spec: VmSpec) -> None:
@@ -173,33 +228,27 @@ class FirecrackerRuntime(QemuRuntime):
             if time.monotonic() > deadline or not self._running(spec.id):
                 raise RuntimeFailure(
                     f"Firecracker did not open its API socket for VM {spec.name}",
-                    evidence=self._evidence(argv, console_tail(self.paths(spec.id).console)),
+                    evidence=evidence(argv, console_tail(self.paths(spec.id).console)),
                     reason="boot_failed",
                 )
             await asyncio.sleep(0.05)
 
     async def stop(self, vm_id: str, timeout: float = 10.0) -> None:
-        if self._running(vm_id):
+        """``SendCtrlAltDel`` (the guest init powers off), Firecracker killed after ``timeout``, then clean up."""
+
+        async def ctrl_alt_del() -> None:
             with contextlib.suppress(RuntimeFailure, httpx.HTTPError, OSError):
                 await self._api(vm_id).call(payloads.ApiCall("PUT", "/actions", payloads.action("SendCtrlAltDel")))
-            if not await self._wait_exit(vm_id, timeout):
-                await self._kill(vm_id)
-        await self._cleanup_run(vm_id)
+
+        await self.vmm.stop(vm_id, timeout, ctrl_alt_del)
 
     async def load_state(self, vm_id: str, state: dict[str, Any]) -> None:
-        pid = state.get("pid")
-        p = self.paths(vm_id)
-        if isinstance(pid, int) and self._is_ours(pid, vm_id):
-            p.run_dir.mkdir(parents=True, exist_ok=True)
-            p.pidfile.write_text(f"{pid}\n")
+        if await self.vmm.adopt(vm_id, state):
             await self._api(vm_id).describe()
 
     async def _connect(self, vm_id: str, port: int, timeout: float = 5.0) -> socket.socket:
-        loop = asyncio.get_running_loop()
-        ns = self.netns_name(vm_id)
         # The guest's address exists only inside the VM's own namespace (on its tap link).
-        sock = await loop.run_in_executor(self._ns_pool, netns.socket_in_netns, ns)
-        return await netns.connect_socket(sock, GUEST_IP, port, timeout)
+        return await self.vmm.connect(vm_id, port, timeout)
 
     async def open_socket(self, vm_id: str, port: int) -> socket.socket:
         if not 1 <= port <= 65535:
