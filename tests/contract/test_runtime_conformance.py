@@ -546,7 +546,7 @@ async def main():
         from ussycode.runtime.qemu import QemuRuntime
         rt = QemuRuntime(work, ImageStore(images), run_dir=work / "qemu-run")
     spec = VmSpec(id=uuid.uuid4().hex, name="vm-orphan", image="ussyuntu-mini", cpu=1, memory_mb=256, disk_gb=1,
-                  id_base=fresh_id_base())
+                  id_base=int(sys.argv[4]))
     await rt.create(spec)
     await rt.start(spec)
     print(json.dumps({"spec_id": spec.id, "state": rt.get_state(spec.id)}))
@@ -565,6 +565,7 @@ async def test_vm_outlives_the_server_process(
 
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-c", SERVER_SCRIPT, str(runtime_workdir), str(image_store.images_dir), runtime.name,
+        str(fresh_id_base()),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(proc.communicate(), 120)

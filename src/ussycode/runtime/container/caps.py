@@ -80,6 +80,9 @@ AT_EMPTY_PATH = 0x1000
 OPEN_TREE_CLONE = 1
 OPEN_TREE_CLOEXEC = os.O_CLOEXEC
 MOVE_MOUNT_F_EMPTY_PATH = 4
+MOUNT_ATTR_RDONLY = 0x1
+MOUNT_ATTR_NOSUID = 0x2
+MOUNT_ATTR_NODEV = 0x4
 MOUNT_ATTR_IDMAP = 0x00100000
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 
@@ -153,6 +156,31 @@ def idmapped_bind(source: str, target: str, userns_fd: int) -> None:
         attr = _MountAttr(MOUNT_ATTR_IDMAP, 0, 0, userns_fd)
         _check(_libc.syscall(SYS_MOUNT_SETATTR, fd, b"", AT_EMPTY_PATH, ctypes.byref(attr), ctypes.sizeof(attr)),
                f"id-mapping {source} (needs a kernel and file system with id-mapped mounts)")
+        _check(_libc.syscall(SYS_MOVE_MOUNT, fd, b"", AT_FDCWD, target.encode(), MOVE_MOUNT_F_EMPTY_PATH),
+               f"move_mount {target}")
+    finally:
+        os.close(fd)
+
+
+def detached_readonly_clone(source: str) -> int:
+    """A detached, read-only, nosuid, nodev bind of ``source`` (a descriptor for :func:`attach`): made by the host
+    before any namespace change, so no later path lookup has to reach the host directory."""
+    fd = _libc.syscall(SYS_OPEN_TREE, AT_FDCWD, source.encode(), OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC)
+    if fd < 0:
+        _check(-1, f"open_tree {source}")
+    attr = _MountAttr(MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV, 0, 0, 0)
+    try:
+        _check(_libc.syscall(SYS_MOUNT_SETATTR, fd, b"", AT_EMPTY_PATH, ctypes.byref(attr), ctypes.sizeof(attr)),
+               f"making {source} read-only")
+    except OSError:
+        os.close(fd)
+        raise
+    return int(fd)
+
+
+def attach(fd: int, target: str) -> None:
+    """Mount the detached tree ``fd`` at ``target`` (relative to the current directory) and close ``fd``."""
+    try:
         _check(_libc.syscall(SYS_MOVE_MOUNT, fd, b"", AT_FDCWD, target.encode(), MOVE_MOUNT_F_EMPTY_PATH),
                f"move_mount {target}")
     finally:

@@ -28,6 +28,7 @@ import argparse
 import os
 import signal
 import socket
+import stat
 import sys
 
 from ussycode.runtime.container import caps
@@ -37,6 +38,7 @@ GUEST_INIT = "/run/ussycode/init"
 GUEST_META = "/run/ussycode/meta"
 DEV_NODES = ("null", "zero", "full", "random", "urandom", "tty")
 PROC_READONLY = ("sys", "sysrq-trigger", "irq", "bus", "fs")
+GUEST_MOUNT_POINTS = ("proc", "dev", "run")  # in the guest's tree; everything below them is ours (fresh mounts)
 INIT_OOM_SCORE_ADJ = -999
 BOOT_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root",
             "TERM": "linux", "container": "ussycode", "LANG": "C.UTF-8"}
@@ -74,20 +76,30 @@ def _join_cgroups(procs: list[str]) -> None:
             f.write(str(os.getpid()))
 
 
-def _mount_dev(dev: str, shm_mb: int) -> None:
-    caps.mount("tmpfs", dev, "tmpfs", caps.MS_NOSUID | caps.MS_NOEXEC, "mode=755,size=1024k")
+def _become_namespace_root() -> None:
+    """Switch to the user namespace's root (host ``id_base``). The capabilities the new namespace gave are kept.
+    Until now the process was host uid 0 (unmapped in the namespace), the owner of the host directories on the
+    way to the VM's root, which may be closed to others."""
+    os.setresgid(0, 0, 0)
+    os.setresuid(0, 0, 0)
+    os.setgroups([])
+
+
+def _mount_dev(shm_mb: int) -> None:
+    """/dev relative to the VM's root (the current directory): the host's device nodes are bound in (a user
+    namespace cannot make device nodes), a new devpts, and /dev/shm sized from the VM's memory."""
+    caps.mount("tmpfs", "dev", "tmpfs", caps.MS_NOSUID | caps.MS_NOEXEC, "mode=755,size=1024k")
     for name in DEV_NODES:
-        path = f"{dev}/{name}"
-        open(path, "w").close()
-        caps.mount(f"/dev/{name}", path, None, caps.MS_BIND)
+        open(f"dev/{name}", "w").close()
+        caps.mount(f"/dev/{name}", f"dev/{name}", None, caps.MS_BIND)
     for name in ("pts", "shm"):
-        os.mkdir(f"{dev}/{name}")
-    caps.mount("devpts", f"{dev}/pts", "devpts", caps.MS_NOSUID | caps.MS_NOEXEC,
+        os.mkdir(f"dev/{name}")
+    caps.mount("devpts", "dev/pts", "devpts", caps.MS_NOSUID | caps.MS_NOEXEC,
                "newinstance,ptmxmode=0666,mode=0620,gid=5")
-    caps.mount("tmpfs", f"{dev}/shm", "tmpfs", caps.MS_NOSUID | caps.MS_NODEV, f"mode=1777,size={shm_mb}m")
+    caps.mount("tmpfs", "dev/shm", "tmpfs", caps.MS_NOSUID | caps.MS_NODEV, f"mode=1777,size={shm_mb}m")
     for name, target in (("ptmx", "pts/ptmx"), ("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
                          ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
-        os.symlink(target, f"{dev}/{name}")
+        os.symlink(target, f"dev/{name}")
 
 
 def _bind_readonly(source: str, target: str, extra: int = 0) -> None:
@@ -96,27 +108,34 @@ def _bind_readonly(source: str, target: str, extra: int = 0) -> None:
                caps.MS_BIND | caps.MS_REMOUNT | caps.MS_RDONLY | caps.MS_NOSUID | caps.MS_NODEV | extra)
 
 
-def _guest_pid1(args: argparse.Namespace, drop: list[int], seccomp: Filter) -> None:
-    root = args.root
+def _guest_pid1(args: argparse.Namespace, drop: list[int], seccomp: Filter, init_fd: int, meta_fd: int) -> None:
     sizes = tmpfs_sizes(args.memory_mb)
     caps.mount(None, "/", None, caps.MS_REC | caps.MS_PRIVATE)
-    caps.mount(root, root, None, caps.MS_BIND | caps.MS_REC)
-    caps.mount("proc", f"{root}/proc", "proc", caps.MS_NOSUID | caps.MS_NODEV | caps.MS_NOEXEC)
+    # The overlay root is a locked mount here (it came from the host's namespace): pivot_root needs a fresh bind.
+    caps.mount(args.root, args.root, None, caps.MS_BIND | caps.MS_REC)
+    os.chdir(args.root)
+    _become_namespace_root()
+    for target in GUEST_MOUNT_POINTS:
+        # mount(2) follows symlinks, and until pivot_root an absolute one would lead into the host's tree.
+        # Nothing of the guest runs yet, so this check cannot race.
+        if not stat.S_ISDIR(os.lstat(target).st_mode):
+            raise OSError(f"the VM's /{target} is not a directory (a symlink?): refusing to mount on it")
+    # From here on every path is relative to the VM's root (or a host path anyone may traverse, or a descriptor).
+    caps.mount("proc", "proc", "proc", caps.MS_NOSUID | caps.MS_NODEV | caps.MS_NOEXEC)
     for sub in PROC_READONLY:
-        if os.path.exists(f"{root}/proc/{sub}"):
-            _bind_readonly(f"{root}/proc/{sub}", f"{root}/proc/{sub}", caps.MS_NOEXEC)
+        if os.path.exists(f"proc/{sub}"):
+            _bind_readonly(f"proc/{sub}", f"proc/{sub}", caps.MS_NOEXEC)
     for name in args.lxcfs_proc:
         # lxcfs answers from the reader's cgroup and PID namespace: the VM's memory, CPUs, boot time.
-        caps.mount(f"{args.lxcfs}/proc/{name}", f"{root}/proc/{name}", None, caps.MS_BIND)
-    _mount_dev(f"{root}/dev", sizes["shm"])
-    caps.mount("tmpfs", f"{root}/run", "tmpfs", caps.MS_NOSUID | caps.MS_NODEV, f"mode=755,size={sizes['run']}m")
-    os.makedirs(f"{root}{GUEST_META}", mode=0o755)
-    open(f"{root}{GUEST_INIT}", "w").close()
-    _bind_readonly(args.init, f"{root}{GUEST_INIT}")
-    _bind_readonly(args.meta, f"{root}{GUEST_META}")
+        caps.mount(f"{args.lxcfs}/proc/{name}", f"proc/{name}", None, caps.MS_BIND)
+    _mount_dev(sizes["shm"])
+    caps.mount("tmpfs", "run", "tmpfs", caps.MS_NOSUID | caps.MS_NODEV, f"mode=755,size={sizes['run']}m")
+    os.makedirs(f".{GUEST_META}", mode=0o755)
+    open(f".{GUEST_INIT}", "w").close()
+    caps.attach(init_fd, f".{GUEST_INIT}")
+    caps.attach(meta_fd, f".{GUEST_META}")
     socket.sethostname(args.hostname)
     # pivot_root(".", ".") stacks the old root under the new one; detaching it leaves no way back to the host.
-    os.chdir(root)
     caps.pivot_root(".", ".")
     caps.umount2(".", caps.MNT_DETACH)
     os.chdir("/")
@@ -128,19 +147,17 @@ def _guest_pid1(args: argparse.Namespace, drop: list[int], seccomp: Filter) -> N
 def _guest_child(args: argparse.Namespace, drop: list[int], seccomp: Filter, ready: int, go: int,
                  report: int) -> None:
     """The VM's first process: makes the user namespace, waits to be mapped, forks PID 1 and reports its pid."""
+    init_fd = caps.detached_readonly_clone(args.init)
+    meta_fd = caps.detached_readonly_clone(args.meta)
     caps.unshare(caps.CLONE_NEWUSER)
     os.write(ready, b"u")
     if os.read(go, 1) != b"g":
         os._exit(1)
-    # Become the namespace's root (host id_base); the capabilities the new namespace gave us are kept.
-    os.setresgid(0, 0, 0)
-    os.setresuid(0, 0, 0)
-    os.setgroups([])
     caps.unshare(caps.CLONE_NEWNS | caps.CLONE_NEWPID | caps.CLONE_NEWUTS | caps.CLONE_NEWIPC | caps.CLONE_NEWCGROUP)
     pid = os.fork()
     if pid == 0:
         try:
-            _guest_pid1(args, drop, seccomp)
+            _guest_pid1(args, drop, seccomp, init_fd, meta_fd)
         except BaseException as exc:  # report to the console log, never return into the parent's code
             print(f"ussycode-boot: {exc}", file=sys.stderr, flush=True)
             os._exit(127)
