@@ -150,7 +150,8 @@ def _lib() -> ctypes.CDLL:
     try:
         lib = ctypes.CDLL(name, use_errno=True)
     except OSError as exc:
-        raise SeccompError(errno_mod.ENOENT, f"libseccomp is not installed (apt-get install libseccomp2): {exc}")
+        raise SeccompError(errno_mod.ENOENT,
+                           f"libseccomp is not installed (apt-get install libseccomp2): {exc}") from exc
     lib.seccomp_init.restype = ctypes.c_void_p
     lib.seccomp_init.argtypes = [ctypes.c_uint32]
     lib.seccomp_release.argtypes = [ctypes.c_void_p]
