@@ -257,3 +257,26 @@ async def test_vm_sees_its_own_limits(server) -> None:
         assert 1800 <= int(disk.rstrip("M")) <= 2048, out
     out = await _run(server, key, "limitbox", "uptime")
     assert "up 0 min" in out or "up 1 min" in out or "up 2 min" in out, out
+
+
+async def test_compilers_node_git_and_venv_in_the_full_image(server) -> None:
+    from ussycode.runtime.images import ImageStore
+
+    try:
+        ImageStore(server.app.settings.images_dir).resolve("ussyuntu")
+    except Exception:  # noqa: BLE001 - the full image takes minutes to build: only where it exists
+        pytest.skip("the full image is not built here (ussycode image build --name ussyuntu)")
+    key = await server.register("full")
+    await _new(server, key, "--name=fullbox", "--image=ussyuntu", "--memory=1024")
+    out = await _run(server, key, "fullbox", """set -e
+cd /tmp
+printf '#include <stdio.h>\\nint main(void){puts("built by gcc");return 0;}\\n' > h.c
+gcc -O2 -o h h.c && ./h
+mkdir -p lib app && (cd lib && npm init -y >/dev/null && echo 'module.exports = 42' > index.js)
+cd app && npm init -y >/dev/null && npm install --offline --no-audit --no-fund ../lib >/dev/null 2>&1
+node -e 'console.log("node says", require("lib"))'
+cd /tmp && python3 -m venv v && v/bin/pip --version | cut -d' ' -f1
+git init -q repo && cd repo && git -c user.email=a@b -c user.name=a commit -q --allow-empty -m one
+git log --oneline | wc -l
+""", timeout=300)
+    assert out.split("\n")[:4] == ["built by gcc", "node says 42", "pip", "1"], out
