@@ -62,7 +62,7 @@ vms = sa.Table(
     # First host uid/gid of the VM's private id range (its user namespace: guest 0..65535 = host id_base..),
     # allocated when the VM is made and freed only with its row, i.e. when the VM and its disk are gone.
     sa.Column("id_base", sa.BigInteger, nullable=True),
-    sa.UniqueConstraint("id_base", name="uq_vms_id_base"),
+    sa.Index("uq_vms_id_base", "id_base", unique=True),
 )
 
 vm_tags = sa.Table(

@@ -21,9 +21,10 @@ RANGE = 65536
 
 
 def upgrade() -> None:
-    with op.batch_alter_table("vms") as batch:
-        batch.add_column(sa.Column("id_base", sa.BigInteger, nullable=True))
-        batch.create_unique_constraint("uq_vms_id_base", ["id_base"])
+    # A plain ADD COLUMN and a unique index: SQLite's batch mode would rebuild ``vms``, and dropping the old table
+    # cascades (foreign keys are on) to every row that references a VM.
+    op.add_column("vms", sa.Column("id_base", sa.BigInteger, nullable=True))
+    op.create_index("uq_vms_id_base", "vms", ["id_base"], unique=True)
     conn = op.get_bind()
     vms = sa.table("vms", sa.column("id", sa.String), sa.column("created_at", sa.DateTime),
                    sa.column("id_base", sa.BigInteger))
@@ -33,6 +34,5 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("vms") as batch:
-        batch.drop_constraint("uq_vms_id_base", type_="unique")
-        batch.drop_column("id_base")
+    op.drop_index("uq_vms_id_base", "vms")
+    op.drop_column("vms", "id_base")
