@@ -57,6 +57,26 @@ def _filesystem(fs: str) -> Check:
     return Check(fs, False, f"the kernel does not list {fs} in /proc/filesystems (modprobe {fs})")
 
 
+def _lxcfs() -> Check:
+    from ussycode.runtime import lxcfs
+
+    state = lxcfs.status()
+    # Installed but not yet running is fine: the container runtime starts it with the first VM.
+    return Check("lxcfs", state.ok or shutil.which("lxcfs") is not None, state.reason)
+
+
+def _sandbox() -> Check:
+    from ussycode.runtime.container.seccomp import Filter
+
+    try:
+        Filter().release()
+    except OSError as exc:
+        return Check("sandbox", False, f"container VMs need libseccomp (apt-get install libseccomp2): {exc}")
+    userns = Path("/proc/self/ns/user").exists()
+    return Check("sandbox", userns, "user namespaces, id-mapped mounts and seccomp (libseccomp)" if userns
+                 else "the kernel has no user namespaces: container VMs cannot be isolated")
+
+
 def _privileges() -> Check:
     if os.geteuid() == 0:
         return Check("root", True, "running as root (needed for namespaces, loop devices and cgroups)")
@@ -79,6 +99,8 @@ def host_checks() -> list[Check]:
         _binary("nft", "nftables", "VM network isolation"),
         _cgroups(),
         _filesystem("overlay"),
+        _sandbox(),
+        _lxcfs(),
         Check("netns", Path("/proc/self/ns/net").exists(), "network namespaces"),
         Check("loop", Path("/dev/loop-control").exists(), "/dev/loop-control (loop-mounted VM disks)"),
     ]

@@ -80,3 +80,5 @@ class VmSpec:
     env: dict[str, str] = field(default_factory=dict)
     authorized_keys: tuple[str, ...] = ()
     hostname: str = ""
+    # First host uid/gid of the VM's private id range (container runtime: its user namespace), from the server.
+    id_base: int | None = None

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -22,6 +23,7 @@ import pytest
 import pytest_asyncio
 
 from ussycode.errors import RuntimeFailure, StateError
+from ussycode.runtime import idmap
 from ussycode.runtime.base import Runtime
 from ussycode.runtime.images import ImageStore
 from ussycode.types import VmSpec, VmStatus
@@ -46,11 +48,16 @@ def is_container(runtime: Runtime) -> bool:
     return runtime.name == "container"
 
 
+def fresh_id_base() -> int:
+    """A private id range for a test VM (the server allocates them; tests draw from the top slots)."""
+    return idmap.base_of_slot(idmap.MAX_SLOTS - 1 - secrets.randbelow(20000))
+
+
 def new_spec(name: str, *, memory_mb: int = 256, disk_gb: int = 1, image: str = "ussyuntu-mini") -> VmSpec:
     return VmSpec(
         id=uuid.uuid4().hex, name=name, image=image, cpu=1, memory_mb=memory_mb, disk_gb=disk_gb,
         env={"USSYCODE_VM_NAME": name, "FOO": ENV_VALUE},
-        authorized_keys=(CLIENT_KEY.export_public_key().decode().strip(),),
+        authorized_keys=(CLIENT_KEY.export_public_key().decode().strip(),), id_base=fresh_id_base(),
     )
 
 
@@ -538,7 +545,8 @@ async def main():
     else:  # the same construction as conftest.make_test_runtime
         from ussycode.runtime.qemu import QemuRuntime
         rt = QemuRuntime(work, ImageStore(images), run_dir=work / "qemu-run")
-    spec = VmSpec(id=uuid.uuid4().hex, name="vm-orphan", image="ussyuntu-mini", cpu=1, memory_mb=256, disk_gb=1)
+    spec = VmSpec(id=uuid.uuid4().hex, name="vm-orphan", image="ussyuntu-mini", cpu=1, memory_mb=256, disk_gb=1,
+                  id_base=int(sys.argv[4]))
     await rt.create(spec)
     await rt.start(spec)
     print(json.dumps({"spec_id": spec.id, "state": rt.get_state(spec.id)}))
@@ -557,6 +565,7 @@ async def test_vm_outlives_the_server_process(
 
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-c", SERVER_SCRIPT, str(runtime_workdir), str(image_store.images_dir), runtime.name,
+        str(fresh_id_base()),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(proc.communicate(), 120)

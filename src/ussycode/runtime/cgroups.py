@@ -21,6 +21,7 @@ from ussycode.errors import RuntimeFailure
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 V1_CONTROLLERS = ("memory", "cpu", "pids")
+V1_OPTIONAL = ("cpuset",)
 CPU_PERIOD_US = 100_000
 DEFAULT_PIDS_MAX = 4096
 PARENT = "ussycode"
@@ -33,6 +34,18 @@ class CgroupLimits:
     cpu: int
     memory_mb: int
     pids_max: int = DEFAULT_PIDS_MAX
+    # CPUs the VM may run on (a cpuset list such as "1" or "0-3"), so ``nproc`` and the scheduler affinity show
+    # its CPU count; None: all of the host's.
+    cpus: str | None = None
+
+
+def pick_cpus(count: int, host_cpus: int, slot: int) -> str | None:
+    """The cpuset of a VM with ``count`` CPUs (pure): ``count`` consecutive host CPUs starting at ``slot``
+    modulo the host's count (VMs spread over the host); None when it may use them all."""
+    if count >= host_cpus:
+        return None
+    chosen = sorted((slot + i) % host_cpus for i in range(count))
+    return ",".join(str(c) for c in chosen)
 
 
 def detect_version(root: Path = CGROUP_ROOT) -> Version | None:
@@ -53,22 +66,26 @@ def cgroup_values(version: Version, limits: CgroupLimits) -> dict[str, dict[str,
     mem = str(limits.memory_mb * 2**20)
     quota = limits.cpu * CPU_PERIOD_US
     if version == "v1":
-        return {
+        out = {
             "memory": {"memory.limit_in_bytes": mem, "memory.memsw.limit_in_bytes": mem},
             "cpu": {"cpu.cfs_period_us": str(CPU_PERIOD_US), "cpu.cfs_quota_us": str(quota)},
             "pids": {"pids.max": str(limits.pids_max)},
         }
-    return {
-        "": {
-            "memory.max": mem,
-            "memory.swap.max": "0",
-            "cpu.max": f"{quota} {CPU_PERIOD_US}",
-            "pids.max": str(limits.pids_max),
-        }
+        if limits.cpus is not None:
+            out["cpuset"] = {"cpuset.cpus": limits.cpus}
+        return out
+    values = {
+        "memory.max": mem,
+        "memory.swap.max": "0",
+        "cpu.max": f"{quota} {CPU_PERIOD_US}",
+        "pids.max": str(limits.pids_max),
     }
+    if limits.cpus is not None:
+        values["cpuset.cpus"] = limits.cpus
+    return {"": values}
 
 
-OPTIONAL_FILES = frozenset({"memory.memsw.limit_in_bytes", "memory.swap.max"})
+OPTIONAL_FILES = frozenset({"memory.memsw.limit_in_bytes", "memory.swap.max", "cpuset.cpus"})
 
 
 class Cgroups:
@@ -84,7 +101,8 @@ class Cgroups:
     def dirs(self, vm_id: str) -> dict[str, Path]:
         """Controller → the VM's group directory."""
         if self.version == "v1":
-            return {c: self.root / c / PARENT / vm_id for c in V1_CONTROLLERS}
+            controllers = V1_CONTROLLERS + tuple(c for c in V1_OPTIONAL if (self.root / c / "cgroup.procs").exists())
+            return {c: self.root / c / PARENT / vm_id for c in controllers}
         return {"": self.root / PARENT / vm_id}
 
     def procs_files(self, vm_id: str) -> list[Path]:
@@ -99,7 +117,12 @@ class Cgroups:
         if self.version == "v2":
             self._enable_v2_controllers()
         dirs = self.dirs(vm_id)
+        if "cpuset" in dirs:
+            self._prepare_v1_cpuset(dirs["cpuset"])
+            values.setdefault("cpuset", {})
         for controller, files in values.items():
+            if controller not in dirs:
+                continue
             group = dirs[controller]
             try:
                 group.mkdir(parents=True, exist_ok=True)
@@ -120,12 +143,24 @@ class Cgroups:
                         continue
                     raise RuntimeFailure(f"cannot write {value} to {path}: {exc}") from exc
 
+    @staticmethod
+    def _prepare_v1_cpuset(group: Path) -> None:
+        """A v1 cpuset group starts with no CPUs and no memory nodes (no task may join): inherit the parent's,
+        from the root down, before the VM's own CPUs are written."""
+        for directory in (group.parent, group):
+            directory.mkdir(exist_ok=True)
+            for name in ("cpuset.cpus", "cpuset.mems"):
+                target = directory / name
+                with contextlib.suppress(OSError):
+                    if not target.read_text().strip():
+                        target.write_text((directory.parent / name).read_text().strip())
+
     def _enable_v2_controllers(self) -> None:
         parent = self.root / PARENT
         parent.mkdir(exist_ok=True)
         for group in (self.root, parent):
             control = group / "cgroup.subtree_control"
-            for controller in ("cpu", "memory", "pids"):
+            for controller in ("cpu", "memory", "pids", "cpuset"):
                 with contextlib.suppress(OSError):
                     control.write_text(f"+{controller}")
 

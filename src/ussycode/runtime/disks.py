@@ -27,7 +27,9 @@ def mkfs_argv(path: Path, label: str = "ussycode") -> list[str]:
 
 
 def loop_mount_argv(disk: Path, mountpoint: Path) -> list[str]:
-    return ["mount", "-t", "ext4", "-o", "loop,noatime", str(disk), str(mountpoint)]
+    # discard: a deleted file's blocks are discarded at once; the loop device turns a discard into a hole punched
+    # in the sparse image, so the host gets the space back.
+    return ["mount", "-t", "ext4", "-o", "loop,noatime,discard", str(disk), str(mountpoint)]
 
 
 def overlay_options(lower: Path, upper: Path, work: Path) -> str:
@@ -90,14 +92,10 @@ def mount_disk(disk: Path, mountpoint: Path) -> None:
         _run(loop_mount_argv(disk, mountpoint), f"mounting disk {disk.name}")
 
 
-def mount_overlay(lower: Path, disk_mount: Path, merged: Path) -> None:
-    """Mount the VM's root: ``lower`` read-only, writes to ``disk_mount/upper`` (idempotent)."""
-    upper, work = disk_mount / "upper", disk_mount / "work"
-    upper.mkdir(mode=0o755, exist_ok=True)
-    work.mkdir(mode=0o700, exist_ok=True)
-    merged.mkdir(parents=True, exist_ok=True)
-    if not is_mounted(merged):
-        _run(overlay_mount_argv(lower, upper, work, merged), "mounting the VM root overlay")
+def prepare_overlay_dirs(disk_mount: Path) -> None:
+    """The overlay's upper and work directories at the top of a mounted disk (the guest never sees this level)."""
+    (disk_mount / "upper").mkdir(mode=0o755, exist_ok=True)
+    (disk_mount / "work").mkdir(mode=0o700, exist_ok=True)
 
 
 def unmount(path: Path) -> None:

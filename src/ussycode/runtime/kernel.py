@@ -331,7 +331,7 @@ def lz4_legacy_decompress(data: bytes) -> bytes:
 
 def zstd_decompress(data: bytes) -> bytes:
     """Decode one zstd frame (the kernel's ``KERNEL_ZSTD``), ignoring what follows it."""
-    return zstandard.ZstdDecompressor().decompressobj().decompress(data)
+    return bytes(zstandard.ZstdDecompressor().decompressobj().decompress(data))
 
 
 def build_vmlinux(cache_dir: Path, kernel: GuestKernel | None = None) -> Path:

@@ -150,6 +150,9 @@ def setup_argvs(netns: str) -> list[list[str]]:
         # The metadata address is the VM's own: the server listens on it inside the namespace.
         ["ip", "-n", netns, "addr", "add", f"{METADATA_V4}/32", "dev", "lo"],
         ["ip", "netns", "exec", netns, "sysctl", "-q", "-w", "net.ipv4.ping_group_range=0 2147483647"],
+        # The namespace belongs to the host's user namespace, so the guest's root is unprivileged in it: let it
+        # bind sshd's port 22 (and 80, 443) all the same; it still cannot change addresses, routes or firewall.
+        ["ip", "netns", "exec", netns, "sysctl", "-q", "-w", "net.ipv4.ip_unprivileged_port_start=0"],
     ]
 
 

@@ -20,6 +20,7 @@ import sqlalchemy as sa
 from ussycode.auth.identity import Actor
 from ussycode.config import Settings, parse_addr
 from ussycode.errors import Conflict, Forbidden, NotFound, RuntimeFailure, StateError, UsageError, UssyError
+from ussycode.runtime import idmap
 from ussycode.runtime.base import Runtime
 from ussycode.services import quotas
 from ussycode.services.events import EventBus, VmEvent
@@ -116,7 +117,8 @@ class VmService:
         env.update(USSYCODE_VM_NAME=vm.name, USSYCODE_PUBLIC_DOMAIN=self.settings.domain,
                    USSYCODE_PUBLIC_URL=self.url(vm.name))
         return VmSpec(id=vm.id, name=vm.name, image=vm.image, cpu=vm.cpu, memory_mb=vm.memory_mb,
-                      disk_gb=vm.disk_gb, env=env, authorized_keys=(self.gateway_public_key,), hostname=vm.name)
+                      disk_gb=vm.disk_gb, env=env, authorized_keys=(self.gateway_public_key,), hostname=vm.name,
+                      id_base=vm.id_base)
 
     # Queries ------------------------------------------------------------------------------------------------
     async def list(self, actor: Actor) -> list[Vm]:
@@ -189,7 +191,8 @@ class VmService:
             if q.by_name(c, name) is not None:
                 raise Conflict(f"the name {name!r} is taken; pick another")
             q.insert(c, id=vm_id, name=name, owner_id=actor.id, image=image, cpu=cpu, memory_mb=memory_mb,
-                     disk_gb=disk_gb, env=env, runtime=self.runtime.name, tags=source.tags if source else ())
+                     disk_gb=disk_gb, env=env, runtime=self.runtime.name, tags=source.tags if source else (),
+                     id_base=idmap.first_free_base(q.id_bases(c)))
             audit.record(c, actor_id=actor.id, source=actor.source, action="vm.cp" if source else "vm.create",
                          target=name, image=image, cpu=cpu, memory_mb=memory_mb, disk_gb=disk_gb,
                          **({"from": source.name} if source else {}))

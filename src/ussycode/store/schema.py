@@ -59,6 +59,10 @@ vms = sa.Table(
     sa.Column("error", sa.Text, nullable=False, server_default=""),
     sa.Column("created_at", sa.DateTime, nullable=False),
     sa.Column("updated_at", sa.DateTime, nullable=False),
+    # First host uid/gid of the VM's private id range (its user namespace: guest 0..65535 = host id_base..),
+    # allocated when the VM is made and freed only with its row, i.e. when the VM and its disk are gone.
+    sa.Column("id_base", sa.BigInteger, nullable=True),
+    sa.Index("uq_vms_id_base", "id_base", unique=True),
 )
 
 vm_tags = sa.Table(

@@ -30,6 +30,7 @@ class Vm:
     created_at: dt.datetime
     updated_at: dt.datetime
     tags: tuple[str, ...] = field(default=())
+    id_base: int | None = None
 
 
 def _vm(row: sa.Row[tuple[object, ...]], tags: tuple[str, ...] = ()) -> Vm:
@@ -37,7 +38,7 @@ def _vm(row: sa.Row[tuple[object, ...]], tags: tuple[str, ...] = ()) -> Vm:
     return Vm(
         m["id"], m["name"], m["owner_id"], m["image"], VmStatus(m["status"]), m["desired"], m["cpu"],
         m["memory_mb"], m["disk_gb"], dict(m["env"] or {}), m["runtime"], dict(m["runtime_state"] or {}),
-        m["error"], m["created_at"], m["updated_at"], tags,
+        m["error"], m["created_at"], m["updated_at"], tags, m["id_base"],
     )
 
 
@@ -54,12 +55,12 @@ def _with_tags(conn: sa.Connection, rows: list[sa.Row[tuple[object, ...]]]) -> l
 
 def insert(conn: sa.Connection, *, id: str, name: str, owner_id: str, image: str, cpu: int, memory_mb: int,
            disk_gb: int, env: dict[str, str], runtime: str, status: VmStatus = VmStatus.CREATING,
-           desired: str = "running", tags: tuple[str, ...] = ()) -> None:
+           desired: str = "running", tags: tuple[str, ...] = (), id_base: int | None = None) -> None:
     now = utcnow()
     conn.execute(vms.insert().values(
         id=id, name=name, owner_id=owner_id, image=image, status=status, desired=desired, cpu=cpu,
         memory_mb=memory_mb, disk_gb=disk_gb, env=env, runtime=runtime, runtime_state={}, error="",
-        created_at=now, updated_at=now,
+        created_at=now, updated_at=now, id_base=id_base,
     ))
     for tag in tags:
         conn.execute(vm_tags.insert().values(vm_id=id, tag=tag))
@@ -87,6 +88,11 @@ def of_owner(conn: sa.Connection, owner_id: str) -> list[Vm]:
 
 def all_vms(conn: sa.Connection) -> list[Vm]:
     return _with_tags(conn, list(conn.execute(sa.select(vms).order_by(vms.c.name)).all()))
+
+
+def id_bases(conn: sa.Connection) -> list[int]:
+    """Every id range base in use (a row exists while its VM or disk does)."""
+    return [int(b) for b in conn.execute(sa.select(vms.c.id_base).where(vms.c.id_base.is_not(None))).scalars()]
 
 
 def count_of_owner(conn: sa.Connection, owner_id: str) -> int:

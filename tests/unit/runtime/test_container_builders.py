@@ -12,7 +12,7 @@ from ussycode.errors import NotFound, RuntimeFailure
 from ussycode.runtime import disks, netns
 from ussycode.runtime.cgroups import CgroupLimits, cgroup_values
 from ussycode.runtime.container import caps
-from ussycode.runtime.container.argv import boot_argv, exec_argv
+from ussycode.runtime.container.argv import BootPaths, boot_argv, exec_argv
 from ussycode.runtime.container.runtime import authorized_keys_file, env_script, parse_passwd
 from ussycode.runtime.container.state import VmState, parse_stat_start_time
 
@@ -39,16 +39,34 @@ def test_bounding_mask_matches_keep_set() -> None:
 
 
 def test_boot_argv() -> None:
+    paths = BootPaths(lower=Path("/img/rootfs"), disk=Path("/r/disk"), lower_map=Path("/r/lower-map"),
+                      disk_map=Path("/r/disk-map"), root=Path("/r/root"))
     argv = boot_argv(
-        "/py", root=Path("/r/root"), hostname="box", netns_path=Path("/run/netns/ussy-x"), init=Path("/g/init.sh"),
+        "/py", paths=paths, hostname="box", netns_path=Path("/run/netns/ussy-x"), init=Path("/g/init.sh"),
         meta=Path("/r/meta"), cgroup_procs=[Path("/cg/a/cgroup.procs"), Path("/cg/b/cgroup.procs")],
-        pidfile=Path("/r/init.pid"),
+        pidfile=Path("/r/init.pid"), id_base=16777216, id_count=65536, memory_mb=512,
+        lxcfs=Path("/var/lib/lxcfs"), lxcfs_proc=("meminfo", "uptime"),
     )
     assert argv[:5] == ["/py", "-I", "-m", "ussycode.runtime.container.nsinit", "boot"]
     assert argv[argv.index("--hostname") + 1] == "box"
     assert argv[argv.index("--netns") + 1] == "/run/netns/ussy-x"
+    assert argv[argv.index("--id-base") + 1] == "16777216"
     assert [argv[i + 1] for i, a in enumerate(argv) if a == "--cgroup-procs"] == [
         "/cg/a/cgroup.procs", "/cg/b/cgroup.procs"]
+    assert [argv[i + 1] for i, a in enumerate(argv) if a == "--lxcfs-proc"] == ["meminfo", "uptime"]
+    from ussycode.runtime.container import nsinit
+
+    parsed: list[object] = []
+    orig = nsinit.boot
+    nsinit.boot = lambda args: parsed.append(args) or 0  # type: ignore[assignment,func-returns-value]
+    try:
+        nsinit.main(argv[4:])
+    finally:
+        nsinit.boot = orig
+    args = parsed[0]
+    assert (args.id_base, args.id_count, args.memory_mb) == (16777216, 65536, 512)  # type: ignore[attr-defined]
+    assert args.lxcfs_proc == ["meminfo", "uptime"]  # type: ignore[attr-defined]
+    assert args.disk_map == "/r/disk-map"  # type: ignore[attr-defined]
 
 
 def test_exec_argv_keeps_the_command_verbatim() -> None:

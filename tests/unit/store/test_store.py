@@ -158,3 +158,31 @@ def test_0003_hashes_links_and_keeps_claims(backend: str, tmp_path: Path) -> Non
     assert sessions["root"] is None and sessions["child"] is not None
     assert [(d, v) for d, v, _ in claims] == [("shop.example.com", "v1")] and claims[0][2] is not None
     s.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_0004_gives_existing_vms_private_id_ranges(backend: str, tmp_path: Path) -> None:
+    from alembic import command
+
+    from ussycode.runtime import idmap
+    from ussycode.store.db import _alembic_config
+
+    s = empty_store(backend, tmp_path)
+    with s.engine.begin() as conn:
+        command.upgrade(_alembic_config(conn), "0003")
+        conn.exec_driver_sql("INSERT INTO users (id, handle, trust_level, created_at) "
+                             "VALUES ('u1', 'old', 'newbie', '2026-01-01 00:00:00')")
+        for i, name in enumerate(("older", "newer")):
+            conn.exec_driver_sql(
+                "INSERT INTO vms (id, name, owner_id, image, status, desired, cpu, memory_mb, disk_gb, env, runtime, "
+                f"runtime_state, error, created_at, updated_at) VALUES ('v{i}', '{name}', 'u1', 'i', 'running', "
+                f"'running', 1, 512, 1, '{{}}', 'container', '{{}}', '', '2026-01-0{i + 1} 00:00:00', "
+                "'2026-01-01 00:00:00')")
+    s.migrate()
+    with s.engine.connect() as conn:
+        got = dict(conn.exec_driver_sql("SELECT name, id_base FROM vms").all())
+    assert got == {"older": idmap.base_of_slot(0), "newer": idmap.base_of_slot(1)}
+    # New VMs take the next free range.
+    with s.engine.begin() as conn:
+        assert idmap.first_free_base(vms.id_bases(conn)) == idmap.base_of_slot(2)
+    s.close()

@@ -50,6 +50,7 @@ def last_cap() -> int:
 # --- syscalls -------------------------------------------------------------------------------------------
 
 CLONE_NEWNS = 0x00020000
+CLONE_NEWUSER = 0x10000000
 CLONE_NEWCGROUP = 0x02000000
 CLONE_NEWUTS = 0x04000000
 CLONE_NEWIPC = 0x08000000
@@ -68,12 +69,43 @@ MNT_DETACH = 2
 
 PR_SET_PDEATHSIG = 1
 PR_CAPBSET_DROP = 24
-SYS_PIVOT_ROOT = 155  # x86_64
+# x86_64 system call numbers
+SYS_PIVOT_ROOT = 155
+SYS_OPEN_TREE = 428
+SYS_MOVE_MOUNT = 429
+SYS_MOUNT_SETATTR = 442
+
+AT_FDCWD = -100
+AT_EMPTY_PATH = 0x1000
+OPEN_TREE_CLONE = 1
+OPEN_TREE_CLOEXEC = os.O_CLOEXEC
+MOVE_MOUNT_F_EMPTY_PATH = 4
+MOUNT_ATTR_RDONLY = 0x1
+MOUNT_ATTR_NOSUID = 0x2
+MOUNT_ATTR_NODEV = 0x4
+MOUNT_ATTR_IDMAP = 0x00100000
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+_libc.syscall.restype = ctypes.c_long
+_libc.setfsuid.argtypes = [ctypes.c_uint]
+_libc.setfsgid.argtypes = [ctypes.c_uint]
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64), ("propagation", ctypes.c_uint64),
+                ("userns_fd", ctypes.c_uint64)]
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
 
 
 def _check(result: int, what: str) -> None:
@@ -112,3 +144,57 @@ def drop_bounding_set(caps: list[int]) -> None:
 
 def set_parent_death_signal(sig: int) -> None:
     _check(_libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
+
+
+def idmapped_bind(source: str, target: str, userns_fd: int) -> None:
+    """Bind ``source`` onto ``target`` as an id-mapped mount: on-disk id k appears as the id that k maps to in
+    the user namespace ``userns_fd`` (so a VM's files keep their guest ids on disk and show as its host range)."""
+    fd = _libc.syscall(SYS_OPEN_TREE, AT_FDCWD, source.encode(), OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC)
+    if fd < 0:
+        _check(-1, f"open_tree {source}")
+    try:
+        attr = _MountAttr(MOUNT_ATTR_IDMAP, 0, 0, userns_fd)
+        _check(_libc.syscall(SYS_MOUNT_SETATTR, fd, b"", AT_EMPTY_PATH, ctypes.byref(attr), ctypes.sizeof(attr)),
+               f"id-mapping {source} (needs a kernel and file system with id-mapped mounts)")
+        _check(_libc.syscall(SYS_MOVE_MOUNT, fd, b"", AT_FDCWD, target.encode(), MOVE_MOUNT_F_EMPTY_PATH),
+               f"move_mount {target}")
+    finally:
+        os.close(fd)
+
+
+def detached_readonly_clone(source: str) -> int:
+    """A detached, read-only, nosuid, nodev bind of ``source`` (a descriptor for :func:`attach`): made by the host
+    before any namespace change, so no later path lookup has to reach the host directory."""
+    fd = _libc.syscall(SYS_OPEN_TREE, AT_FDCWD, source.encode(), OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC)
+    if fd < 0:
+        _check(-1, f"open_tree {source}")
+    attr = _MountAttr(MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV, 0, 0, 0)
+    try:
+        _check(_libc.syscall(SYS_MOUNT_SETATTR, fd, b"", AT_EMPTY_PATH, ctypes.byref(attr), ctypes.sizeof(attr)),
+               f"making {source} read-only")
+    except OSError:
+        os.close(fd)
+        raise
+    return int(fd)
+
+
+def attach(fd: int, target: str) -> None:
+    """Mount the detached tree ``fd`` at ``target`` (relative to the current directory) and close ``fd``."""
+    try:
+        _check(_libc.syscall(SYS_MOVE_MOUNT, fd, b"", AT_FDCWD, target.encode(), MOVE_MOUNT_F_EMPTY_PATH),
+               f"move_mount {target}")
+    finally:
+        os.close(fd)
+
+
+def set_fs_ids(uid: int, gid: int) -> None:
+    """Set the file-system uid/gid (the ids new files get), then raise the file capabilities that the change
+    cleared from the effective set again (they stay permitted)."""
+    _libc.setfsgid(gid)
+    _libc.setfsuid(uid)
+    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    _check(_libc.capget(ctypes.byref(header), data), "capget")
+    for word in data:
+        word.effective = word.permitted
+    _check(_libc.capset(ctypes.byref(header), data), "capset")

@@ -4,15 +4,20 @@ Per VM (``vm_id``)::
 
     disks_dir/<vm_id>.ext4        sparse ext4 disk of exactly disk_gb GiB: the VM's persistent state
     disks_dir/<vm_id>.json        sidecar: the runtime state (image digest, …), so the disk is self-describing
-    run_dir/<vm_id>/disk          the disk, loop-mounted
-    run_dir/<vm_id>/root          overlay: image rootfs (read-only) + disk/upper = the VM's /
+    run_dir/<vm_id>/disk          the disk, loop-mounted (``discard``: deleted blocks go back to the host)
+    run_dir/<vm_id>/lower-map     the image rootfs, id-mapped to the VM's user namespace
+    run_dir/<vm_id>/disk-map      the disk, id-mapped the same way (files keep guest ids on disk)
+    run_dir/<vm_id>/root          overlay: lower-map (read-only) + disk-map/upper = the VM's /
     run_dir/<vm_id>/meta          authorized_keys and env.sh, bind-mounted read-only into the guest
     run_dir/<vm_id>/console.log   the guest init's output (the tail goes into boot errors)
     netns ussy-<hash>             its network namespace (loopback, nftables rules, slirp4netns egress)
     cgroup ussycode/<vm_id>       memory, CPU and pids limits
 
-The guest's PID 1 (``runtime/guest/init.sh``) is started by :mod:`.nsinit` in new PID/mount/UTS/IPC/cgroup
-namespaces, detached from the server: it keeps running when the server exits, and :meth:`load_state` re-attaches.
+The guest's PID 1 (``runtime/guest/init.sh``) is started by :mod:`.nsinit` in its own user namespace (the VM's
+private host id range from ``VmSpec.id_base``) and new PID/mount/UTS/IPC/cgroup namespaces, under a seccomp filter,
+detached from the server: it keeps running when the server exits, and :meth:`load_state` re-attaches.
+The host reads the guest's files only through :mod:`ussycode.runtime.guestfs`; it never writes them (host keys of
+a copy, authorized_keys, env and resolv.conf are installed by the guest's init from the read-only meta directory).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import shlex
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -34,10 +40,11 @@ from pathlib import Path
 from typing import Any
 
 from ussycode.errors import NotFound, RuntimeFailure, StateError
-from ussycode.runtime import disks, netns
+from ussycode.runtime import disks, guestfs, lxcfs, netns
 from ussycode.runtime.base import ExecResult, HostCheck, Runtime
-from ussycode.runtime.cgroups import CgroupLimits, Cgroups, detect_version
+from ussycode.runtime.cgroups import CgroupLimits, Cgroups, detect_version, pick_cpus
 from ussycode.runtime.container import argv as nsinit
+from ussycode.runtime.container.argv import BootPaths
 from ussycode.runtime.container.state import VmState, alive, kill, start_time
 from ussycode.runtime.images import GUEST_DIR, ImageStore
 from ussycode.runtime.proc import run as run_command
@@ -98,6 +105,7 @@ class ContainerRuntime(Runtime):
         egress: bool = True,
         boot_timeout: float = 30.0,
         python: str = sys.executable,
+        lxcfs_dir: Path | None = lxcfs.LXCFS_DIR,
     ) -> None:
         self.disks_dir = Path(disks_dir)
         self.run_dir = Path(run_dir)
@@ -105,6 +113,7 @@ class ContainerRuntime(Runtime):
         self.egress = egress and shutil.which("slirp4netns") is not None
         self.boot_timeout = boot_timeout
         self.python = python
+        self.lxcfs_dir = lxcfs_dir if lxcfs_dir is not None and shutil.which("lxcfs") else None
         self._states: dict[str, VmState] = {}
         self._env: dict[str, dict[str, str]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -133,10 +142,21 @@ class ContainerRuntime(Runtime):
             problems.append("no usable cgroup hierarchy (need v2, or v1 memory+cpu+pids)")
         if not os.path.exists("/proc/self/ns/net"):
             problems.append("no network namespaces")
+        if not os.path.exists("/proc/self/ns/user"):
+            problems.append("no user namespaces")
+        if _kernel_version() < (5, 19):
+            problems.append("kernel older than 5.19 (needs id-mapped overlayfs layers)")
+        try:
+            from ussycode.runtime.container.seccomp import Filter
+
+            Filter().release()
+        except OSError as exc:
+            problems.append(f"no seccomp filter: {exc}")
         if problems:
             return HostCheck(False, "; ".join(problems))
         egress = "slirp4netns egress" if shutil.which("slirp4netns") else "no egress (apt-get install slirp4netns)"
-        return HostCheck(True, f"available ({egress}, cgroup {detect_version()})")
+        return HostCheck(True, f"available ({egress}, cgroup {detect_version()}, user namespaces + seccomp; "
+                               f"{lxcfs.status().reason})")
 
     # --- paths and state -------------------------------------------------------------------------------
 
@@ -217,7 +237,7 @@ class ContainerRuntime(Runtime):
         return VmState(
             vm_id=spec.id, image=spec.image, digest=digest, disk=str(self._disk(spec.id)),
             netns=netns.netns_name(spec.id), hostname=spec.hostname or spec.name, cpu=spec.cpu,
-            memory_mb=spec.memory_mb, disk_gb=spec.disk_gb,
+            memory_mb=spec.memory_mb, disk_gb=spec.disk_gb, id_base=spec.id_base,
         )
 
     async def start(self, spec: VmSpec) -> None:
@@ -227,6 +247,11 @@ class ContainerRuntime(Runtime):
             if alive(st.pid, st.pid_start):
                 return
             st.hostname, st.cpu, st.memory_mb = spec.hostname or spec.name, spec.cpu, spec.memory_mb
+            if spec.id_base is not None:
+                st.id_base = spec.id_base  # the server's record is the truth
+            if st.id_base is None:
+                raise RuntimeFailure(f"VM {spec.name} has no user id range: the server allocates one "
+                                     "(VmSpec.id_base)")
             self._env[spec.id] = dict(spec.env)
             await self._teardown(st)  # leftovers of a crash
             argv: list[str] = []
@@ -243,16 +268,37 @@ class ContainerRuntime(Runtime):
                     ) from exc
                 raise
 
+    def _paths(self, vm_id: str, lower: Path) -> BootPaths:
+        vm_dir = self._vm_dir(vm_id)
+        return BootPaths(lower=lower, disk=vm_dir / "disk", lower_map=vm_dir / "lower-map",
+                         disk_map=vm_dir / "disk-map", root=vm_dir / "root")
+
+    def _lxcfs_files(self, st: VmState) -> tuple[str, ...]:
+        if self.lxcfs_dir is None:
+            return ()
+        try:
+            return lxcfs.ensure(self.lxcfs_dir)
+        except (RuntimeFailure, OSError, subprocess.SubprocessError) as exc:
+            # The VM still works (it sees the host's CPU and memory totals); say why in its console.
+            with open(self._console(st.vm_id), "a") as f:
+                f.write(f"ussycode: no lxcfs view of this VM's limits: {exc}\n")
+            return ()
+
     async def _launch(self, st: VmState, spec: VmSpec) -> list[str]:
         vm_dir = self._vm_dir(st.vm_id)
         image = self.images.by_digest(st.digest)
         vm_dir.mkdir(parents=True, exist_ok=True)
-        disk_mount, root = vm_dir / "disk", vm_dir / "root"
+        paths = self._paths(st.vm_id, image.rootfs)
+        disks.overlay_options(paths.lower_map, paths.disk_map / "upper", paths.disk_map / "work")  # validates
         await asyncio.to_thread(self._wait_loop_released, Path(st.disk))
-        await asyncio.to_thread(disks.mount_disk, Path(st.disk), disk_mount)
-        await asyncio.to_thread(disks.mount_overlay, image.rootfs, disk_mount, root)
+        await asyncio.to_thread(disks.mount_disk, Path(st.disk), paths.disk)
+        await asyncio.to_thread(disks.prepare_overlay_dirs, paths.disk)
         await self._setup_netns(st)
-        await asyncio.to_thread(self.cgroups.create, st.vm_id, CgroupLimits(cpu=st.cpu, memory_mb=st.memory_mb))
+        assert st.id_base is not None
+        cpus = pick_cpus(st.cpu, os.cpu_count() or 1, st.id_base // st.id_count)
+        await asyncio.to_thread(self.cgroups.create, st.vm_id,
+                                CgroupLimits(cpu=st.cpu, memory_mb=st.memory_mb, cpus=cpus))
+        lxcfs_files = await asyncio.to_thread(self._lxcfs_files, st)
         meta = vm_dir / "meta"
         meta.mkdir(mode=0o755, exist_ok=True)
         (meta / "authorized_keys").write_text(authorized_keys_file(spec.authorized_keys))
@@ -262,11 +308,18 @@ class ContainerRuntime(Runtime):
             resolv.write_text(f"# Written by ussycode at every boot.\nnameserver {netns.SLIRP_DNS_V4}\n")
         else:
             resolv.unlink(missing_ok=True)
+        fresh_keys = meta / "fresh-host-keys"
+        if st.fresh_host_keys:
+            fresh_keys.write_text("This VM is a copy: init makes new SSH host keys.\n")
+        else:
+            fresh_keys.unlink(missing_ok=True)
         pidfile = vm_dir / "init.pid"
         pidfile.unlink(missing_ok=True)
         argv = nsinit.boot_argv(
-            self.python, root=root, hostname=st.hostname, netns_path=netns.NETNS_DIR / st.netns,
+            self.python, paths=paths, hostname=st.hostname, netns_path=netns.NETNS_DIR / st.netns,
             init=GUEST_INIT, meta=meta, cgroup_procs=self.cgroups.procs_files(st.vm_id), pidfile=pidfile,
+            id_base=st.id_base, id_count=st.id_count, memory_mb=st.memory_mb,
+            lxcfs=self.lxcfs_dir if lxcfs_files else None, lxcfs_proc=lxcfs_files,
         )
         with open(self._console(st.vm_id), "wb") as console:  # noqa: ASYNC230 (local, instant)
             launcher = await asyncio.create_subprocess_exec(
@@ -371,6 +424,9 @@ class ContainerRuntime(Runtime):
                     with contextlib.suppress(OSError):
                         await writer.wait_closed()
                 if banner == b"SSH-":
+                    if st.fresh_host_keys:  # init has made the copy's own keys before starting sshd
+                        st.fresh_host_keys = False
+                        self._save(st)
                     return
                 last_error = f"unexpected banner {banner!r}"
             await asyncio.sleep(0.05)
@@ -417,8 +473,8 @@ class ContainerRuntime(Runtime):
         # filesystem is really released before the disk can be mounted again.
         self.cgroups.remove(st.vm_id)
         vm_dir = self._vm_dir(st.vm_id)
-        disks.unmount(vm_dir / "root")
-        disks.unmount(vm_dir / "disk")
+        for name in ("root", "lower-map", "disk-map", "disk"):
+            disks.unmount(vm_dir / name)
         if netns.exists(st.netns):
             proc = _run_sync(["ip", "netns", "delete", st.netns])
             if proc and netns.exists(st.netns):
@@ -511,10 +567,10 @@ class ContainerRuntime(Runtime):
     ) -> ExecResult:
         """Run ``argv`` in the VM as ``user`` (login-like environment, no shell), with pipes."""
         st = self._running(vm_id)
-        root = Path(f"/proc/{st.pid}/root")
         try:
-            passwd = (root / "etc/passwd").read_text(errors="replace")
-            group = (root / "etc/group").read_text(errors="replace")
+            with guestfs.root_fd(f"/proc/{st.pid}/root") as root:
+                passwd = guestfs.read_text(root, "/etc/passwd")
+                group = guestfs.read_text(root, "/etc/group")
         except OSError as exc:
             raise RuntimeFailure(f"cannot read the VM's user database: {exc}") from exc
         uid, gid, groups, home = parse_passwd(passwd, group, user)
@@ -573,21 +629,18 @@ class ContainerRuntime(Runtime):
                 raise
 
     def _prepare_copy(self, st: VmState) -> None:
-        """Grow the copy to its size and drop the source's SSH host keys (a copy is a different machine)."""
+        """Grow the copy to its size and mark it for new SSH host keys (a copy is a different machine).
+
+        The host does not delete the source's keys from the copied disk: every path in it is the guest's to
+        redirect. The copy's init replaces them at its first boot, inside the guest (``fresh-host-keys``).
+        """
         disk = Path(st.disk)
         if disk.stat().st_size < st.disk_gb * disks.GIB:
             os.truncate(disk, st.disk_gb * disks.GIB)
             for argv in (["e2fsck", "-f", "-p", st.disk], ["resize2fs", st.disk]):
                 if out := _run_sync(argv):
                     raise RuntimeFailure("growing the copied disk failed", evidence=f"$ {shlex.join(argv)}\n{out}")
-        mnt = self._vm_dir(st.vm_id) / "disk"
-        self._wait_loop_released(Path(st.disk))
-        disks.mount_disk(Path(st.disk), mnt)
-        try:
-            for key in (mnt / "upper/etc/ssh").glob("ssh_host_*"):
-                key.unlink()
-        finally:
-            disks.unmount(mnt)
+        st.fresh_host_keys = True
 
     async def disk_usage(self, vm_id: str) -> int:
         return disks.allocated_bytes(Path(self._state(vm_id).disk))
@@ -606,6 +659,14 @@ async def _unfreeze(mnt: Path) -> None:
     done = await run_command(["fsfreeze", "--unfreeze", str(mnt)], timeout=30, what="unfreezing the source disk")
     if done.returncode != 0 and "Invalid argument" not in done.output:  # EINVAL: it was not frozen
         log.error("could not unfreeze %s: %s", mnt, done.output.strip())
+
+
+def _kernel_version() -> tuple[int, int]:
+    try:
+        major, minor = os.uname().release.split(".")[:2]
+        return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+    except ValueError:
+        return (0, 0)
 
 
 def reap(pid: int, timeout: float = 2.0) -> None:

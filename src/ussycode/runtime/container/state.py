@@ -30,6 +30,12 @@ class VmState:
     pid_start: int | None = None
     egress_pid: int | None = None  # slirp4netns, outside the VM's PID namespace
     egress_start: int | None = None
+    # The VM's private host id range (guest id k = host id_base + k), from the server; None for a VM made before
+    # user namespaces (it gets one from the server at its next start).
+    id_base: int | None = None
+    id_count: int = 65536
+    # A copy's first boot makes new SSH host keys inside the guest (the host never edits a guest's files).
+    fresh_host_keys: bool = False
     version: int = STATE_VERSION
 
     def as_json(self) -> dict[str, Any]:
