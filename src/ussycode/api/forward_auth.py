@@ -364,7 +364,8 @@ def _access(
 ) -> Decision:
     """The decision ignoring any ``ussy_share`` param (except as a credential for non-GET requests)."""
     if vm.is_public(port):
-        return _allow(Access.PUBLIC, None, "public")
+        # A signed-in visitor is named to the app on public VMs too.
+        return _allow(Access.PUBLIC, session, "public")
 
     def may_use(user: Identity) -> Access | None:
         if user.user_id == vm.owner_id:

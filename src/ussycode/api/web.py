@@ -45,14 +45,15 @@ from ussycode.api.forward_auth import (
     parse_target,
     tls_ask,
 )
+from ussycode.api.pages import forwarder_failed_page, vm_state_page
 from ussycode.config import Settings, TlsMode, parse_addr
-from ussycode.errors import RateLimited
+from ussycode.errors import RateLimited, UssyError
+from ussycode.proxy.front import UPSTREAM_HEADER
 from ussycode.services.container import Services
 from ussycode.services.ratelimit import RateLimiter
 from ussycode.services.routes import ASK_PATH, AUTH_PATH
 from ussycode.services.sessions import SessionService, WebSession, session_row
 from ussycode.services.shares import AccessRecord, ShareService, access_record
-from ussycode.types import VmStatus
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -232,9 +233,18 @@ async def forward_auth(request: Request) -> Response:
         token = next((v for k, v in _query_pairs(areq.query) if k == "ussy_share"), "")
         if token:
             await shares.count_link_use(token)
-    if decision.allowed and record is not None and record.status is VmStatus.RUNNING:
-        await routes.ensure_bridge(record.vm_id, target.port)
     headers = dict(decision.headers)
+    if decision.allowed and record is not None:
+        page = vm_state_page(record.name, record.status, accept=areq.accept, method=areq.method)
+        if page is None:
+            try:
+                headers[UPSTREAM_HEADER] = await routes.ensure_bridge(record.vm_id, target.port)
+            except (UssyError, OSError) as exc:
+                log.warning("forwarder for %s:%d failed: %s", record.name, target.port, exc)
+                page = forwarder_failed_page(record.name, accept=areq.accept, method=areq.method)
+        if page is not None:
+            return Response(page.body, status_code=page.status, media_type=page.content_type,
+                            headers={"Cache-Control": "no-store", **dict(page.headers)})
     if decision.status >= 300:
         headers.update({"Cache-Control": "no-store"})
     return Response(decision.body, status_code=decision.status, headers=headers, media_type=decision.content_type)
@@ -398,10 +408,40 @@ async def landing(request: Request) -> Response:
     return _page("ussycode", body)
 
 
+# Certificates for names under the domain that name no VM (so an unknown host answers its 404 over TLS), from
+# the local CA only, and only this many: a flood of random names must not fill the certificate storage.
+UNKNOWN_NAME_CERTS_PER_MINUTE, UNKNOWN_NAME_CERTS_BURST = 2, 20
+
+
+def _unknown_name_cert(request: Request, host: str, settings: Settings) -> bool:
+    if settings.tls is not TlsMode.INTERNAL:
+        return False  # a public CA's rate limits are not ours to spend on names that serve nothing
+    try:
+        target = parse_target(host, settings.domain)
+    except HostError:
+        return False
+    if target.apex or target.cname is not None or "." in target.host[: -len(settings.domain) - 1]:
+        return False
+    limiter: RateLimiter | None = getattr(request.app.state, "unknown_cert_limiter", None)
+    if limiter is None:
+        limiter = request.app.state.unknown_cert_limiter = RateLimiter(UNKNOWN_NAME_CERTS_PER_MINUTE,
+                                                                       UNKNOWN_NAME_CERTS_BURST)
+    try:
+        limiter.take("unknown-names")
+    except RateLimited:
+        return False
+    return True
+
+
 async def tls_ask_endpoint(request: Request) -> Response:
+    """On-demand TLS permission (Caddy's ``permission`` http module): 200 = issue a certificate for ``domain``.
+    Yes for the apex, VM hosts and their port hosts, verified custom domains; with the local CA also, rate
+    limited, for other single names under the domain (they answer 404)."""
     settings, shares, _ = _parts(request)
     host = request.query_params.get("domain", "")
     ok = tls_ask(host, settings.domain, await shares.vm_names(), await shares.verified_cnames())
+    if not ok:
+        ok = _unknown_name_cert(request, host, settings)
     return PlainTextResponse("ok" if ok else "no", 200 if ok else 403)
 
 

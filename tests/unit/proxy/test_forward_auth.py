@@ -223,7 +223,14 @@ def test_public_private_by_session(who: str, public: bool) -> None:
     d = run(req(), session=SESSIONS[who], public=public)
     if public:
         assert d.outcome is Outcome.ALLOW and d.access is Access.PUBLIC
-        assert headers(d) == {"X-Ussy-Access": "public"}  # public: no identity
+        # public: a signed-in visitor is named (whoever they are), an anonymous one is not
+        session = SESSIONS[who]
+        expected = {"X-Ussy-Access": "public"}
+        if session is not None:
+            expected |= {"X-Ussy-User-Id": session.user_id, "X-Ussy-Handle": session.handle}
+            if session.email:
+                expected["X-Ussy-Email"] = session.email
+        assert headers(d) == expected
     elif who == "owner":
         assert d.access is Access.OWNER
         assert headers(d) == {

@@ -432,7 +432,19 @@ class QemuRuntime(Runtime):
             self._ns_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="qemu-netns")
             raise
 
+    async def port_netns(self, vm_id: str, port: int) -> Path | None:
+        """The VM's namespace: QEMU's user-mode network forwards the port on that namespace's loopback."""
+        await self._ensure_forward(vm_id, port)
+        return netns.NETNS_DIR / self.netns_name(vm_id)
+
     async def open_socket(self, vm_id: str, port: int) -> socket.socket:
+        await self._ensure_forward(vm_id, port)
+        try:
+            return await self._connect(vm_id, port)
+        except OSError as exc:
+            raise ConnectionRefusedError(f"nothing accepts connections on port {port} in VM {vm_id}: {exc}") from exc
+
+    async def _ensure_forward(self, vm_id: str, port: int) -> None:
         if not 1 <= port <= 65535:
             raise UsageError(f"port {port} is not a TCP port")
         if not self._running(vm_id):
@@ -446,10 +458,6 @@ class QemuRuntime(Runtime):
             if isinstance(reply, str) and reply.strip() and "could not" in reply.lower():
                 raise RuntimeFailure(f"could not forward port {port} of VM {vm_id}", evidence=reply)
             forwards.add(port)
-        try:
-            return await self._connect(vm_id, port)
-        except OSError as exc:
-            raise ConnectionRefusedError(f"nothing accepts connections on port {port} in VM {vm_id}: {exc}") from exc
 
     async def _runtime_key(self) -> asyncssh.SSHKey:
         """The runtime's own SSH key (for :meth:`exec`), installed in every guest next to the user's keys."""
