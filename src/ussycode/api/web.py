@@ -21,6 +21,7 @@ import datetime as dt
 import hmac
 import ipaddress
 import logging
+import time
 from html import escape
 from typing import TypeVar
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
@@ -49,6 +50,7 @@ from ussycode.api.pages import forwarder_failed_page, vm_state_page
 from ussycode.config import Settings, TlsMode, parse_addr
 from ussycode.errors import RateLimited, UssyError
 from ussycode.proxy.front import UPSTREAM_HEADER
+from ussycode.services.accesscache import GenerationCache
 from ussycode.services.container import Services
 from ussycode.services.ratelimit import RateLimiter
 from ussycode.services.routes import ASK_PATH, AUTH_PATH
@@ -209,7 +211,18 @@ async def forward_auth(request: Request) -> Response:
         rec = access_record(c, vm_name=target.vm_name, cname=target.cname, link_tokens=presented)
         return rec, (session_row(c, session_secret, target.host) if rec is not None else None)
 
-    record, session = await services.store.read(read)
+    cache = _access_cache(request)
+    key = (target.host, session_secret, presented)
+    generation = services.store.generation
+    cached = cache.get(key, generation)
+    if cached is None:
+        cached = await services.store.read(read)
+        session_until = None
+        if cached[1] is not None:  # never past the session's own expiry
+            left = (cached[1].expires_at - dt.datetime.now(dt.UTC).replace(tzinfo=None)).total_seconds()
+            session_until = time.monotonic() + left
+        cache.put(key, generation, cached, session_until)
+    record, session = cached
 
     # Our own paths on every VM host.
     if areq.path == HANDOFF_PATH and record is not None and areq.method in ("GET", "HEAD"):
@@ -248,6 +261,14 @@ async def forward_auth(request: Request) -> Response:
     if decision.status >= 300:
         headers.update({"Cache-Control": "no-store"})
     return Response(decision.body, status_code=decision.status, headers=headers, media_type=decision.content_type)
+
+
+def _access_cache(request: Request) -> GenerationCache[tuple[AccessRecord | None, WebSession | None]]:
+    cache: GenerationCache[tuple[AccessRecord | None, WebSession | None]] | None = getattr(
+        request.app.state, "access_cache", None)
+    if cache is None:
+        cache = request.app.state.access_cache = GenerationCache(max_entries=8192, ttl=5.0)
+    return cache
 
 
 def _query_pairs(query: str) -> list[tuple[str, str]]:
