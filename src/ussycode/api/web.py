@@ -113,7 +113,7 @@ def _page(title: str, body: str, status: int = 200, headers: dict[str, str] | No
     return HTMLResponse(html, status_code=status, headers={**SECURITY_HEADERS, **(headers or {})})
 
 
-def _client_ip(request: Request) -> str:
+def client_ip(request: Request) -> str:
     """The browser's address: Caddy (a loopback peer) sets X-Forwarded-For to it; others are taken as is."""
     peer = request.client.host if request.client else ""
     try:
@@ -135,7 +135,7 @@ def _limiter(request: Request) -> RateLimiter:
 
 def _rate_limited(request: Request) -> Response | None:
     try:
-        _limiter(request).take("login:" + _client_ip(request))
+        _limiter(request).take("login:" + client_ip(request))
     except RateLimited as exc:
         return _page("Slow down", "<p>Too many sign-in attempts from your address. Wait a minute and retry.</p>",
                      429, {"Retry-After": str(int(exc.retry_after))})
@@ -177,13 +177,14 @@ def _safe_path(value: str) -> str:
     return value[:2000]
 
 
-async def _bearer(services: Services, token: str | None, vm_name: str) -> BearerView | None:
+async def _bearer(services: Services, token: str | None, vm_name: str, client: str) -> BearerView | None:
+    """Raises RateLimited when ``client`` sent too many bad tokens."""
     if token is None:
         return None
     tokens = services.tokens
     if tokens is None or not token:
         return BearerView(False)
-    actor = await tokens.authenticate_for_vm(token, vm_name)
+    actor = await tokens.authenticate_for_vm(token, vm_name, client=client)
     if actor is None:
         return BearerView(False)
     return BearerView(True, Identity(actor.id, actor.handle, actor.user.email))
@@ -239,7 +240,11 @@ async def forward_auth(request: Request) -> Response:
             ShareLink(token, record.vm_id, None if exp is None else exp.replace(tzinfo=dt.UTC))
             for token, exp in record.links))
     identity = None if session is None else Identity(session.user_id, session.handle, session.email)
-    bearer = await _bearer(services, areq.bearer_token, record.name) if record is not None else None
+    try:
+        bearer = await _bearer(services, areq.bearer_token, record.name, client_ip(request)) if record else None
+    except RateLimited as exc:
+        return JSONResponse({"error": exc.user_message, "code": 429}, 429,
+                            headers={"Retry-After": str(int(exc.retry_after) + 1), "Cache-Control": "no-store"})
     decision = decide(areq, domain=settings.domain, vm=vm, shares=shares_view or ShareView(), session=identity,
                       bearer=bearer, now=now, login_url=settings.public_url(settings.domain) + LOGIN_PATH)
     if decision.reason == "share_link_set" and record is not None:
@@ -339,7 +344,7 @@ async def login(request: Request) -> Response:
         limited = _rate_limited(request)
         if limited is not None:
             return limited
-        result = await sessions.redeem_login_token(token, _apex_host(settings), client=_client_ip(request))
+        result = await sessions.redeem_login_token(token, _apex_host(settings), client=client_ip(request))
         if result is None:
             return _page("Sign-in link invalid",
                          "<p>This sign-in link is invalid, was already used, or expired (links last 5 minutes).</p>"

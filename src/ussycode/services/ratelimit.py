@@ -21,6 +21,16 @@ class RateLimiter:
         self._buckets: dict[str, _Bucket] = {}
         self._clock = time.monotonic
 
+    def check(self, key: str) -> None:
+        """Raise :class:`RateLimited` if ``key`` has no token left, without spending one."""
+        b = self._buckets.get(key)
+        if b is None:
+            return
+        tokens = min(self.burst, b.tokens + (self._clock() - b.updated) * self.rate)
+        if tokens < 1.0:
+            wait = (1.0 - tokens) / self.rate if self.rate > 0 else 60.0
+            raise RateLimited(f"too many failed attempts; retry in {wait:.0f}s", retry_after=max(1.0, wait))
+
     def take(self, key: str) -> None:
         """Spend one token for ``key`` or raise :class:`RateLimited` with the seconds to wait."""
         now = self._clock()
