@@ -264,6 +264,9 @@ def report(results: dict[str, Any], duration: float, connections: int) -> None:
              "adds forward-auth for the identity headers; direct = the Python port bridge on a TCP port",
              f"route changes: share set-public -> URL answers in max {max(ttp) * 1000:.2f} ms over {len(ttp)} "
              f"rounds; {busy['changes']} set-public/set-private changes of another VM ran during the busy case",
+             "app-server connections closed (TIME-WAIT) during each case: " + ", ".join(
+                 f"{k}: {v['app_connections_closed']}" for k, v in results.items() if isinstance(v, dict)
+                 and "app_connections_closed" in v),
              "connections opened through the Python bridge: " + ", ".join(
                  f"{k}: {v['vm_connections']}" for k, v in results.items() if isinstance(v, dict)
                  and "vm_connections" in v),
