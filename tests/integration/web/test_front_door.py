@@ -277,3 +277,24 @@ async def test_caddy_killed_comes_back_within_10s(web: Web, needs_vms: None) -> 
         assert h.json()["https"]["state"] == "running" and h.json()["https"]["restarts"] == 1
         print(f"Caddy back after kill -9 in {elapsed:.2f} s (503 seen while down: {saw_down})")
 
+
+
+async def test_public_vm_names_signed_in_visitors_only(web: Web, needs_vms: None) -> None:
+    """A visitor signed in to a public VM's host gets the X-Ussy-* headers; an anonymous one is served without
+    them (and without asking the app server: the public fast path)."""
+    from .test_access import HTML, sign_in
+
+    alice = await web.server.register("alice")
+    await web.new_vm(alice, "pubid")
+    async with browser_client() as signed, browser_client() as anon:
+        assert (await sign_in(web, signed, alice, "pubid")).status_code == 200
+        assert (await web.cmd(alice, "share", "set-public", "pubid")).exit_status == 0
+        forged = {"X-Ussy-Handle": "mallory", "X-Ussy-Access": "owner"}
+        r = await signed.get(web.url("pubid.localhost", "/x"), headers={**HTML, **forged})
+        h = r.json()["headers"]
+        assert (h["x-ussy-handle"], h["x-ussy-access"]) == ("alice", "public"), h
+        assert h["x-ussy-user-id"]
+        r = await anon.get(web.url("pubid.localhost", "/x"), headers=forged)
+        assert r.status_code == 200 and not [k for k in r.json()["headers"] if k.startswith("x-ussy")]
+    hosts = web.server.app.https.routes.hosts
+    assert "pubid.localhost" in hosts.current()  # served from the public-host table, no app server hop
