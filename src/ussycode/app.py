@@ -21,6 +21,7 @@ from ussycode.runtime.base import Runtime
 from ussycode.services.container import Services
 from ussycode.services.events import EventBus
 from ussycode.services.ratelimit import RateLimiter
+from ussycode.services.registration import RegistrationGate
 from ussycode.services.tokens import TokenService
 from ussycode.services.users import UserService
 from ussycode.services.vms import VmService
@@ -82,7 +83,8 @@ class App:
         gateway_pub = client_key.export_public_key("openssh").decode().strip()
         events = EventBus()
         vms = VmService(store, runtime, s, images, gateway_pub, events)
-        self.services = Services(settings=s, store=store, events=events, users=UserService(store), vms=vms,
+        users = UserService(store, RegistrationGate(s))
+        self.services = Services(settings=s, store=store, events=events, users=users, vms=vms,
                                  limiter=RateLimiter(s.rate_per_minute, s.rate_burst),
                                  tokens=TokenService(store, resolve_command=canonical_command))
         # --- HTTPS entry (Caddy, port bridges, routes, sharing, browser sessions) ---------------------------------

@@ -26,6 +26,11 @@ class TlsMode(enum.StrEnum):
     OFF = "off"
 
 
+class RegistrationMode(enum.StrEnum):
+    OPEN = "open"  # an unknown key may register itself (within the registration rate limits)
+    CLOSED = "closed"  # only an admin adds accounts (`admin add-user`); the first account of an empty DB excepted
+
+
 class RuntimeName(enum.StrEnum):
     AUTO = "auto"
     CONTAINER = "container"
@@ -63,6 +68,19 @@ class Settings(BaseSettings):
     rate_per_minute: int = Field(120, description="Commands per minute per user (SSH one-shot and API).")
     rate_burst: int = Field(30, description="Burst size of the per-user command rate limit.")
     max_sessions_per_key: int = Field(20, description="Concurrent SSH sessions allowed per public key.")
+    cname_claim_days: int = Field(7, ge=1, le=365,
+                                  description="Days an unverified custom-domain claim (share cname) stays pending.")
+    registration: RegistrationMode = Field(
+        RegistrationMode.OPEN,
+        description="open: an unknown SSH key may register an account; closed: only an admin adds accounts "
+                    "('admin add-user'), except the first account on an empty database.")
+    registrations_per_address: int = Field(
+        5, ge=1, le=100_000,
+        description="New accounts per hour from one source address (IPv6: per /64), as a burst that refills "
+                    "evenly over the hour.")
+    registrations_per_hour: int = Field(
+        60, ge=1, le=1_000_000,
+        description="New accounts per hour over the whole server, from all addresses together (same refill).")
 
     @field_validator("ssh_addr", "https_addr", "http_addr", "admin_addr", "smtp_addr")
     @classmethod

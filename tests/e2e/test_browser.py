@@ -68,7 +68,7 @@ async def test_new_user_in_a_real_browser(web, needs_vms: None) -> None:
         assert final == web.url("demo.localhost", "/"), final
         assert json.loads(await fresh.text())["headers"]["x-ussy-access"] == "share-link"
         assert await fresh.goto(vm_url) == vm_url
-        assert (await web.cmd(alice, "share", "remove-link", "demo", link["token"])).exit_status == 0
+        assert (await web.cmd(alice, "share", "remove-link", "demo", link["id"])).exit_status == 0
         assert "/__ussycode/login" in await fresh.goto(vm_url)
 
         # bob: signed in, not shared -> refused; shared -> in; unshared -> refused on the next request

@@ -43,23 +43,26 @@ class Server:
             subprocess.run(["ssh-keygen", "-q", "-t", key_type, "-N", "", "-C", name, "-f", str(path)], check=True)
         return path
 
-    def ssh_argv(self, key: Path, *args: str, user: str = "lobby", tty: bool = False) -> list[str]:
+    def ssh_argv(self, key: Path, *args: str, user: str = "lobby", tty: bool = False,
+                 bind: str | None = None) -> list[str]:
+        """``bind``: the loopback address to connect from (127.0.0.2…: the server sees another client address)."""
         return ["ssh", "-p", str(self.port), "-i", str(key), "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
+                *(["-b", bind] if bind else []),
                 "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR",
                 "-F", "/dev/null", *(["-tt"] if tty else ["-T"]), f"{user}@127.0.0.1", *args]
 
     async def ssh(self, key: Path, *args: str, user: str = "lobby", stdin: bytes = b"",
-                  timeout: float = 120) -> SshResult:
+                  timeout: float = 120, bind: str | None = None) -> SshResult:
         proc = await asyncio.create_subprocess_exec(
-            *self.ssh_argv(key, *args, user=user), stdin=asyncio.subprocess.PIPE,
+            *self.ssh_argv(key, *args, user=user, bind=bind), stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         out, err = await asyncio.wait_for(proc.communicate(stdin), timeout)
         assert proc.returncode is not None
         return SshResult(proc.returncode, out.decode(errors="replace"), err.decode(errors="replace"))
 
-    async def register(self, name: str) -> Path:
+    async def register(self, name: str, bind: str | None = None) -> Path:
         key = self.key(name)
-        r = await self.ssh(key, "register", name)
+        r = await self.ssh(key, "register", name, bind=bind)
         assert r.exit_status == 0, r
         return key
 
@@ -76,9 +79,11 @@ class Server:
             await asyncio.sleep(0.5)
         return False
 
-    async def connect(self, key: Path | asyncssh.SSHKey, user: str = "lobby",
+    async def connect(self, key: Path | asyncssh.SSHKey, user: str = "lobby", bind: str | None = None,
                       **kw: Any) -> asyncssh.SSHClientConnection:
         client_keys = [key] if isinstance(key, asyncssh.SSHKey) else [str(key)]
+        if bind:
+            kw["local_addr"] = (bind, 0)
         return await asyncssh.connect("127.0.0.1", self.port, username=user, client_keys=client_keys,
                                       known_hosts=None, agent_path=None, config=[], **kw)
 

@@ -12,10 +12,12 @@ from ussycode.proxy.manager import caddy_binary
 from ussycode.proxy.routes import Route, RouteKind, ServerSettings, TlsMode, build_config
 
 ROUTES = [
-    Route(RouteKind.VM, "web.ussy.test", "unix//run/u/bridges/vm1-8080.sock", auth_url="http://127.0.0.1:8080/a"),
-    Route(RouteKind.PORT, "3000-web.ussy.test", "unix//run/u/bridges/vm1-3000.sock", public=True),
-    Route(RouteKind.CNAME, "shop.example.com", "unix//run/u/bridges/vm1-8080.sock", auth_url="http://[::1]:8080/a?x=1"),
-    Route(RouteKind.VM, "pub.ussy.test", "127.0.0.1:9", public=True),
+    Route(RouteKind.VM, "web.ussy.test", "unix//run/u/bridges/vm1-8080.sock", auth_url="http://127.0.0.1:8080/a",
+          app="127.0.0.1:8080", proxy_key="k"),
+    Route(RouteKind.PORT, "3000-web.ussy.test", "unix//run/u/bridges/vm1-3000.sock", public=True, app="127.0.0.1:8080"),
+    Route(RouteKind.CNAME, "shop.example.com", "unix//run/u/bridges/vm1-8080.sock", auth_url="http://[::1]:8080/a?x=1",
+          app="[::1]:8080"),
+    Route(RouteKind.VM, "pub.ussy.test", "127.0.0.1:9", public=True, app="127.0.0.1:8080"),
 ]
 
 

@@ -43,6 +43,7 @@ from ussycode.api.forward_auth import (
     decide,
     parse_target,
 )
+from ussycode.auth.links import link_token_hash
 from ussycode.errors import RuntimeFailure
 from ussycode.proxy.bridge import BridgeManager
 from ussycode.proxy.caddy import CaddyAdmin
@@ -71,7 +72,7 @@ VMS = {
 }
 SHARES = ShareView(
     user_ids=frozenset({CAROL.user_id}),
-    links=(ShareLink("link-token-1234", "vm1", datetime.now(UTC) + timedelta(hours=1)),),
+    links=(ShareLink(link_token_hash("link-token-1234"), "vm1", 8080, datetime.now(UTC) + timedelta(hours=1)),),
 )
 
 
@@ -89,6 +90,7 @@ async def vm_headers(request: Request) -> Response:
     return JSONResponse(
         {
             "headers": dict(request.headers),
+            "raw_headers": [[k.decode(), v.decode()] for k, v in request.headers.raw],
             "method": request.method,
             "body": body,
             "path": request.url.path,
@@ -147,7 +149,7 @@ async def forward_auth(request: Request) -> Response:
     except ValueError:
         vm = None
     token = areq.bearer_token
-    bearer = None if token is None else (BearerView(True, ALICE) if token == "good-token" else BearerView(False))
+    bearer = None if token is None else (BearerView(True, ALICE) if token == "usy1.good-token" else BearerView(False))
     d = decide(
         areq,
         domain=DOMAIN,
@@ -203,11 +205,17 @@ class Stack:
     def host(self, name: str) -> str:
         return f"{name}:{self.port}"
 
+    @property
+    def app(self) -> str:
+        return self.auth_url.split("/")[2]
+
     def routes(self) -> list[Route]:
         return [
-            Route(RouteKind.VM, "web.localhost", self.bridges.dial_address("vm1", 8080), auth_url=self.auth_url),
-            Route(RouteKind.PORT, "3000-web.localhost", self.bridges.dial_address("vm1", 3000), public=True),
-            Route(RouteKind.VM, "pub.localhost", self.bridges.dial_address("vm2", 8080), public=True),
+            Route(RouteKind.VM, "web.localhost", self.bridges.dial_address("vm1", 8080), auth_url=self.auth_url,
+                  app=self.app),
+            Route(RouteKind.PORT, "3000-web.localhost", self.bridges.dial_address("vm1", 3000), public=True,
+                  app=self.app),
+            Route(RouteKind.VM, "pub.localhost", self.bridges.dial_address("vm2", 8080), public=True, app=self.app),
         ]
 
 
@@ -301,10 +309,11 @@ async def test_forward_auth_allow_deny_and_header_stripping() -> None:
         assert r.status_code == 403 and "not shared with you" in r.text
 
         # Bearer: bad -> 401 JSON, good -> allowed
-        r = await client.get(st.url("/"), headers={"Host": st.host("web.localhost"), "Authorization": "Bearer nope"})
+        r = await client.get(st.url("/"),
+                             headers={"Host": st.host("web.localhost"), "Authorization": "Bearer usy1.nope"})
         assert r.status_code == 401 and r.json() == {"error": "invalid or expired token", "code": 401}
         r = await client.get(
-            st.url("/"), headers={"Host": st.host("web.localhost"), "Authorization": "Bearer good-token"}
+            st.url("/"), headers={"Host": st.host("web.localhost"), "Authorization": "Bearer usy1.good-token"}
         )
         assert r.status_code == 200 and r.json()["headers"]["x-ussy-access"] == "bearer"
 
@@ -396,8 +405,9 @@ async def test_reconcile_adds_replaces_removes_and_leaves_foreign_routes() -> No
         assert not (await admin.reconcile(desired, build_catchall())).changed  # already in sync
 
         # web becomes public, pub goes away, new-vm appears
-        web_public = Route(RouteKind.VM, "web.localhost", st.bridges.dial_address("vm1", 8080), public=True)
-        new = Route(RouteKind.VM, "new.localhost", st.bridges.dial_address("vm2", 8080), public=True)
+        web_public = Route(RouteKind.VM, "web.localhost", st.bridges.dial_address("vm1", 8080), public=True,
+                           app=st.app)
+        new = Route(RouteKind.VM, "new.localhost", st.bridges.dial_address("vm2", 8080), public=True, app=st.app)
         desired = [apex, build_route(web_public), build_route(routes[1]), build_route(new)]
         result = await admin.reconcile(desired, build_catchall())
         assert result.added == [new.route_id] and result.replaced == [web_public.route_id]
@@ -515,7 +525,8 @@ async def test_attach_to_existing_caddy_keeps_its_config() -> None:
         settings = ServerSettings(domain=DOMAIN, https_addr=f"127.0.0.1:{our_port}", tls=TlsMode.OFF)
         attached = ExternalCaddy(owner.admin_address, build_server(settings))
         ours = await attached.start()
-        await ours.put_route(build_route(Route(RouteKind.VM, "x.localhost", "127.0.0.1:9", public=True)))
+        x = Route(RouteKind.VM, "x.localhost", "127.0.0.1:9", public=True, app="127.0.0.1:9")
+        await ours.put_route(build_route(x))
         servers = await admin.get_config("apps/http/servers")
         assert set(servers) == {"theirs", "ussycode"}
         async with httpx.AsyncClient(timeout=5) as client:
@@ -533,3 +544,78 @@ async def test_attach_to_existing_caddy_keeps_its_config() -> None:
 
 def test_config_json_round_trips() -> None:
     json.dumps(build_config(ServerSettings(domain=DOMAIN)))
+
+
+async def _raw_request(port: int, head: str) -> dict[str, Any]:
+    """One HTTP/1.1 request written by hand (duplicate headers, odd spacing), the JSON answer parsed."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(head.replace("\n", "\r\n").encode() + b"\r\n")
+    await writer.drain()
+    data = await reader.read()
+    writer.close()
+    status_line, _, rest = data.partition(b"\r\n")
+    assert b" 200 " in status_line, data[:300]
+    body = rest.split(b"\r\n\r\n", 1)[1]
+    if b"chunked" in rest.split(b"\r\n\r\n", 1)[0].lower():
+        size, _, chunk = body.partition(b"\r\n")
+        body = chunk[: int(size, 16)]
+    return dict(json.loads(body))
+
+
+@pytest.mark.parametrize(
+    ("cookies", "kept"),
+    [
+        (["a=1; __Host-ussy_session=s3cret; b=2"], "a=1; b=2"),
+        (["__Host-ussy_session=s3cret"], None),
+        (["ussy_share_vm1=s3cret; theme=dark"], "theme=dark"),
+        (["theme=dark;ussy_session=s3cret"], "theme=dark"),
+        (["ussy_next=s3cret", "keep=me"], "keep=me"),  # two Cookie headers: ours goes, theirs stays
+        (["  ussy_share_=s3cret ;x=1"], "x=1"),
+        (["myussy_session=1; ussy_sessionx=2"], "myussy_session=1; ussy_sessionx=2"),  # not ours
+    ],
+)
+async def test_our_cookies_never_reach_the_app(cookies: list[str], kept: str | None) -> None:
+    async with stack(TlsMode.OFF) as st:
+        lines = "".join(f"Cookie: {c}\n" for c in cookies)
+        seen = await _raw_request(st.port, f"GET /c HTTP/1.1\nHost: {st.host('pub.localhost')}\n{lines}"
+                                           "Connection: close\n")
+        values = "; ".join(v for k, v in seen["raw_headers"] if k == "cookie")
+        assert "s3cret" not in json.dumps(seen)
+        assert [p.strip() for p in values.split(";") if p.strip()] == \
+            ([] if kept is None else [p.strip() for p in kept.split(";")])
+
+
+@pytest.mark.parametrize(
+    ("authorization", "kept"),
+    [
+        (["Bearer usy1.abc.s3cret"], None),
+        (["bearer   USY0.e30.s3cret"], None),
+        (["Token usy1.abc.s3cret"], None),
+        (["Basic dXNlcjpwYXNz"], "Basic dXNlcjpwYXNz"),
+        (["Bearer app-own-token"], "Bearer app-own-token"),
+        (["Basic dXNlcjpwYXNz", "Bearer usy1.abc.s3cret"], None),  # a platform token in any value: all go
+    ],
+)
+async def test_platform_tokens_never_reach_the_app(authorization: list[str], kept: str | None) -> None:
+    async with stack(TlsMode.OFF) as st:
+        lines = "".join(f"Authorization: {a}\n" for a in authorization)
+        seen = await _raw_request(st.port, f"GET /a HTTP/1.1\nHost: {st.host('pub.localhost')}\n{lines}"
+                                           "Connection: close\n")
+        assert "s3cret" not in json.dumps(seen)
+        assert seen["headers"].get("authorization") == kept
+
+
+async def test_underscore_headers_and_share_parameter_are_dropped() -> None:
+    async with stack(TlsMode.OFF) as st:
+        seen = await _raw_request(
+            st.port,
+            f"GET /q?a=1&ussy_share=s3cret&USSY_SHARE=theirs&ussy%5Fshare=s3cret&b=2 HTTP/1.1\n"
+            f"Host: {st.host('pub.localhost')}\nX-Ussy_Handle: mallory\nx_ussy_access: owner\n"
+            "X_USSY_USER_ID: u-mal\nMy_Header: x\nX-Ussy-Email: m@evil.test\nX-Normal: yes\nConnection: close\n",
+        )
+        headers = seen["headers"]
+        assert not [k for k in headers if "_" in k or k.startswith("x-ussy")], headers
+        assert headers["x-normal"] == "yes"
+        assert "s3cret" not in json.dumps(seen)
+        assert seen["path"] == "/q" and "a=1" in seen["query"] and "b=2" in seen["query"]
+        assert "USSY_SHARE=theirs" in seen["query"]  # a different (case-sensitive) parameter: the app's

@@ -90,6 +90,18 @@ def test_parse_perms_rejects(raw: bytes) -> None:
     assert exc.value.reason == "bad_perms"
 
 
+@pytest.mark.parametrize("raw", [b'{"exp": 5, "exp": 6}', b'{"exp": 5, "cmds": ["ls"], "cmds": ["rm"]}',
+                                 b'{"vm": "a1b", "exp": 5, "vm": "b2c"}', b'{"exp": 5, "cmds": null, "cmds": null}',
+                                 b'{"exp": 5, "vm": null, "x": {"a": 1, "a": 2}}', b'[{"exp": 5, "exp": 5}]',
+                                 b'{"exp": 5, "\\u0065xp": 6}'])
+def test_parse_perms_refuses_duplicate_keys(raw: bytes) -> None:
+    """Ambiguous JSON (a key twice, at any depth, even spelled with an escape) is refused, never last-wins."""
+    with pytest.raises(tk.TokenError) as exc:
+        tk.parse_perms(raw)
+    assert exc.value.reason == "bad_perms"
+    assert "appears twice" in str(exc.value)
+
+
 def test_check_times() -> None:
     tk.check_times(tk.Perms(exp=NOW + 60), NOW)
     tk.check_times(tk.Perms(exp=NOW + 60, nbf=NOW + 30), NOW)  # within the clock-skew leeway

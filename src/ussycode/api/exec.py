@@ -27,7 +27,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
-from ussycode.api.web import client_ip
+from ussycode.api.web import client_address
 from ussycode.commands.context import CommandContext, Output
 from ussycode.commands.registry import dispatch, load_all, lookup, split
 from ussycode.errors import RateLimited, Unauthenticated, UsageError, UssyError
@@ -161,7 +161,7 @@ class ExecEndpoint:
             raise _Reject(413, f"body too large: at most {MAX_BODY} bytes")
         bearer = bearer_of(request)
         try:
-            actor = await services.tokens.authenticate(bearer, source="api", client=client_ip(request))
+            actor = await services.tokens.authenticate(bearer, source="api", client=client_address(request))
         except Unauthenticated as exc:
             raise _Reject(401, exc.user_message, {"WWW-Authenticate": 'Bearer realm="ussycode"'}) from None
         except RateLimited as exc:  # too many refused tokens from this address

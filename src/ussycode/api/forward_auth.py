@@ -7,11 +7,14 @@ or by verified custom domain), the VM's shares, the browser session and the Bear
 :class:`Decision` as is: 2xx lets Caddy continue (copying the ``X-Ussy-*`` identity headers onto the request);
 any other status goes back to the client verbatim (login redirect, 401 JSON, 403, 404, share-link redirect).
 
-Order: bad host -> 400; unknown VM/port -> 404; a ``ussy_share`` link in the URL (valid: set a cookie, redirect
-to the URL without it; invalid: 403 unless the request is allowed anyway, then just strip it); public port ->
-allow; ``Authorization: Bearer`` -> allow (owner/shared, right VM scope) / 401 / 403, never falling back to
-cookies; session owner/shared -> allow; valid share-link cookie -> allow; session without access -> 403;
-nobody -> login redirect for a browser page, 401 JSON otherwise.
+A share link opens the one URL (VM and port) it was made for; links are compared by the hash of their token.
+
+Order: bad host -> 400; unknown VM/port -> 404; public port -> allow (naming a signed-in visitor); a
+``ussy_share`` link in the URL (valid: set a cookie, redirect to the URL without it; invalid: 403 unless the
+request is allowed anyway, then just strip it); ``Authorization: Bearer usy0.…/usy1.…`` (a platform token; any
+other Authorization is the app's and is ignored here) -> allow (owner/shared, right VM scope) / 401 / 403, never
+falling back to cookies; session owner/shared -> allow; valid share-link cookie -> allow; session without
+access -> 403; nobody -> login redirect for a browser page, 401 JSON otherwise.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from datetime import datetime
 from html import escape
 from urllib.parse import parse_qsl, quote, urlencode
 
+from ussycode.auth.links import link_token_hash
 from ussycode.types import VM_NAME_RE
 
 SHARE_PARAM = "ussy_share"
@@ -39,6 +43,7 @@ _LABEL_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _PORT_LABEL_RE = re.compile(r"^([0-9]{4})-(.+)$")
 _TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{8,128}$")
 _SAFE_VALUE_RE = re.compile(r"^[\x20-\x7e]*$")
+_PLATFORM_TOKEN_RE = re.compile(r"(?i)^usy[01]\.")
 
 
 class HostError(ValueError):
@@ -88,14 +93,17 @@ class BearerView:
 
 @dataclass(frozen=True)
 class ShareLink:
-    token: str
+    """A live share link as stored: the hash of its token, and the one URL (VM, port) it opens."""
+
+    token_hash: str
     vm_id: str
+    port: int = DEFAULT_PORT
     expires_at: datetime | None = None  # timezone-aware; None never expires
 
-    def valid_for(self, vm_id: str, token: str, now: datetime) -> bool:
-        if self.vm_id != vm_id or (self.expires_at is not None and self.expires_at <= now):
+    def valid_for(self, vm_id: str, port: int, token: str, now: datetime) -> bool:
+        if self.vm_id != vm_id or self.port != port or (self.expires_at is not None and self.expires_at <= now):
             return False
-        return hmac.compare_digest(self.token.encode(), token.encode())
+        return hmac.compare_digest(self.token_hash.encode(), link_token_hash(token).encode())
 
 
 @dataclass(frozen=True)
@@ -172,9 +180,13 @@ class AuthRequest:
 
     @property
     def bearer_token(self) -> str | None:
-        """The Bearer credential, if the request carries one ("" for ``Bearer`` with nothing after it)."""
+        """The platform token (``usy0.``/``usy1.``) in ``Authorization: Bearer``, if there is one. Any other
+        Authorization (the app's own Basic or Bearer auth) is not ours: it is ignored here and reaches the app."""
         scheme, _, value = self.authorization.strip().partition(" ")
-        return value.strip() if scheme.lower() == "bearer" else None
+        value = value.strip()
+        if scheme.lower() != "bearer" or not _PLATFORM_TOKEN_RE.match(value):
+            return None
+        return value
 
 
 @dataclass(frozen=True)
@@ -233,7 +245,7 @@ def normalize_host(raw: str) -> str:
             raise HostError("host is not a valid internationalised name") from exc
         if len(host) > MAX_HOST:
             raise HostError("host too long")
-    if not all(_LABEL_RE.match(label) for label in host.split(".")):
+    if not all(_LABEL_RE.fullmatch(label) for label in host.split(".")):
         raise HostError("host has an invalid label")
     return host
 
@@ -255,13 +267,13 @@ def parse_target(raw_host: str, domain: str) -> Target:
     if "." in label:
         return Target(host)  # a.b.<domain>: never a VM
     port = DEFAULT_PORT
-    match = _PORT_LABEL_RE.match(label)
+    match = _PORT_LABEL_RE.fullmatch(label)
     if match:
         port = int(match.group(1))
         if not PORT_MIN <= port <= PORT_MAX:
             return Target(host)
         label = match.group(2)
-    if not VM_NAME_RE.match(label):
+    if not VM_NAME_RE.fullmatch(label):
         return Target(host)
     return Target(host, port=port, vm_name=label)
 
@@ -337,10 +349,25 @@ def _share_params(query: str) -> list[str]:
     return [v for k, v in parse_qsl(query, keep_blank_values=True) if k == SHARE_PARAM]
 
 
-def _link_ok(shares: ShareView, vm_id: str, token: str | None, now: datetime) -> bool:
-    if not token or not _TOKEN_RE.match(token):
+def _link_ok(shares: ShareView, vm_id: str, port: int, token: str | None, now: datetime) -> bool:
+    if not token or not _TOKEN_RE.fullmatch(token):
         return False
-    return any(link.valid_for(vm_id, token, now) for link in shares.links)
+    return any(link.valid_for(vm_id, port, token, now) for link in shares.links)
+
+
+def user_access(vm: VmView, shares: ShareView, user: Identity) -> Access | None:
+    """How ``user`` may open the VM on their own account (owner or shared), None if they may not."""
+    if user.user_id == vm.owner_id:
+        return Access.OWNER
+    if user.user_id in shares.user_ids or (user.email and user.email.lower() in shares.emails):
+        return Access.SHARED
+    return None
+
+
+def may_open(vm: VmView, port: int, shares: ShareView, user: Identity) -> bool:
+    """Whether a signed-in user may open ``port`` of the VM without a share link (public, owner, shared):
+    the hosts the apex hands a session to."""
+    return vm.is_public(port) or user_access(vm, shares, user) is not None
 
 
 def share_cookie_name(vm_id: str) -> str:
@@ -367,25 +394,18 @@ def _access(
         # A signed-in visitor is named to the app on public VMs too.
         return _allow(Access.PUBLIC, session, "public")
 
-    def may_use(user: Identity) -> Access | None:
-        if user.user_id == vm.owner_id:
-            return Access.OWNER
-        if user.user_id in shares.user_ids or (user.email and user.email.lower() in shares.emails):
-            return Access.SHARED
-        return None
-
     if request.bearer_token is not None:
         if bearer is None or not bearer.valid or bearer.user is None:
             return _json_error(401, Outcome.UNAUTHORIZED, "bearer_invalid", "invalid or expired token")
         if bearer.vm_id is not None and bearer.vm_id != vm.id:
             return _json_error(403, Outcome.FORBIDDEN, "bearer_wrong_vm", "this token is not valid for this VM")
-        if may_use(bearer.user) is None:
+        if user_access(vm, shares, bearer.user) is None:
             return _json_error(403, Outcome.FORBIDDEN, "bearer_no_access", "no access to this VM")
         return _allow(Access.BEARER, bearer.user, "bearer")
 
-    cookie_link = _link_ok(shares, vm.id, request.cookies.get(share_cookie_name(vm.id)), now)
+    cookie_link = _link_ok(shares, vm.id, port, request.cookies.get(share_cookie_name(vm.id)), now)
     if session is not None:
-        access = may_use(session)
+        access = user_access(vm, shares, session)
         if access is not None:
             return _allow(access, session, access.value)
         if cookie_link or link_credential:
@@ -435,15 +455,19 @@ def decide(
     elif target.cname is None or target.cname not in vm.cnames:
         return not_found
 
+    if vm.is_public(target.port):
+        # Public: share links play no part (Caddy strips ``ussy_share`` before the app, as it does for anonymous
+        # visitors it serves without asking); a signed-in visitor is named.
+        return _allow(Access.PUBLIC, session, "public")
     path, query = request.path, request.query
     params = _share_params(query)
     navigating = request.method in ("GET", "HEAD")
-    link_valid = bool(params) and all(_link_ok(shares, vm.id, p, now) for p in params)
+    link_valid = bool(params) and all(_link_ok(shares, vm.id, target.port, p, now) for p in params)
     clean_url = _public_url(request, target.host, path, _strip_share_param(query))
     if params and link_valid and navigating:
         token = params[0]
         max_age = SHARE_COOKIE_MAX_AGE
-        expiry = next((ln.expires_at for ln in shares.links if ln.valid_for(vm.id, token, now)), None)
+        expiry = next((ln.expires_at for ln in shares.links if ln.valid_for(vm.id, target.port, token, now)), None)
         if expiry is not None:
             max_age = max(1, min(max_age, int((expiry - now).total_seconds())))
         cookie = f"{share_cookie_name(vm.id)}={token}; Path=/; Max-Age={max_age}; HttpOnly; SameSite=Lax"

@@ -3,9 +3,11 @@
 Paths (all on the app server behind Caddy):
 
 - ``GET /__ussycode/forward-auth?k=<secret>`` — Caddy asks before proxying a private VM URL. The original request
-  arrives as ``X-Forwarded-{Host,Uri,Method,Proto}`` plus the client's Cookie/Authorization. Two paths on every
-  VM host are ours: ``/__ussycode/auth?code=…`` (redeem a hand-off code: host-only session cookie, redirect back)
-  and ``/__ussycode/logout`` (to the apex). Anything else is :func:`ussycode.api.forward_auth.decide`.
+  arrives as ``X-Forwarded-{Host,Uri,Method,Proto}`` plus the client's Cookie/Authorization; the answer is
+  :func:`ussycode.api.forward_auth.decide`.
+- ``/__ussycode/*`` on every VM host (public ones too) is sent here by Caddy, never to the VM:
+  ``/__ussycode/auth?code=…`` redeems a hand-off code (host-only session cookie for that VM, redirect back) and
+  ``/__ussycode/logout`` goes to the apex.
 - ``GET /__ussycode/login`` — ``?token=`` (the ``browser`` link) signs in; with a session and ``?next=<VM URL>``
   it hands off to that host; otherwise a page explaining ``ssh <host> browser``.
 - ``GET|POST /__ussycode/logout`` — a form (CSRF token), then revoke the session family.
@@ -19,9 +21,9 @@ from __future__ import annotations
 
 import datetime as dt
 import hmac
-import ipaddress
 import logging
 import time
+from dataclasses import dataclass
 from html import escape
 from typing import TypeVar
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
@@ -40,8 +42,10 @@ from ussycode.api.forward_auth import (
     Identity,
     ShareLink,
     ShareView,
+    Target,
     VmView,
     decide,
+    may_open,
     normalize_host,
     parse_target,
     tls_ask,
@@ -50,12 +54,13 @@ from ussycode.api.pages import forwarder_failed_page, vm_state_page
 from ussycode.config import Settings, TlsMode, parse_addr
 from ussycode.errors import RateLimited, UssyError
 from ussycode.proxy.front import UPSTREAM_HEADER
+from ussycode.proxy.hygiene import CLIENT_ADDR_HEADER, PROXY_KEY_HEADER
 from ussycode.services.accesscache import GenerationCache
 from ussycode.services.container import Services
 from ussycode.services.ratelimit import RateLimiter
 from ussycode.services.routes import ASK_PATH, AUTH_PATH
 from ussycode.services.sessions import SessionService, WebSession, session_row
-from ussycode.services.shares import AccessRecord, ShareService, access_record
+from ussycode.services.shares import AccessRecord, ShareService, access_record, link_token_hash
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -113,16 +118,14 @@ def _page(title: str, body: str, status: int = 200, headers: dict[str, str] | No
     return HTMLResponse(html, status_code=status, headers={**SECURITY_HEADERS, **(headers or {})})
 
 
-def client_ip(request: Request) -> str:
-    """The browser's address: Caddy (a loopback peer) sets X-Forwarded-For to it; others are taken as is."""
+def client_address(request: Request) -> str:
+    """The client's address: what Caddy saw when the request carries this start's proxy key (Caddy sets both
+    headers and drops client-sent copies); the TCP peer otherwise, whatever X-Forwarded-For says."""
     peer = request.client.host if request.client else ""
-    try:
-        loopback = ipaddress.ip_address(peer).is_loopback
-    except ValueError:
-        loopback = False
-    forwarded = request.headers.get("x-forwarded-for", "")
-    if loopback and forwarded:
-        return forwarded.split(",")[-1].strip()[:64]
+    routes = _services(request).routes
+    key = request.headers.get(PROXY_KEY_HEADER, "")
+    if routes is not None and key and hmac.compare_digest(key.encode(), routes.proxy_key.encode()):
+        return request.headers.get(CLIENT_ADDR_HEADER, "")[:64] or peer
     return peer
 
 
@@ -135,7 +138,7 @@ def _limiter(request: Request) -> RateLimiter:
 
 def _rate_limited(request: Request) -> Response | None:
     try:
-        _limiter(request).take("login:" + client_ip(request))
+        _limiter(request).take("login:" + client_address(request))
     except RateLimited as exc:
         return _page("Slow down", "<p>Too many sign-in attempts from your address. Wait a minute and retry.</p>",
                      429, {"Retry-After": str(int(exc.retry_after))})
@@ -204,13 +207,13 @@ async def forward_auth(request: Request) -> Response:
     except HostError:
         return JSONResponse({"error": "bad host", "code": 400}, 400)
     session_secret = areq.cookies.get(cookie_name(settings))
-    # Only the share links this request presents are read (cookies and the URL).
-    presented = tuple({v for k, v in areq.cookies.items() if k.startswith(SHARE_COOKIE_PREFIX)}
-                      | {v for k, v in _query_pairs(areq.query) if k == SHARE_PARAM})
+    # Only the share links this request presents are read (cookies and the URL), by the hashes of their tokens.
+    presented = tuple({link_token_hash(v) for k, v in areq.cookies.items() if k.startswith(SHARE_COOKIE_PREFIX)}
+                      | {link_token_hash(v) for k, v in _query_pairs(areq.query) if k == SHARE_PARAM})
 
     def read(c: sa.Connection) -> tuple[AccessRecord | None, WebSession | None]:
-        rec = access_record(c, vm_name=target.vm_name, cname=target.cname, link_tokens=presented)
-        return rec, (session_row(c, session_secret, target.host) if rec is not None else None)
+        rec = access_record(c, vm_name=target.vm_name, cname=target.cname, link_hashes=presented)
+        return rec, (session_row(c, session_secret, target.host, rec.vm_id) if rec is not None else None)
 
     cache = _access_cache(request)
     key = (target.host, session_secret, presented)
@@ -225,23 +228,13 @@ async def forward_auth(request: Request) -> Response:
         cache.put(key, generation, cached, session_until)
     record, session = cached
 
-    # Our own paths on every VM host.
-    if areq.path == HANDOFF_PATH and record is not None and areq.method in ("GET", "HEAD"):
-        return await _redeem_handoff(request, areq.query, target.host, areq.scheme)
-    if areq.path == LOGOUT_PATH and record is not None:
-        return RedirectResponse(settings.public_url(settings.domain) + LOGOUT_PATH, 302, headers=SECURITY_HEADERS)
-
     now = dt.datetime.now(dt.UTC)
     vm = shares_view = None
     if record is not None:
-        vm = VmView(record.vm_id, record.name, record.owner_id, public=8080 in record.public_ports,
-                    public_ports=frozenset(p for p in record.public_ports if p != 8080), cnames=record.cnames)
-        shares_view = ShareView(record.user_ids, record.emails, tuple(
-            ShareLink(token, record.vm_id, None if exp is None else exp.replace(tzinfo=dt.UTC))
-            for token, exp in record.links))
+        vm, shares_view = _views(record)
     identity = None if session is None else Identity(session.user_id, session.handle, session.email)
     try:
-        bearer = await _bearer(services, areq.bearer_token, record.name, client_ip(request)) if record else None
+        bearer = await _bearer(services, areq.bearer_token, record.name, client_address(request)) if record else None
     except RateLimited as exc:
         return JSONResponse({"error": exc.user_message, "code": 429}, 429,
                             headers={"Retry-After": str(int(exc.retry_after) + 1), "Cache-Control": "no-store"})
@@ -276,18 +269,48 @@ def _access_cache(request: Request) -> GenerationCache[tuple[AccessRecord | None
     return cache
 
 
+def _views(record: AccessRecord) -> tuple[VmView, ShareView]:
+    """What :func:`decide` needs, from the DB record."""
+    vm = VmView(record.vm_id, record.name, record.owner_id, public=8080 in record.public_ports,
+                public_ports=frozenset(p for p in record.public_ports if p != 8080), cnames=record.cnames)
+    links = tuple(ShareLink(ln.token_hash, record.vm_id, ln.port,
+                            None if ln.expires_at is None else ln.expires_at.replace(tzinfo=dt.UTC))
+                  for ln in record.links)
+    return vm, ShareView(record.user_ids, record.emails, links)
+
+
 def _query_pairs(query: str) -> list[tuple[str, str]]:
     return parse_qsl(query, keep_blank_values=True)
 
 
-async def _redeem_handoff(request: Request, query: str, host: str, scheme: str) -> Response:
+async def _vm_host(request: Request) -> tuple[Target, AccessRecord] | None:
+    """The VM host this request came to (by name or verified custom domain) and its record; None for the apex,
+    unknown hosts and bad Host headers."""
+    settings, shares, _ = _parts(request)
+    try:
+        target = parse_target(request.headers.get("host", ""), settings.domain)
+    except HostError:
+        return None
+    if target.apex or (target.vm_name is None and target.cname is None):
+        return None
+    record = await shares.lookup(vm_name=target.vm_name, cname=target.cname)
+    return None if record is None else (target, record)
+
+
+async def handoff(request: Request) -> Response:
+    """``/__ussycode/auth?code=…&next=/path`` on a VM host: redeem the apex's hand-off code for a session cookie
+    of this host and VM, then go back to the page."""
     settings, _, sessions = _parts(request)
+    found = await _vm_host(request)
+    if found is None:
+        return PlainTextResponse("not found", 404, headers=SECURITY_HEADERS)
+    target, record = found
     limited = _rate_limited(request)
     if limited is not None:
         return limited
-    params = dict(_query_pairs(query))
-    next_path = _safe_path(params.get("next", "/"))
-    result = await sessions.redeem_handoff(params.get("code", ""), host)
+    host = target.host
+    next_path = _safe_path(request.query_params.get("next", "/"))
+    result = await sessions.redeem_handoff(request.query_params.get("code", ""), host, record.vm_id)
     if result is None:
         retry = settings.public_url(settings.domain) + LOGIN_PATH + "?" + urlencode(
             {"next": settings.public_url(host) + next_path})
@@ -304,9 +327,19 @@ async def _redeem_handoff(request: Request, query: str, host: str, scheme: str) 
 # --- sign-in on the apex ----------------------------------------------------------------------------------------
 
 
-async def _vm_next(request: Request, next_url: str) -> tuple[str, str] | None:
-    """(host, path) if ``next_url`` is a URL of ours that a session may be handed to (a VM host or a verified
-    custom domain, our scheme); None otherwise (never an open redirect)."""
+@dataclass(frozen=True)
+class _Next:
+    """A VM URL of ours that the browser wants to go to after sign-in."""
+
+    host: str
+    path: str
+    port: int
+    record: AccessRecord
+
+
+async def _vm_next(request: Request, next_url: str) -> _Next | None:
+    """The VM URL ``next_url`` names if it is one of ours (a VM host or a verified custom domain, our scheme);
+    None otherwise (never an open redirect)."""
     settings, shares, _ = _parts(request)
     try:
         parts = urlsplit(next_url)
@@ -315,22 +348,28 @@ async def _vm_next(request: Request, next_url: str) -> tuple[str, str] | None:
         target = parse_target(parts.netloc, settings.domain)
     except (ValueError, HostError):
         return None
-    if target.vm_name is not None:
-        record = await shares.lookup(vm_name=target.vm_name)
-    elif target.cname is not None:
-        record = await shares.lookup(cname=target.cname)
-    else:
+    if target.vm_name is None and target.cname is None:
         return None
+    record = await shares.lookup(vm_name=target.vm_name, cname=target.cname)
     if record is None:
         return None
     path = _safe_path((parts.path or "/") + (f"?{parts.query}" if parts.query else ""))
-    return target.host, path
+    return _Next(target.host, path, target.port, record)
 
 
-async def _handoff_redirect(request: Request, session: WebSession, host: str, path: str) -> Response:
+async def _handoff_redirect(request: Request, session: WebSession, target: _Next) -> Response:
+    """Hand the session to a VM host the user may open (public, owner, shared); anything else goes home."""
     settings, _, sessions = _parts(request)
-    code = await sessions.create_handoff(session, host)
-    location = settings.public_url(host) + HANDOFF_PATH + "?" + urlencode({"code": code, "next": path})
+    vm, shares_view = _views(target.record)
+    if not may_open(vm, target.port, shares_view, Identity(session.user_id, session.handle, session.email)):
+        # No hand-off code for a host this user may not open (a share link works without one).
+        return _page("No access", f"<p>You are signed in as <b>{escape(session.handle)}</b>, but "
+                     f"<code>{escape(target.host)}</code> is not shared with you. Ask its owner to run "
+                     f"<code>share add {escape(vm.name)} {escape(session.handle)}</code>.</p>"
+                     "<p><a href='/'>Your VMs</a></p>", 403)
+    code = await sessions.create_handoff(session, target.host, target.record.vm_id)
+    location = settings.public_url(target.host) + HANDOFF_PATH + "?" + urlencode({"code": code,
+                                                                                  "next": target.path})
     return RedirectResponse(location, 303, headers=SECURITY_HEADERS)
 
 
@@ -344,7 +383,7 @@ async def login(request: Request) -> Response:
         limited = _rate_limited(request)
         if limited is not None:
             return limited
-        result = await sessions.redeem_login_token(token, _apex_host(settings), client=client_ip(request))
+        result = await sessions.redeem_login_token(token, _apex_host(settings), client=client_address(request))
         if result is None:
             return _page("Sign-in link invalid",
                          "<p>This sign-in link is invalid, was already used, or expired (links last 5 minutes).</p>"
@@ -354,7 +393,7 @@ async def login(request: Request) -> Response:
                          int((new_session.expires_at - dt.datetime.now(dt.UTC).replace(tzinfo=None)).total_seconds()))
         target = await _vm_next(request, unquote(request.cookies.get(NEXT_COOKIE, "")))
         if target is not None:
-            response = await _handoff_redirect(request, new_session, *target)
+            response = await _handoff_redirect(request, new_session, target)
         else:
             response = RedirectResponse("/", 303, headers=SECURITY_HEADERS)
         response.headers.append("Set-Cookie", cookie)
@@ -364,15 +403,15 @@ async def login(request: Request) -> Response:
     target = await _vm_next(request, next_url) if next_url else None
     if session is not None:
         if target is not None:
-            return await _handoff_redirect(request, session, *target)
+            return await _handoff_redirect(request, session, target)
         return RedirectResponse("/", 303, headers=SECURITY_HEADERS)
     extra: dict[str, str] = {}
     where = ""
     if target is not None:
         # Remember where the browser wanted to go; the sign-in link brings it back there.
         extra["Set-Cookie"] = _cookie(settings, NEXT_COOKIE, quote(next_url, safe=""), 900)
-        where = f"<p class=muted>You wanted to open <code>{escape(settings.public_url(target[0]) + target[1])}</code>."\
-                " You will be taken there after signing in.</p>"
+        wanted = escape(settings.public_url(target.host) + target.path)
+        where = f"<p class=muted>You wanted to open <code>{wanted}</code>. You go there after signing in.</p>"
     body = (
         "<p>This page is private. Sign in with your SSH key:</p>"
         f"<pre>{escape(_login_command(settings))}</pre>"
@@ -385,7 +424,10 @@ async def login(request: Request) -> Response:
 async def logout(request: Request) -> Response:
     settings, _, sessions = _parts(request)
     if _host_of(request) != _apex_host(settings):
-        return PlainTextResponse("not found", 404)
+        if await _vm_host(request) is None:
+            return PlainTextResponse("not found", 404)
+        # Signing out is done on the apex (it ends the VM-host sessions too).
+        return RedirectResponse(settings.public_url(settings.domain) + LOGOUT_PATH, 302, headers=SECURITY_HEADERS)
     session = await _apex_session(request)
     if request.method == "GET":
         if session is None:
@@ -477,5 +519,6 @@ def routes() -> list[BaseRoute]:
         Route(AUTH_PATH, forward_auth, methods=["GET"]),
         Route(LOGIN_PATH, login, methods=["GET"]),
         Route(LOGOUT_PATH, logout, methods=["GET", "POST"]),
+        Route(HANDOFF_PATH, handoff, methods=["GET"]),
         Route(ASK_PATH, tls_ask_endpoint, methods=["GET"]),
     ]

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import asyncssh
 
 from ussycode.errors import UsageError
+from ussycode.validate import printable_text
 
 # Key types we accept from users. DSA and short RSA are refused.
 ALLOWED_KEY_TYPES = frozenset({
@@ -17,6 +19,7 @@ ALLOWED_KEY_TYPES = frozenset({
 })
 MIN_RSA_BITS = 2048
 MAX_KEY_LINE = 16 * 1024
+MAX_KEY_COMMENT = 200
 
 
 @dataclass(frozen=True)
@@ -42,18 +45,21 @@ def describe(key: asyncssh.SSHKey, comment: str = "") -> PublicKey:
 
 def parse_authorized_key(line: str) -> PublicKey:
     """Parse one authorized_keys line (``type base64 [comment]``); options are not accepted."""
-    line = line.strip()
+    # Only spaces are trimmed: any other stray character (a control, a bidi override…) is refused, not hidden.
+    line = line.strip(" ")
     if not line:
         raise UsageError("empty key; paste one line of the form 'ssh-ed25519 AAAA… comment'")
-    if len(line) > MAX_KEY_LINE or "\n" in line or "\x00" in line:
+    if len(line) > MAX_KEY_LINE:
         raise UsageError("that is not a single public key line")
+    parts = re.split(" +", line, maxsplit=2)
+    comment = parts[2].strip(" ") if len(parts) > 2 else ""
+    printable_text(comment, "key comment", max_len=MAX_KEY_COMMENT)
+    printable_text(" ".join(parts[:2]), "key", max_len=MAX_KEY_LINE)
     try:
-        key = asyncssh.import_public_key(line)
+        key = asyncssh.import_public_key(" ".join(parts[:2]))
     except (asyncssh.KeyImportError, ValueError, UnicodeError) as exc:
         raise UsageError(f"not a valid public key: {exc}") from None
-    parts = line.split(None, 2)
-    comment = parts[2].strip() if len(parts) > 2 else ""
-    return describe(key, comment[:200])
+    return describe(key, comment)
 
 
 def load_or_create_private_key(path: Path) -> asyncssh.SSHKey:

@@ -89,7 +89,7 @@ def b64url_encode(data: bytes) -> str:
 
 def b64url_decode(text: str) -> bytes:
     """Decode base64url or standard base64, padding optional; ValueError on anything else."""
-    if not text or not _B64_RE.match(text):
+    if not text or not _B64_RE.fullmatch(text):
         raise ValueError("not base64url")
     text = text.rstrip("=").replace("-", "+").replace("_", "/")
     try:
@@ -124,7 +124,7 @@ def new_db_token() -> NewDbToken:
 
 
 def parse_db_token(token: str) -> DbTokenRef:
-    m = _USY1_RE.match(token)
+    m = _USY1_RE.fullmatch(token)
     if not m:
         raise TokenError("malformed", "malformed usy1 token")
     return DbTokenRef(m.group(1), m.group(2))
@@ -239,9 +239,22 @@ def _int_field(obj: dict[str, Any], key: str) -> int | None:
     return value
 
 
+def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook`` for every object, at any depth: a key given twice makes the perms ambiguous (json
+    would keep the last value silently; another reader might keep the first), so the token is refused."""
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise TokenError("bad_perms", f"perms: the key {key[:20]!r} appears twice")
+        obj[key] = value
+    return obj
+
+
 def parse_perms(data: bytes) -> Perms:
     try:
-        obj = json.loads(data.decode("utf-8"))
+        obj = json.loads(data.decode("utf-8"), object_pairs_hook=_refuse_duplicate_keys)
+    except TokenError:
+        raise
     except (UnicodeDecodeError, ValueError):
         raise TokenError("bad_perms", "perms: not a UTF-8 JSON object") from None
     if not isinstance(obj, dict):
@@ -257,11 +270,11 @@ def parse_perms(data: bytes) -> Perms:
     if obj.get("cmds") is not None:
         raw = obj["cmds"]
         if (not isinstance(raw, list) or not raw or len(raw) > MAX_CMDS
-                or not all(isinstance(c, str) and _CMD_RE.match(c) for c in raw)):
+                or not all(isinstance(c, str) and _CMD_RE.fullmatch(c) for c in raw)):
             raise TokenError("bad_perms", "perms: 'cmds' must be a non-empty list of command names")
         cmds = tuple(raw)
     vm = obj.get("vm")
-    if vm is not None and (not isinstance(vm, str) or not _VM_RE.match(vm)):
+    if vm is not None and (not isinstance(vm, str) or not _VM_RE.fullmatch(vm)):
         raise TokenError("bad_perms", "perms: 'vm' must be a VM name")
     return Perms(exp=exp, nbf=nbf, cmds=cmds, vm=vm)
 

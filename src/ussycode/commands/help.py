@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ussycode.auth.policy import Action, can
 from ussycode.commands.context import CommandContext
 from ussycode.commands.registry import REGISTRY, command, lookup
 from ussycode.errors import NotFound
@@ -23,8 +24,9 @@ async def help_(ctx: CommandContext, a: argparse.Namespace) -> int:
             raise NotFound(f"no command {a.topic[:40]!r}; type 'help' for the list")
         ctx.out.print(cmd.parser.format_help().rstrip())
         return 0
+    admin = can(ctx.actor, Action.ADMIN_COMMANDS)
     for group, title in GROUPS:
-        cmds = [c for c in REGISTRY.values() if c.group == group and (not c.admin_only or ctx.actor.is_admin)]
+        cmds = [c for c in REGISTRY.values() if c.group == group and (not c.admin_only or admin)]
         if not cmds:
             continue
         ctx.out.print(title)

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import NoReturn
 
+from ussycode.auth.policy import Action, can
 from ussycode.commands.context import CommandContext
 from ussycode.errors import Forbidden, UsageError
 
@@ -83,7 +84,7 @@ def split(line: str) -> list[str]:
 
 def load_all() -> None:
     """Import every command module so that they register (idempotent)."""
-    from ussycode.commands import account, help, share, token, vm  # noqa: F401
+    from ussycode.commands import account, admin, help, share, token, vm  # noqa: F401
 
 
 async def dispatch(ctx: CommandContext, argv: list[str]) -> int:
@@ -97,7 +98,7 @@ async def dispatch(ctx: CommandContext, argv: list[str]) -> int:
     actor = ctx.actor
     if actor.allowed_commands is not None and cmd.name not in actor.allowed_commands:
         raise Forbidden(f"command {cmd.name!r} is not permitted by this token")
-    if cmd.admin_only and not actor.is_admin:
+    if cmd.admin_only and not can(actor, Action.ADMIN_COMMANDS):
         raise Forbidden(f"{cmd.name} is for admins only")
     if not ctx.interactive:
         ctx.services.limiter.take(actor.id)

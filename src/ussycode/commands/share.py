@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 from ussycode.commands.context import CommandContext
 from ussycode.commands.output import table
@@ -13,6 +12,7 @@ from ussycode.errors import Conflict, RuntimeFailure, UsageError
 from ussycode.services.sessions import LOGIN_TOKEN_TTL, SessionService
 from ussycode.services.shares import MAIN_PORT, VERIFY_PREFIX, LinkInfo, ShareService, parse_duration
 from ussycode.store.schema import iso
+from ussycode.validate import MAX_EMAIL, email_address, printable_text
 
 SUBCOMMANDS = {
     "show": "who may open the VM's URLs",
@@ -41,16 +41,35 @@ def _sessions(ctx: CommandContext) -> SessionService:
     return ctx.services.sessions
 
 
-def _link_json(link: LinkInfo) -> dict[str, Any]:
-    return {"token": link.token, "url": link.url, "expires_at": iso(link.expires_at), "uses": link.uses}
+def _link_json(link: LinkInfo, *, new: bool = False) -> dict[str, Any]:
+    """``share show``: {id, port, expires_at, uses}; ``add-link``: {id, url, port, expires_at} (the URL with the
+    token is shown only then)."""
+    if new:
+        return {"id": link.id, "url": link.url, "port": link.port, "expires_at": iso(link.expires_at)}
+    return {"id": link.id, "port": link.port, "expires_at": iso(link.expires_at), "uses": link.uses}
+
+
+def _share_target(target: str, *, strict: bool) -> str:
+    """A handle or an e-mail address as typed for ``share add``/``remove``: printable text only; an address must pass
+    the strict check to be added (it is normalised: IDNA domain), while removal also takes an older stored form."""
+    target = printable_text(target, "handle or e-mail address", max_len=MAX_EMAIL).strip(" ")
+    if "@" not in target:
+        return target
+    if strict:
+        return email_address(target)
+    try:
+        return email_address(target)
+    except UsageError:
+        return target
 
 
 def _share_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", choices=sorted(SUBCOMMANDS), metavar="{" + ",".join(SUBCOMMANDS) + "}",
                    help="; ".join(f"{k}: {v}" for k, v in SUBCOMMANDS.items()))
     p.add_argument("vm", help="VM name")
-    p.add_argument("target", nargs="?", help="handle, e-mail, link token or domain (depending on the action)")
-    p.add_argument("--port", type=int, default=MAIN_PORT, help="port for set-public/set-private (default 8080)")
+    p.add_argument("target", nargs="?", help="handle, e-mail, link id/token/URL or domain (depending on the action)")
+    p.add_argument("--port", type=int, default=MAIN_PORT,
+                   help="port for set-public, set-private and add-link (default 8080, the main URL)")
     p.add_argument("--expires", help="link lifetime for add-link, like 30m, 24h, 7d (default: never)")
     p.add_argument("--json", action="store_true", help="print JSON (show, add-link)")
 
@@ -65,8 +84,8 @@ async def share(ctx: CommandContext, a: argparse.Namespace) -> int:
                          usage=f"share {action} <vm> <{'domain' if action.startswith('cname') else 'target'}>")
     if action not in _WITH_TARGET and a.target:
         raise UsageError(f"share {action} takes no extra argument (got {a.target[:40]!r})")
-    if a.port != MAIN_PORT and action not in ("set-public", "set-private"):
-        raise UsageError("--port goes with set-public and set-private only")
+    if a.port != MAIN_PORT and action not in ("set-public", "set-private", "add-link"):
+        raise UsageError("--port goes with set-public, set-private and add-link only")
     if a.expires is not None and action != "add-link":
         raise UsageError("--expires goes with add-link only")
 
@@ -82,8 +101,8 @@ async def share(ctx: CommandContext, a: argparse.Namespace) -> int:
             ctx.out.print(f"  port {port} is public: {ctx.services.vms.url(f'{port}-{info.vm}')}")
         ctx.out.print("  shared with: " + (", ".join(info.users) if info.users else "nobody"))
         if info.links:
-            rows = [[link.token, iso(link.expires_at) or "never", str(link.uses), link.url] for link in info.links]
-            ctx.out.print(table(rows, ["link", "expires", "uses", "url"]))
+            rows = [[link.id, iso(link.expires_at) or "never", str(link.uses), link.url] for link in info.links]
+            ctx.out.print(table(rows, ["link", "expires", "uses", "opens"]))
         for domain, verified in info.cnames:
             ctx.out.print(f"  custom domain {domain}: {'verified' if verified else 'waiting for verification'}")
         return 0
@@ -96,29 +115,30 @@ async def share(ctx: CommandContext, a: argparse.Namespace) -> int:
         ctx.out.print(f"{url} is {'now ' if changed else 'already '}{state}")
         return 0
     if action == "add":
-        changed = await svc.add_user(ctx.actor, a.vm, a.target)
-        ctx.out.print(f"{a.vm} {'is now' if changed else 'was already'} shared with {a.target}")
+        who = _share_target(a.target, strict=True)
+        changed = await svc.add_user(ctx.actor, a.vm, who)
+        ctx.out.print(f"{a.vm} {'is now' if changed else 'was already'} shared with {who}")
         return 0
     if action == "remove":
-        await svc.remove_user(ctx.actor, a.vm, a.target)
-        ctx.out.print(f"{a.vm} is no longer shared with {a.target}")
+        who = _share_target(a.target, strict=False)
+        await svc.remove_user(ctx.actor, a.vm, who)
+        ctx.out.print(f"{a.vm} is no longer shared with {who}")
         return 0
     if action == "add-link":
         expires = parse_duration(a.expires) if a.expires else None
-        link = await svc.add_link(ctx.actor, a.vm, expires)
+        link = await svc.add_link(ctx.actor, a.vm, expires, a.port)
         if a.json:
-            ctx.out.json(_link_json(link))
+            ctx.out.json(_link_json(link, new=True))
         else:
             ctx.out.print(link.url)
-            ctx.out.print(f"  anyone with this link can open {a.vm} in their browser"
-                          f"{' until ' + (iso(link.expires_at) or '') if link.expires_at else ''}; "
-                          f"revoke it with: share remove-link {a.vm} {link.token}")
+            ctx.out.print(f"  anyone with this link can open {svc.port_url(a.vm, link.port)} in their browser"
+                          f"{' until ' + (iso(link.expires_at) or '') if link.expires_at else ''}; it is shown only "
+                          f"now. Revoke it with: share remove-link {a.vm} {link.id}")
         return 0
     if action == "remove-link":
-        # The token, or the whole link as printed by add-link.
-        token = parse_qs(urlsplit(a.target).query).get("ussy_share", [a.target])[0] if "?" in a.target else a.target
-        await svc.remove_link(ctx.actor, a.vm, token)
-        ctx.out.print(f"share link {a.target} of {a.vm} revoked")
+        # The link's id, its token, or the whole link as printed by add-link.
+        await svc.remove_link(ctx.actor, a.vm, a.target)
+        ctx.out.print(f"share link {a.target[:80]} of {a.vm} revoked")
         return 0
     if action == "cname":
         cn = await svc.cname_add(ctx.actor, a.vm, a.target)

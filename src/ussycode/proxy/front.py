@@ -14,8 +14,9 @@ Routes of our server, in order:
    hosts (404) and stopped VMs (a page) itself, and on "allow" names the VM's forwarder socket in the
    ``X-Ussy-Upstream`` response header; Caddy keeps it in a variable and dials it.
 
-Both VM routes run the same handler chain (strip client identity headers, ``/__ussycode/*`` to the app server,
-access decision, strip our credentials, proxy). A 502/504 from a VM (nothing listens on the port) becomes a
+Both VM routes run the trust boundary's handler chain (:mod:`ussycode.proxy.hygiene`, in its order): strip
+client identity headers in every spelling, ``/__ussycode/*`` to the app server, the access decision, strip our
+credentials, proxy. A 502/504 from a VM (nothing listens on the port) becomes a
 page (HTML for browsers, JSON otherwise) in the server's error routes.
 
 TLS: ``--tls internal`` keeps a wildcard certificate ``*.<domain>`` (and the apex) from Caddy's local CA, so
@@ -29,6 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ussycode.proxy.hygiene import ours_route, strip_client_identity, strip_platform_credentials
 from ussycode.proxy.routes import (
     JSON,
     SERVER_NAME,
@@ -41,7 +43,6 @@ from ussycode.proxy.routes import (
     forward_auth_handler,
     listen_address,
     proxy_handler,
-    strip_client_headers,
 )
 
 UPSTREAM_HEADER = "X-Ussy-Upstream"
@@ -79,34 +80,36 @@ class FrontSettings:
     public_dial: str
 
 
-def vm_chain(upstream: str, app: str, decision: JSON | None) -> list[JSON]:
-    """The handler chain of every VM route; ``decision`` is the access step (forward-auth) or None."""
-    handle: list[JSON] = [strip_client_headers()]
+def vm_chain(upstream: str, app: str, decision: JSON | None, proxy_key: str = "") -> list[JSON]:
+    """The handler chain of every VM route, in the trust boundary's order (:mod:`ussycode.proxy.hygiene`):
+    strip client identity headers, ``/__ussycode/*`` to the app server, the access step (``decision``:
+    forward-auth, or None), strip our credentials, proxy to ``upstream``."""
+    handle: list[JSON] = [strip_client_identity(), ours_route(app, proxy_key)]
     if decision is not None:
         handle.append(decision)
     proxy = proxy_handler(upstream)
     proxy["stream_close_delay"] = STREAM_CLOSE_DELAY
-    handle.append(proxy)
+    handle += [strip_platform_credentials(), proxy]
     return handle
 
 
-def forward_auth_with_upstream(auth_url: str) -> JSON:
+def forward_auth_with_upstream(auth_url: str, proxy_key: str = "") -> JSON:
     """forward-auth whose 2xx answer also carries the upstream (kept in ``{http.vars.ussy_upstream}``)."""
-    handler = forward_auth_handler(auth_url)
+    handler = forward_auth_handler(auth_url, proxy_key=proxy_key)
     routes: list[JSON] = handler["handle_response"][0]["routes"]
     routes.insert(0, {"handle": [{"handler": "vars",
                                   UPSTREAM_VAR: "{http.reverse_proxy.header." + UPSTREAM_HEADER + "}"}]})
     return handler
 
 
-def identity_if_signed_in(auth_url: str) -> JSON:
+def identity_if_signed_in(auth_url: str, proxy_key: str = "") -> JSON:
     """On a public host: ask forward-auth only when the request carries our session cookie."""
     return {
         "handler": "subroute",
         "routes": [
             {
                 "match": [{"header_regexp": {"Cookie": {"pattern": SESSION_COOKIE_RE}}}],
-                "handle": [forward_auth_handler(auth_url)],
+                "handle": [forward_auth_handler(auth_url, proxy_key=proxy_key)],
             }
         ],
     }
@@ -121,7 +124,8 @@ def build_public_route(settings: ServerSettings, front: FrontSettings) -> JSON:
                 "file": {"root": front.public_markers, "try_files": ["/{http.request.host}"]},
             }
         ],
-        "handle": vm_chain(front.public_dial, settings.http_addr, identity_if_signed_in(front.auth_url)),
+        "handle": vm_chain(front.public_dial, settings.http_addr,
+                           identity_if_signed_in(front.auth_url, settings.proxy_key), settings.proxy_key),
         "terminal": True,
     }
 
@@ -130,7 +134,7 @@ def build_vms_route(settings: ServerSettings, front: FrontSettings) -> JSON:
     return {
         "@id": VMS_ROUTE_ID,
         "handle": vm_chain("{http.vars." + UPSTREAM_VAR + "}", settings.http_addr,
-                           forward_auth_with_upstream(front.auth_url)),
+                           forward_auth_with_upstream(front.auth_url, settings.proxy_key), settings.proxy_key),
         "terminal": True,
     }
 
@@ -166,7 +170,8 @@ def build_front_errors(domain: str) -> JSON:
 
 def build_front_server(settings: ServerSettings, front: FrontSettings) -> JSON:
     """Our HTTP server: apex, public fast path, every other host through forward-auth."""
-    apex = build_route(Route(RouteKind.APEX, settings.domain, settings.http_addr, public=True))
+    apex = build_route(Route(RouteKind.APEX, settings.domain, settings.http_addr, public=True,
+                             proxy_key=settings.proxy_key))
     server: JSON = {
         "listen": [listen_address(settings.https_addr)],
         "routes": [apex, build_public_route(settings, front), build_vms_route(settings, front)],

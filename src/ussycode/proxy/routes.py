@@ -1,16 +1,20 @@
 """Pure builders: :class:`Route` and :class:`ServerSettings` -> Caddy JSON. No I/O here.
 
 Every route we own carries ``@id`` = ``ussycode-<kind>-<host>`` so the admin client can find, replace and
-delete it without touching anyone else's routes. Each route, in order:
+delete it without touching anyone else's routes. A VM route (VM URL, port URL, custom domain), in order
+(the trust-boundary steps are :mod:`ussycode.proxy.hygiene`):
 
-1. deletes every client-sent ``X-Ussy-*`` request header (identity headers come only from forward-auth);
-2. for a private route, asks the forward-auth endpoint (Caddy's ``forward_auth`` Caddyfile directive, expanded
+1. drops client-sent identity headers in every spelling and every header with an underscore;
+2. sends ``/__ussycode/*`` to the app server (ours on every host, never the VM's);
+3. for a private route, asks the forward-auth endpoint (Caddy's ``forward_auth`` Caddyfile directive, expanded
    by hand because Caddy's JSON has no such handler: a ``reverse_proxy`` with ``rewrite`` GET + URI and a
    ``handle_response`` for 2xx that copies the identity headers onto the request). Any non-2xx answer (login
    redirect, 401 JSON, 403, 404, share-link cookie redirect) goes back to the client as is;
-3. proxies to the upstream (a port bridge's unix socket, or the app server for the apex) with
-   ``X-Forwarded-Proto``/``X-Forwarded-Host`` set from what Caddy itself saw, and streaming flushes.
+4. removes our credentials (platform tokens, our cookies, ``ussy_share``);
+5. proxies to the upstream (a port bridge's unix socket) with ``X-Forwarded-Proto``/``X-Forwarded-Host`` set
+   from what Caddy itself saw, and streaming flushes.
 
+The apex route drops client identity headers and proxies to the app server with the client's address.
 The server config ends with a catch-all route (``ussycode-catchall``, unknown host -> 404) and an error
 handler that turns a 502 from a VM route (the bridge refused: VM stopped or nothing listening) into a page.
 """
@@ -22,6 +26,14 @@ import re
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
+
+from ussycode.proxy.hygiene import (
+    app_proxy_handler,
+    client_address_headers,
+    ours_route,
+    strip_client_identity,
+    strip_platform_credentials,
+)
 
 JSON = dict[str, Any]
 
@@ -62,7 +74,7 @@ class TlsMode(enum.StrEnum):
 
 def valid_host(host: str) -> bool:
     """A lower-case ASCII DNS name (punycode allowed), no port, no trailing dot."""
-    return bool(_HOST_RE.match(host))
+    return bool(_HOST_RE.fullmatch(host))
 
 
 @dataclass(frozen=True)
@@ -72,7 +84,8 @@ class Route:
     ``upstream`` is a Caddy dial address: ``unix//abs/path.sock`` for a port bridge, ``127.0.0.1:8080`` for
     the app server. ``auth_url`` is the forward-auth endpoint (``http://127.0.0.1:8080/__ussy/auth``); it is
     required unless the route is public. Apex routes are always "public" at this layer: the app server does
-    its own auth.
+    its own auth. ``app`` is the app server's dial address (VM routes send ``/__ussycode/*`` there; required
+    for them); ``proxy_key`` is the per-start secret Caddy sends with the client's address to the app server.
     """
 
     kind: RouteKind
@@ -80,6 +93,8 @@ class Route:
     upstream: str
     public: bool = False
     auth_url: str = ""
+    app: str = ""
+    proxy_key: str = ""
 
     def __post_init__(self) -> None:
         if not valid_host(self.host):
@@ -88,6 +103,8 @@ class Route:
             raise ValueError("a route needs an upstream dial address")
         if not self.public and self.kind is not RouteKind.APEX:
             auth_target(self.auth_url)  # raises on a bad or missing URL: fail closed at build time
+        if self.kind is not RouteKind.APEX and not self.app:
+            raise ValueError("a VM route needs the app server's address for /__ussycode/*")
 
     @property
     def route_id(self) -> str:
@@ -108,12 +125,7 @@ def auth_target(url: str) -> tuple[str, str]:
     return dial, uri
 
 
-def strip_client_headers() -> JSON:
-    """Delete every client-sent X-Ussy-* request header (wildcard delete; Caddy >= 2.6 supports it)."""
-    return {"handler": "headers", "request": {"delete": ["X-Ussy-*"]}}
-
-
-def forward_auth_handler(auth_url: str, copy_headers: tuple[str, ...] = IDENTITY_HEADERS) -> JSON:
+def forward_auth_handler(auth_url: str, copy_headers: tuple[str, ...] = IDENTITY_HEADERS, proxy_key: str = "") -> JSON:
     """The JSON that Caddy's ``forward_auth`` directive expands to (newer-Caddy shape; works on 2.6 too).
 
     The auth request is a GET to ``auth_url`` carrying the client's headers (cookies, Authorization) plus the
@@ -144,6 +156,7 @@ def forward_auth_handler(auth_url: str, copy_headers: tuple[str, ...] = IDENTITY
                     "X-Forwarded-Uri": ["{http.request.uri}"],
                     "X-Forwarded-Host": ["{http.request.hostport}"],
                     "X-Forwarded-Proto": ["{http.request.scheme}"],
+                    **client_address_headers(proxy_key),
                 }
             }
         },
@@ -168,12 +181,23 @@ def proxy_handler(upstream: str) -> JSON:
     }
 
 
+def vm_handlers(upstream: str, app: str, auth_url: str = "", proxy_key: str = "") -> list[JSON]:
+    """The handler chain of every VM route (see the module docstring); ``auth_url`` empty = public."""
+    handle: list[JSON] = [strip_client_identity(), ours_route(app, proxy_key)]
+    if auth_url:
+        handle.append(forward_auth_handler(auth_url, proxy_key=proxy_key))
+    handle += [strip_platform_credentials(), proxy_handler(upstream)]
+    return handle
+
+
 def build_route(route: Route) -> JSON:
     """Route -> one Caddy route object (with ``@id``), to go before the catch-all."""
-    handle: list[JSON] = [strip_client_headers()]
-    if route.needs_auth:
-        handle.append(forward_auth_handler(route.auth_url))
-    handle.append(proxy_handler(route.upstream))
+    if route.kind is RouteKind.APEX:
+        app = app_proxy_handler(route.upstream, route.proxy_key)
+        app["flush_interval"] = -1
+        handle = [strip_client_identity(), app]
+    else:
+        handle = vm_handlers(route.upstream, route.app, route.auth_url if route.needs_auth else "", route.proxy_key)
     return {"@id": route.route_id, "match": [{"host": [route.host]}], "handle": handle, "terminal": True}
 
 
@@ -208,6 +232,7 @@ class ServerSettings:
     tls: TlsMode = TlsMode.INTERNAL
     acme_email: str = ""
     ask_url: str = ""
+    proxy_key: str = ""
     admin_listen: str = ""
     storage_dir: str = ""
     grace_period: str = "5s"
@@ -264,7 +289,7 @@ def build_errors(domain: str) -> JSON:
 
 def build_server(settings: ServerSettings, routes: list[Route] | tuple[Route, ...] = ()) -> JSON:
     """Our HTTP server: listen address, routes (apex first, then ``routes``, catch-all last), TLS mode."""
-    apex = Route(RouteKind.APEX, settings.domain, settings.http_addr, public=True)
+    apex = Route(RouteKind.APEX, settings.domain, settings.http_addr, public=True, proxy_key=settings.proxy_key)
     all_routes = [build_route(apex)] + [build_route(r) for r in routes if r.route_id != apex.route_id]
     server: JSON = {
         "listen": [listen_address(settings.https_addr)],
@@ -341,7 +366,8 @@ def build_config(settings: ServerSettings, routes: list[Route] | tuple[Route, ..
 PORT_CAPTURE = "ussyport"
 
 
-def build_any_port_route(vm_host: str, socket_prefix: str, auth_url: str, exclude_hosts: tuple[str, ...] = ()) -> JSON:
+def build_any_port_route(vm_host: str, socket_prefix: str, auth_url: str, app: str,
+                         exclude_hosts: tuple[str, ...] = (), proxy_key: str = "") -> JSON:
     """``<port>-<vm_host>`` for every port 3000-9999 that has no route of its own: always private.
 
     Caddy's host matcher has no ``<n>-name`` wildcard, so the Host header is matched with a regexp (case-insensitive,
@@ -359,6 +385,6 @@ def build_any_port_route(vm_host: str, socket_prefix: str, auth_url: str, exclud
     return {
         "@id": f"{ROUTE_ID_PREFIX}ports-{vm_host}",
         "match": [matcher],
-        "handle": [strip_client_headers(), forward_auth_handler(auth_url), proxy_handler(upstream)],
+        "handle": vm_handlers(upstream, app, auth_url, proxy_key),
         "terminal": True,
     }

@@ -17,9 +17,11 @@ names the upstream for Caddy. A watchdog restarts a managed Caddy that died (``k
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import hmac
 import logging
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,8 +37,8 @@ from ussycode.services.container import Services
 from ussycode.services.events import VmEvent
 from ussycode.services.sessions import SessionService, load_or_create_secret
 from ussycode.services.shares import MAIN_PORT, ShareService
+from ussycode.store import shares as shareq
 from ussycode.store import vms as vmq
-from ussycode.store.schema import custom_domains, vm_public_ports
 from ussycode.tasks import TaskGroup
 from ussycode.types import VmStatus
 
@@ -65,22 +67,14 @@ class RouteService:
         self.hosts = hosts
         self.app_addr = app_addr
         self.auth_url = f"http://{app_addr}{AUTH_PATH}?k={auth_key}"
+        # Made anew at each start: Caddy sends it with the client's address (hygiene.client_address_headers).
+        self.proxy_key = secrets.token_urlsafe(24)
         self.health: Callable[[], dict[str, Any]] | None = None  # the HTTPS entry's report, for /health
         self._lock = asyncio.Lock()
 
     async def _state(self) -> tuple[list[Any], dict[str, set[int]], dict[str, list[str]]]:
         def read(c: Any) -> tuple[list[Any], dict[str, set[int]], dict[str, list[str]]]:
-            import sqlalchemy as sa
-
-            ports: dict[str, set[int]] = {}
-            for vm_id, port in c.execute(sa.select(vm_public_ports.c.vm_id, vm_public_ports.c.port)):
-                ports.setdefault(vm_id, set()).add(port)
-            cnames: dict[str, list[str]] = {}
-            for domain, vm_id in c.execute(sa.select(custom_domains.c.domain, custom_domains.c.vm_id)
-                                           .where(custom_domains.c.verified_at.is_not(None))
-                                           .order_by(custom_domains.c.domain)):
-                cnames.setdefault(vm_id, []).append(domain)
-            return vmq.all_vms(c), ports, cnames
+            return vmq.all_vms(c), shareq.public_ports_by_vm(c), shareq.verified_cnames_by_vm(c)
 
         return await self.services.store.read(read)
 
@@ -157,6 +151,7 @@ class HttpsEntry:
         bridges = BridgeManager(self.services.vms.runtime, s.run_dir)
         hosts = PublicHosts(Path(s.run_dir) / "front")
         self.routes = routes = RouteService(self.services, bridges, hosts, ss.http_addr, forward_auth_key(self.key))
+        ss = dataclasses.replace(ss, proxy_key=routes.proxy_key)
         self.services.routes = routes
         routes.health = self.health
         await routes.reconcile()

@@ -3,8 +3,10 @@
 - ``browser`` (SSH) makes a one-time login token (5 minutes). Opening its URL on the apex creates an apex
   session (cookie on the apex host only).
 - A VM host (or verified custom domain) cannot read the apex cookie. The apex turns its session into a signed,
-  one-time hand-off code bound to that host; ``https://<vm>.<domain>/__ussycode/auth?code=…`` redeems it for a
-  child session whose cookie belongs to that host only. A child is valid only while its parent is.
+  one-time hand-off code bound to that host and to the VM's id, only for a host the user may open;
+  ``https://<vm>.<domain>/__ussycode/auth?code=…`` (answered by ussycode on every host, never by the VM) redeems
+  it for a child session whose cookie belongs to that host only. A child is valid only while its parent is, and
+  only for that VM: after ``rm`` and a new VM of the same name, the old cookie opens nothing.
 - Logging out revokes the whole family (the root session and every child).
 
 Secrets never rest in the DB: tokens and session ids are stored as SHA-256 with a purpose prefix (so a secret of
@@ -28,8 +30,9 @@ import sqlalchemy as sa
 
 from ussycode.auth.identity import Actor
 from ussycode.store import audit
+from ussycode.store import sessions as sessq
 from ussycode.store.db import Store
-from ussycode.store.schema import login_tokens, users, utcnow, web_sessions
+from ussycode.store.schema import utcnow
 
 LOGIN_TOKEN_TTL = dt.timedelta(minutes=5)
 HANDOFF_TTL = dt.timedelta(seconds=60)
@@ -73,6 +76,7 @@ class WebSession:
     host: str
     parent_hash: str | None
     expires_at: dt.datetime
+    vm_id: str | None = None  # the VM a VM-host session was made for
 
     @property
     def root_hash(self) -> str:
@@ -94,8 +98,7 @@ class SessionService:
         now = utcnow()
 
         def tx(c: sa.Connection) -> None:
-            c.execute(login_tokens.insert().values(token_hash=_hash("login", token), user_id=actor.id,
-                                                   created_at=now, expires_at=now + LOGIN_TOKEN_TTL))
+            sessq.add_one_time(c, _hash("login", token), actor.id, now, LOGIN_TOKEN_TTL)
             audit.record(c, actor_id=actor.id, source=actor.source, action="web.login_link")
 
         await self.store.write(tx)
@@ -110,32 +113,26 @@ class SessionService:
         now = utcnow()
 
         def tx(c: sa.Connection) -> WebSession | None:
-            th = _hash("login", token)
-            used = c.execute(login_tokens.update()
-                             .where(login_tokens.c.token_hash == th, login_tokens.c.used_at.is_(None),
-                                    login_tokens.c.expires_at > now)
-                             .values(used_at=now)).rowcount
-            if used != 1:
-                return None
-            user_id = c.execute(sa.select(login_tokens.c.user_id).where(login_tokens.c.token_hash == th)).scalar_one()
-            user = c.execute(sa.select(users).where(users.c.id == user_id)).first()
-            if user is None:
+            user_id = sessq.use_one_time(c, _hash("login", token), now)
+            names = None if user_id is None else sessq.user_names(c, user_id)
+            if user_id is None or names is None:
                 return None
             expires = now + SESSION_TTL
-            c.execute(web_sessions.insert().values(id_hash=id_hash, user_id=user_id, host=host, parent_hash=None,
-                                                   created_at=now, expires_at=expires, last_seen_at=now))
+            sessq.add_session(c, id_hash=id_hash, user_id=user_id, host=host, parent_hash=None, vm_id=None,
+                              now=now, expires_at=expires)
             audit.record(c, actor_id=user_id, source="web", action="web.login", target=host, client=client[:64])
-            return WebSession(id_hash, user_id, user.handle, user.email, host, None, expires)
+            return WebSession(id_hash, user_id, names[0], names[1], host, None, expires)
 
         session = await self.store.write(tx)
         return None if session is None else (secret, session)
 
     # Sessions ----------------------------------------------------------------------------------------------------
-    async def validate(self, secret: str | None, host: str) -> WebSession | None:
-        """The live session behind a cookie on ``host`` (not revoked, not expired, parent alive too)."""
+    async def validate(self, secret: str | None, host: str, vm_id: str | None = None) -> WebSession | None:
+        """The live session behind a cookie on ``host`` (not revoked, not expired, parent alive too; for a VM
+        host, made for the VM ``vm_id``)."""
         if not secret or not _plausible(secret):
             return None
-        return await self.store.read(lambda c: session_row(c, secret, host))
+        return await self.store.read(lambda c: session_row(c, secret, host, vm_id))
 
     async def revoke_family(self, session: WebSession, *, source: str = "web") -> int:
         """Log out: revoke the root session and all its children. Returns how many were revoked."""
@@ -143,10 +140,7 @@ class SessionService:
         now = utcnow()
 
         def tx(c: sa.Connection) -> int:
-            n = c.execute(web_sessions.update()
-                          .where(sa.or_(web_sessions.c.id_hash == root, web_sessions.c.parent_hash == root),
-                                 web_sessions.c.revoked_at.is_(None))
-                          .values(revoked_at=now)).rowcount
+            n = sessq.revoke_family(c, root, now)
             audit.record(c, actor_id=session.user_id, source=source, action="web.logout", target=session.host,
                          sessions=n)
             return int(n)
@@ -157,20 +151,21 @@ class SessionService:
     def _sign(self, payload: bytes) -> str:
         return _b64(hmac.new(self._key, payload, hashlib.sha256).digest())
 
-    async def create_handoff(self, parent: WebSession, host: str) -> str:
-        """A signed one-time code that lets ``host`` create a child of ``parent`` (60 s)."""
+    async def create_handoff(self, parent: WebSession, host: str, vm_id: str) -> str:
+        """A signed one-time code that lets ``host`` (serving the VM ``vm_id``) create a child of ``parent``
+        (60 s). The caller checks that the user may open that host."""
         nonce = secrets.token_urlsafe(18)
         now = utcnow()
-        payload = json.dumps({"p": parent.root_hash, "h": host, "n": nonce,
+        payload = json.dumps({"p": parent.root_hash, "h": host, "v": vm_id, "n": nonce,
                               "e": int((now + HANDOFF_TTL).replace(tzinfo=dt.UTC).timestamp())},
                              separators=(",", ":")).encode()
-        await self.store.write(lambda c: c.execute(login_tokens.insert().values(
-            token_hash=_hash("handoff", nonce), user_id=parent.user_id, created_at=now,
-            expires_at=now + HANDOFF_TTL)))
+        await self.store.write(lambda c: sessq.add_one_time(c, _hash("handoff", nonce), parent.user_id, now,
+                                                            HANDOFF_TTL))
         return f"{_b64(payload)}.{self._sign(payload)}"
 
-    async def redeem_handoff(self, code: str, host: str) -> tuple[str, WebSession] | None:
-        """Check the signature, host, expiry and one-time use; then a child session for ``host``."""
+    async def redeem_handoff(self, code: str, host: str, vm_id: str) -> tuple[str, WebSession] | None:
+        """Check the signature, host, VM, expiry and one-time use; then a child session for ``host`` and that VM
+        (``vm_id`` is the VM that serves ``host`` now)."""
         body, _, sig = code.partition(".")
         if not body or not sig or len(code) > 600:
             return None
@@ -180,7 +175,7 @@ class SessionService:
             data = json.loads(payload) if ok else None
         except (ValueError, UnicodeDecodeError):
             return None
-        if not isinstance(data, dict) or data.get("h") != host:
+        if not isinstance(data, dict) or data.get("h") != host or data.get("v") != vm_id:
             return None
         parent_hash, nonce, exp = data.get("p"), data.get("n"), data.get("e")
         if not isinstance(parent_hash, str) or not isinstance(nonce, str) or not isinstance(exp, int):
@@ -192,24 +187,15 @@ class SessionService:
         id_hash = _hash("session", secret)
 
         def tx(c: sa.Connection) -> WebSession | None:
-            used = c.execute(login_tokens.update()
-                             .where(login_tokens.c.token_hash == _hash("handoff", nonce),
-                                    login_tokens.c.used_at.is_(None), login_tokens.c.expires_at > now)
-                             .values(used_at=now)).rowcount
-            if used != 1:
+            if sessq.use_one_time(c, _hash("handoff", nonce), now) is None:
                 return None
-            parent = c.execute(
-                sa.select(web_sessions, users.c.handle, users.c.email)
-                .select_from(web_sessions.join(users, users.c.id == web_sessions.c.user_id))
-                .where(web_sessions.c.id_hash == parent_hash)
-            ).first()
+            parent = sessq.session(c, parent_hash)
             if parent is None or parent.revoked_at is not None or parent.expires_at <= now:
                 return None
-            c.execute(web_sessions.insert().values(id_hash=id_hash, user_id=parent.user_id, host=host,
-                                                   parent_hash=parent_hash, created_at=now,
-                                                   expires_at=parent.expires_at, last_seen_at=now))
+            sessq.add_session(c, id_hash=id_hash, user_id=parent.user_id, host=host, parent_hash=parent_hash,
+                              vm_id=vm_id, now=now, expires_at=parent.expires_at)
             return WebSession(id_hash, parent.user_id, parent.handle, parent.email, host, parent_hash,
-                              parent.expires_at)
+                              parent.expires_at, vm_id)
 
         session = await self.store.write(tx)
         return None if session is None else (secret, session)
@@ -225,31 +211,23 @@ class SessionService:
         """Drop long-dead rows (expired a day ago) so the tables stay small."""
         cutoff = utcnow() - dt.timedelta(days=1)
 
-        def tx(c: sa.Connection) -> None:
-            c.execute(login_tokens.delete().where(login_tokens.c.expires_at < cutoff))
-            c.execute(web_sessions.delete().where(web_sessions.c.expires_at < cutoff))
-
-        await self.store.write(tx)
+        await self.store.write(lambda c: sessq.purge(c, cutoff))
 
 
-_Q_SESSION = (sa.select(web_sessions, users.c.handle, users.c.email)
-              .select_from(web_sessions.join(users, users.c.id == web_sessions.c.user_id))
-              .where(web_sessions.c.id_hash == sa.bindparam("id_hash")))
-_Q_PARENT = (sa.select(web_sessions.c.revoked_at, web_sessions.c.expires_at)
-             .where(web_sessions.c.id_hash == sa.bindparam("id_hash")))
-
-
-def session_row(c: sa.Connection, secret: str | None, host: str) -> WebSession | None:
+def session_row(c: sa.Connection, secret: str | None, host: str, vm_id: str | None = None) -> WebSession | None:
     """The live session behind ``secret`` on ``host``, read in ``c`` (None if unknown, revoked, expired, for
-    another host, or its parent is no longer alive). Statements are built once (forward-auth hot path)."""
+    another host, its parent is no longer alive, or — for a VM host — made for another VM than ``vm_id``)."""
     if not secret or not _plausible(secret):
         return None
     now = utcnow()
-    row = c.execute(_Q_SESSION, {"id_hash": _hash("session", secret)}).first()
+    row = sessq.session(c, _hash("session", secret))
     if row is None or row.revoked_at is not None or row.expires_at <= now or row.host != host:
         return None
+    if row.vm_id != vm_id:
+        return None
     if row.parent_hash is not None:
-        parent = c.execute(_Q_PARENT, {"id_hash": row.parent_hash}).first()
+        parent = sessq.session(c, row.parent_hash)
         if parent is None or parent.revoked_at is not None or parent.expires_at <= now:
             return None
-    return WebSession(row.id_hash, row.user_id, row.handle, row.email, row.host, row.parent_hash, row.expires_at)
+    return WebSession(row.id_hash, row.user_id, row.handle, row.email, row.host, row.parent_hash, row.expires_at,
+                      row.vm_id)

@@ -2,9 +2,12 @@
 
 Owner-facing calls (``share …`` commands) take an :class:`Actor` and write an audit row per change; each change
 publishes ``VmEvent("changed")`` so the route service updates Caddy before the command returns (a public route
-skips forward-auth, so a stale one would let requests through). :meth:`ShareService.lookup` is what the
-forward-auth endpoint reads on every request: one read transaction, no caching, so a removal takes effect on the
-very next request.
+skips forward-auth, so a stale one would let requests through). The SQL lives in :mod:`ussycode.store.shares`.
+
+Share links open one URL (the main one, or ``<port>-<vm>`` with ``--port``); their tokens are shown once and kept
+only as hashes; each has a short id for ``share show`` and ``share remove-link``. Custom domains: several VMs
+may claim a domain while pending; the first to prove it with the TXT record gets it, the other claims are
+dropped, and pending claims expire after ``--cname-claim-days``.
 """
 
 from __future__ import annotations
@@ -15,19 +18,25 @@ import re
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from urllib.parse import parse_qs, urlsplit
 
 import sqlalchemy as sa
 
 from ussycode.auth.identity import Actor
+from ussycode.auth.links import LINK_ID_LEN, link_token_hash, new_link_id, new_link_token
 from ussycode.errors import Conflict, NotFound, RuntimeFailure, UsageError
 from ussycode.services.events import EventBus, VmEvent
 from ussycode.services.vms import VmService
 from ussycode.store import audit
+from ussycode.store import shares as shareq
 from ussycode.store import users as userq
 from ussycode.store.db import Store
-from ussycode.store.schema import custom_domains, share_links, users, utcnow, vm_public_ports, vm_shares, vms
+from ussycode.store.schema import utcnow
+from ussycode.store.shares import AccessRecord, access_record
 from ussycode.store.vms import Vm
-from ussycode.types import VmStatus
+from ussycode.validate import email_address, printable_text
+
+__all__ = ["AccessRecord", "ShareService", "access_record", "link_token_hash"]
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +48,9 @@ MAX_CNAMES_PER_VM = 10
 MAX_LINK_LIFETIME = dt.timedelta(days=365)
 VERIFY_PREFIX = "_ussycode-verify."
 
-_EMAIL_RE = re.compile(r"^[^@\s]{1,64}@[a-z0-9-]+(\.[a-z0-9-]+)+$")
 _DURATION_RE = re.compile(r"^(\d{1,6})([smhdw])$")
 _DOMAIN_LABEL_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+_LINK_ID_RE = re.compile(r"^[a-z0-9]{" + str(LINK_ID_LEN) + "}$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 TxtLookup = Callable[[str], Awaitable[list[str]]]
@@ -60,7 +69,7 @@ def parse_duration(text: str) -> dt.timedelta:
 
 def validate_custom_domain(domain: str, base_domain: str) -> str:
     """A DNS name we could route (3-253 chars, a dot, labels of [a-z0-9-]) outside our own domain."""
-    domain = domain.strip().lower().rstrip(".")
+    domain = printable_text(domain, "domain", max_len=254, allow_empty=False).strip(" ").lower().rstrip(".")
     if not domain.isascii():
         try:
             domain = domain.encode("idna").decode("ascii")
@@ -68,7 +77,7 @@ def validate_custom_domain(domain: str, base_domain: str) -> str:
             raise UsageError("invalid domain: not a valid internationalised name") from None
     if not 3 <= len(domain) <= 253 or "." not in domain:
         raise UsageError("invalid domain: use a full name like app.example.com")
-    if not all(_DOMAIN_LABEL_RE.match(label) for label in domain.split(".")):
+    if not all(_DOMAIN_LABEL_RE.fullmatch(label) for label in domain.split(".")):
         raise UsageError("invalid domain: labels are 1-63 letters, digits or '-', not starting or ending with '-'")
     if domain == base_domain or domain.endswith("." + base_domain):
         raise UsageError(f"{domain} is under this server's domain; VM URLs there need no custom domain")
@@ -99,19 +108,11 @@ async def dns_txt_lookup(name: str) -> list[str]:
     return values
 
 
-def new_link_token() -> str:
-    """A share-link token (24 random bytes, base64url) that never starts with '-' or '_': people paste it as a
-    command argument (`share remove-link <vm> <token>`), where a leading '-' would read as an option."""
-    while True:
-        token = secrets.token_urlsafe(24)
-        if token[0].isalnum():
-            return token
-
-
 @dataclass(frozen=True)
 class LinkInfo:
-    token: str
-    url: str
+    id: str
+    port: int
+    url: str  # with the token only right after add-link; the bare URL it opens afterwards
     expires_at: dt.datetime | None  # naive UTC
     uses: int
 
@@ -127,27 +128,26 @@ class ShareInfo:
 
 
 @dataclass(frozen=True)
-class AccessRecord:
-    """What forward-auth needs about one VM, read in one transaction."""
-
-    vm_id: str
-    name: str
-    owner_id: str
-    status: VmStatus
-    public_ports: frozenset[int]
-    cnames: frozenset[str]
-    user_ids: frozenset[str]
-    emails: frozenset[str]
-    links: tuple[tuple[str, dt.datetime | None], ...]  # (token, expires_at naive UTC)
-
-
-@dataclass(frozen=True)
 class CnameInfo:
     domain: str
     vm: str
     token: str
     verified: bool
     created: bool
+
+
+def link_reference(text: str) -> tuple[str | None, str | None]:
+    """What ``share remove-link`` was given: (link id, None) or (None, token hash) for a token or a whole link
+    URL as add-link printed it."""
+    text = text.strip()
+    if "?" in text or "://" in text:
+        tokens = parse_qs(urlsplit(text).query).get("ussy_share", [])
+        if len(tokens) != 1 or not tokens[0]:
+            raise UsageError("that URL has no ussy_share token; give the link's id from 'share show'")
+        return None, link_token_hash(tokens[0])
+    if _LINK_ID_RE.match(text):
+        return text, None
+    return None, link_token_hash(text)
 
 
 class ShareService:
@@ -158,8 +158,15 @@ class ShareService:
         self.events = events
         self.txt_lookup = txt_lookup or dns_txt_lookup
 
-    def link_url(self, vm_name: str, token: str) -> str:
-        return f"{self.vms.url(vm_name)}/?ussy_share={token}"
+    def port_url(self, vm_name: str, port: int) -> str:
+        return self.vms.url(vm_name if port == MAIN_PORT else f"{port}-{vm_name}")
+
+    def link_url(self, vm_name: str, port: int, token: str) -> str:
+        return f"{self.port_url(vm_name, port)}/?ussy_share={token}"
+
+    @property
+    def claim_ttl(self) -> dt.timedelta:
+        return dt.timedelta(days=self.settings.cname_claim_days)
 
     async def _changed(self, vm: Vm) -> None:
         await self.events.publish(VmEvent("changed", vm.id, vm.name))
@@ -167,27 +174,16 @@ class ShareService:
     # Owner-facing ----------------------------------------------------------------------------------------------
     async def show(self, actor: Actor, vm_name: str) -> ShareInfo:
         vm = await self.vms.get(actor, vm_name)
+        cutoff = utcnow() - self.claim_ttl
 
         def read(c: sa.Connection) -> ShareInfo:
-            ports = sorted(r[0] for r in c.execute(sa.select(vm_public_ports.c.port)
-                                                   .where(vm_public_ports.c.vm_id == vm.id)))
-            rows = c.execute(
-                sa.select(users.c.handle, vm_shares.c.email)
-                .select_from(vm_shares.outerjoin(users, users.c.id == vm_shares.c.user_id))
-                .where(vm_shares.c.vm_id == vm.id).order_by(vm_shares.c.id)
-            ).all()
-            who = [r[0] or r[1] for r in rows]
-            links = [
-                LinkInfo(r.token, self.link_url(vm.name, r.token), r.expires_at, r.uses)
-                for r in c.execute(sa.select(share_links).where(share_links.c.vm_id == vm.id)
-                                   .order_by(share_links.c.created_at, share_links.c.token))
-            ]
-            cnames = [
-                (r.domain, r.verified_at is not None)
-                for r in c.execute(sa.select(custom_domains).where(custom_domains.c.vm_id == vm.id)
-                                   .order_by(custom_domains.c.domain))
-            ]
-            return ShareInfo(vm.name, MAIN_PORT in ports, [p for p in ports if p != MAIN_PORT], who, links, cnames)
+            ports = shareq.public_ports(c, vm.id)
+            links = [LinkInfo(ln.id, ln.port, self.port_url(vm.name, ln.port), ln.expires_at, ln.uses)
+                     for ln in shareq.links_of(c, vm.id)]
+            cnames = [(cl.domain, cl.verified_at is not None) for cl in shareq.claims_of_vm(c, vm.id)
+                      if cl.verified_at is not None or cl.created_at >= cutoff]
+            return ShareInfo(vm.name, MAIN_PORT in ports, [p for p in ports if p != MAIN_PORT],
+                             shareq.sharees(c, vm.id), links, cnames)
 
         return await self.store.read(read)
 
@@ -197,14 +193,8 @@ class ShareService:
         vm = await self.vms.get(actor, vm_name)
 
         def tx(c: sa.Connection) -> bool:
-            where = (vm_public_ports.c.vm_id == vm.id) & (vm_public_ports.c.port == port)
-            exists = c.execute(sa.select(vm_public_ports).where(where)).first() is not None
-            if exists == public:
+            if not shareq.set_port_public(c, vm.id, port, public):
                 return False
-            if public:
-                c.execute(vm_public_ports.insert().values(vm_id=vm.id, port=port))
-            else:
-                c.execute(vm_public_ports.delete().where(where))
             audit.record(c, actor_id=actor.id, source=actor.source,
                          action="share.set_public" if public else "share.set_private", target=vm.name, port=port)
             return True
@@ -218,9 +208,7 @@ class ShareService:
         """(user_id, email, label) for a handle or an e-mail address."""
         who = who.strip()
         if "@" in who:
-            email = who.lower()
-            if len(email) > 254 or not _EMAIL_RE.match(email):
-                raise UsageError(f"invalid e-mail address {who[:60]!r}")
+            email = email_address(who).lower()
             return None, email, email
         user = await self.store.read(lambda c: userq.by_handle(c, who.lower()))
         if user is None:
@@ -234,16 +222,12 @@ class ShareService:
             raise UsageError("you own this VM; no need to share it with yourself")
 
         def tx(c: sa.Connection) -> bool:
-            col = vm_shares.c.user_id if user_id else vm_shares.c.email
-            value = user_id or email
-            if c.execute(sa.select(vm_shares).where(vm_shares.c.vm_id == vm.id, col == value)).first():
+            if shareq.share_exists(c, vm.id, user_id=user_id, email=email):
                 return False
-            count = c.execute(sa.select(sa.func.count()).select_from(vm_shares)
-                              .where(vm_shares.c.vm_id == vm.id)).scalar_one()
+            count = shareq.count_shares(c, vm.id)
             if count >= MAX_SHARES_PER_VM:
                 raise Conflict(f"{vm.name} is shared with {count} people already (the limit)")
-            c.execute(vm_shares.insert().values(vm_id=vm.id, user_id=user_id, email=email, created_by=actor.id,
-                                                created_at=utcnow()))
+            shareq.add_share(c, vm.id, user_id=user_id, email=email, created_by=actor.id)
             audit.record(c, actor_id=actor.id, source=actor.source, action="share.add", target=vm.name, who=label)
             return True
 
@@ -258,8 +242,8 @@ class ShareService:
 
         def tx(c: sa.Connection) -> None:
             user = userq.by_handle(c, who) if "@" not in who else None
-            cond = vm_shares.c.email == who if user is None else vm_shares.c.user_id == user.id
-            deleted = c.execute(vm_shares.delete().where(vm_shares.c.vm_id == vm.id, cond)).rowcount
+            deleted = shareq.remove_share(c, vm.id, user_id=user.id if user else None,
+                                          email=who if user is None else None)
             if not deleted:
                 raise NotFound(f"{vm.name} is not shared with {who[:60]!r}; see 'share show {vm.name}'")
             audit.record(c, actor_id=actor.id, source=actor.source, action="share.remove", target=vm.name, who=who)
@@ -267,62 +251,67 @@ class ShareService:
         await self.store.write(tx)
         await self._changed(vm)
 
-    async def add_link(self, actor: Actor, vm_name: str, expires: dt.timedelta | None = None) -> LinkInfo:
+    async def add_link(self, actor: Actor, vm_name: str, expires: dt.timedelta | None = None,
+                       port: int = MAIN_PORT) -> LinkInfo:
+        """A new link to one URL of the VM. The returned ``url`` carries the token: the only time it is shown."""
+        port = validate_port(port)
         vm = await self.vms.get(actor, vm_name)
-        token = new_link_token()
+        token, link_id = new_link_token(), new_link_id()
         now = utcnow()
         expires_at = now + expires if expires is not None else None
 
         def tx(c: sa.Connection) -> None:
-            count = c.execute(sa.select(sa.func.count()).select_from(share_links)
-                              .where(share_links.c.vm_id == vm.id)).scalar_one()
+            count = shareq.count_links(c, vm.id)
             if count >= MAX_LINKS_PER_VM:
                 raise Conflict(f"{vm.name} has {count} share links (the limit); remove some with share remove-link")
-            c.execute(share_links.insert().values(token=token, vm_id=vm.id, created_by=actor.id, created_at=now,
-                                                  expires_at=expires_at, uses=0))
+            shareq.add_link(c, link_id=link_id, token_hash=link_token_hash(token), vm_id=vm.id, port=port,
+                            created_by=actor.id, created_at=now, expires_at=expires_at)
             audit.record(c, actor_id=actor.id, source=actor.source, action="share.add_link", target=vm.name,
-                         token_prefix=token[:6], expires_at=None if expires_at is None else expires_at.isoformat())
+                         link=link_id, port=port,
+                         expires_at=None if expires_at is None else expires_at.isoformat())
 
         await self.store.write(tx)
         await self._changed(vm)
-        return LinkInfo(token, self.link_url(vm.name, token), expires_at, 0)
+        return LinkInfo(link_id, port, self.link_url(vm.name, port, token), expires_at, 0)
 
-    async def remove_link(self, actor: Actor, vm_name: str, token: str) -> None:
+    async def remove_link(self, actor: Actor, vm_name: str, reference: str) -> None:
+        """Revoke a link given by its id, its token, or the whole URL add-link printed."""
         vm = await self.vms.get(actor, vm_name)
+        link_id, token_hash = link_reference(reference)
 
         def tx(c: sa.Connection) -> None:
-            deleted = c.execute(share_links.delete().where(share_links.c.vm_id == vm.id,
-                                                           share_links.c.token == token)).rowcount
-            if not deleted:
-                raise NotFound(f"{vm.name} has no share link {token[:40]!r}; see 'share show {vm.name}'")
+            if not shareq.remove_link(c, vm.id, link_id=link_id, token_hash=token_hash):
+                raise NotFound(f"{vm.name} has no such share link; see 'share show {vm.name}' for link ids")
             audit.record(c, actor_id=actor.id, source=actor.source, action="share.remove_link", target=vm.name,
-                         token_prefix=token[:6])
+                         link=link_id or "by-token")
 
         await self.store.write(tx)
         await self._changed(vm)
 
     async def count_link_use(self, token: str) -> None:
-        await self.store.write(lambda c: c.execute(
-            share_links.update().where(share_links.c.token == token).values(uses=share_links.c.uses + 1)))
+        await self.store.write(lambda c: shareq.count_link_use(c, link_token_hash(token)))
 
     # Custom domains ----------------------------------------------------------------------------------------------
     async def cname_add(self, actor: Actor, vm_name: str, domain: str) -> CnameInfo:
+        """Claim ``domain`` for the VM (pending until verified). Another VM's pending claim does not block it;
+        a verified one does."""
         vm = await self.vms.get(actor, vm_name)
         domain = validate_custom_domain(domain, self.settings.domain)
+        cutoff = utcnow() - self.claim_ttl
 
         def tx(c: sa.Connection) -> CnameInfo:
-            row = c.execute(sa.select(custom_domains).where(custom_domains.c.domain == domain)).first()
-            if row is not None:
-                if row.vm_id != vm.id:
-                    raise Conflict(f"{domain} is already attached to another VM")
-                return CnameInfo(domain, vm.name, row.verify_token, row.verified_at is not None, False)
-            count = c.execute(sa.select(sa.func.count()).select_from(custom_domains)
-                              .where(custom_domains.c.vm_id == vm.id)).scalar_one()
+            shareq.purge_expired_claims(c, cutoff)
+            owner = shareq.verified_claim(c, domain)
+            if owner is not None and owner.vm_id != vm.id:
+                raise Conflict(f"{domain} is already verified for another VM")
+            mine = shareq.claim(c, domain, vm.id)
+            if mine is not None:
+                return CnameInfo(domain, vm.name, mine.verify_token, mine.verified_at is not None, False)
+            count = len(shareq.claims_of_vm(c, vm.id))
             if count >= MAX_CNAMES_PER_VM:
                 raise Conflict(f"{vm.name} has {count} custom domains (the limit)")
             token = "ussycode-" + secrets.token_hex(16)
-            c.execute(custom_domains.insert().values(domain=domain, vm_id=vm.id, verify_token=token,
-                                                     created_at=utcnow(), verified_at=None))
+            shareq.add_claim(c, domain, vm.id, token)
             audit.record(c, actor_id=actor.id, source=actor.source, action="share.cname_add", target=vm.name,
                          domain=domain)
             return CnameInfo(domain, vm.name, token, False, True)
@@ -330,37 +319,41 @@ class ShareService:
         return await self.store.write(tx)
 
     async def cname_verify(self, actor: Actor, vm_name: str, domain: str) -> tuple[bool, str, list[str]]:
-        """Check the TXT proof; returns (verified, expected token, values found)."""
+        """Check the TXT proof; returns (verified, expected token, values found). The first claim to verify
+        gets the domain; the other pending claims are dropped."""
         vm = await self.vms.get(actor, vm_name)
         domain = validate_custom_domain(domain, self.settings.domain)
-        row = await self.store.read(lambda c: c.execute(
-            sa.select(custom_domains).where(custom_domains.c.domain == domain,
-                                            custom_domains.c.vm_id == vm.id)).first())
-        if row is None:
-            raise NotFound(f"{domain} is not attached to {vm.name}; run: share cname {vm.name} {domain}")
-        token: str = row.verify_token
+        cutoff = utcnow() - self.claim_ttl
+        mine = await self.store.read(lambda c: shareq.claim(c, domain, vm.id))
+        if mine is None or (mine.verified_at is None and mine.created_at < cutoff):
+            raise NotFound(f"{domain} is not claimed by {vm.name} (or the claim expired); "
+                           f"run: share cname {vm.name} {domain}")
+        if mine.verified_at is not None:
+            return True, mine.verify_token, []
         found = await self.txt_lookup(VERIFY_PREFIX + domain)
-        if token not in [v.strip() for v in found]:
-            return False, token, found
+        if mine.verify_token not in [v.strip() for v in found]:
+            return False, mine.verify_token, found
 
         def tx(c: sa.Connection) -> None:
-            c.execute(custom_domains.update().where(custom_domains.c.domain == domain)
-                      .values(verified_at=row.verified_at or utcnow()))
+            owner = shareq.verified_claim(c, domain)
+            if owner is not None and owner.vm_id != vm.id:
+                raise Conflict(f"{domain} was verified for another VM first")
+            if shareq.claim(c, domain, vm.id) is None:
+                raise NotFound(f"{domain} is no longer claimed by {vm.name}")
+            dropped = shareq.mark_verified(c, domain, vm.id)
             audit.record(c, actor_id=actor.id, source=actor.source, action="share.cname_verify", target=vm.name,
-                         domain=domain)
+                         domain=domain, other_claims_dropped=dropped)
 
         await self.store.write(tx)
         await self._changed(vm)
-        return True, token, found
+        return True, mine.verify_token, found
 
     async def cname_remove(self, actor: Actor, vm_name: str, domain: str) -> None:
         vm = await self.vms.get(actor, vm_name)
         domain = validate_custom_domain(domain, self.settings.domain)
 
         def tx(c: sa.Connection) -> None:
-            deleted = c.execute(custom_domains.delete().where(custom_domains.c.domain == domain,
-                                                              custom_domains.c.vm_id == vm.id)).rowcount
-            if not deleted:
+            if not shareq.remove_claim(c, domain, vm.id):
                 raise NotFound(f"{domain} is not attached to {vm.name}")
             audit.record(c, actor_id=actor.id, source=actor.source, action="share.cname_rm", target=vm.name,
                          domain=domain)
@@ -374,52 +367,7 @@ class ShareService:
         return await self.store.read(lambda c: access_record(c, vm_name=vm_name, cname=cname))
 
     async def verified_cnames(self) -> frozenset[str]:
-        return await self.store.read(lambda c: frozenset(r[0] for r in c.execute(
-            sa.select(custom_domains.c.domain).where(custom_domains.c.verified_at.is_not(None)))))
+        return await self.store.read(shareq.verified_cnames)
 
     async def vm_names(self) -> frozenset[str]:
-        return await self.store.read(lambda c: frozenset(r[0] for r in c.execute(sa.select(vms.c.name))))
-
-
-# Built once: building SQLAlchemy expressions per request cost more than running them (forward-auth hot path).
-_VM_COLS = (vms.c.id, vms.c.name, vms.c.owner_id, vms.c.status)
-_Q_VM_BY_NAME = sa.select(*_VM_COLS).where(vms.c.name == sa.bindparam("name"))
-_Q_VM_BY_CNAME = (sa.select(*_VM_COLS).select_from(vms.join(custom_domains, custom_domains.c.vm_id == vms.c.id))
-                  .where(custom_domains.c.domain == sa.bindparam("domain"), custom_domains.c.verified_at.is_not(None)))
-_Q_PORTS = sa.select(vm_public_ports.c.port).where(vm_public_ports.c.vm_id == sa.bindparam("vm_id"))
-_Q_CNAMES = sa.select(custom_domains.c.domain).where(custom_domains.c.vm_id == sa.bindparam("vm_id"),
-                                                     custom_domains.c.verified_at.is_not(None))
-_Q_SHARES = sa.select(vm_shares.c.user_id, vm_shares.c.email).where(vm_shares.c.vm_id == sa.bindparam("vm_id"))
-_Q_LINKS = sa.select(share_links.c.token, share_links.c.expires_at).where(share_links.c.vm_id == sa.bindparam("vm_id"))
-_Q_LINKS_IN = _Q_LINKS.where(share_links.c.token.in_(sa.bindparam("tokens", expanding=True)))
-
-
-def access_record(c: sa.Connection, *, vm_name: str | None = None, cname: str | None = None,
-                  link_tokens: tuple[str, ...] | None = None) -> AccessRecord | None:
-    """The VM behind a host (by name or verified custom domain) with its access rules, read in ``c``.
-
-    ``link_tokens`` limits the share links read to those the request presents (None reads all of them).
-    """
-    if vm_name is not None:
-        row = c.execute(_Q_VM_BY_NAME, {"name": vm_name}).first()
-    elif cname is not None:
-        row = c.execute(_Q_VM_BY_CNAME, {"domain": cname}).first()
-    else:
-        return None
-    if row is None:
-        return None
-    p = {"vm_id": row.id}
-    ports = frozenset(r[0] for r in c.execute(_Q_PORTS, p))
-    cnames = frozenset(r[0] for r in c.execute(_Q_CNAMES, p)) if cname is not None else frozenset()
-    shares = c.execute(_Q_SHARES, p).all()
-    if link_tokens is None:
-        links = tuple((r.token, r.expires_at) for r in c.execute(_Q_LINKS, p))
-    elif link_tokens:
-        links = tuple((r.token, r.expires_at) for r in c.execute(_Q_LINKS_IN, {**p, "tokens": list(link_tokens[:8])}))
-    else:
-        links = ()
-    return AccessRecord(
-        row.id, row.name, row.owner_id, VmStatus(row.status), ports, cnames,
-        frozenset(s.user_id for s in shares if s.user_id),
-        frozenset(s.email.lower() for s in shares if s.email), links,
-    )
+        return await self.store.read(shareq.vm_names)

@@ -5,19 +5,24 @@ from __future__ import annotations
 import sqlalchemy as sa
 
 from ussycode.auth.identity import Actor
-from ussycode.auth.keys import PublicKey, parse_authorized_key
-from ussycode.errors import Conflict, NotFound, UsageError
+from ussycode.auth.keys import MAX_KEY_COMMENT, PublicKey, parse_authorized_key
+from ussycode.auth.policy import Action, can
+from ussycode.errors import Conflict, Forbidden, NotFound, UsageError
+from ussycode.services.registration import RegistrationGate
 from ussycode.store import audit
 from ussycode.store import users as q
 from ussycode.store import vms as vmq
 from ussycode.store.db import Store
 from ussycode.store.users import SshKey, User
 from ussycode.types import HANDLE_RE, RESERVED_NAMES
+from ussycode.validate import printable_text
 
 
 def validate_handle(handle: str) -> str:
-    handle = handle.strip().lower()
-    if not HANDLE_RE.match(handle):
+    """A handle as typed (surrounding spaces ignored, case folded); control characters are refused, not stripped."""
+    printable_text(handle, "handle", max_len=64, allow_empty=False)
+    handle = handle.strip(" ").lower()
+    if not HANDLE_RE.fullmatch(handle):
         raise UsageError(
             "invalid handle: use 2-20 characters: lower-case letters, digits and '-', starting with a letter"
         )
@@ -27,8 +32,9 @@ def validate_handle(handle: str) -> str:
 
 
 class UserService:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, gate: RegistrationGate | None = None) -> None:
         self.store = store
+        self.gate = gate  # None: no registration mode or limits (tools and tests that build users directly)
 
     async def by_fingerprint(self, fingerprint: str) -> User | None:
         return await self.store.read(lambda c: q.by_fingerprint(c, fingerprint))
@@ -36,16 +42,49 @@ class UserService:
     async def by_handle(self, handle: str) -> User | None:
         return await self.store.read(lambda c: q.by_handle(c, handle))
 
-    async def register(self, handle: str, key: PublicKey, source: str = "ssh") -> User:
-        handle = validate_handle(handle)
+    async def registration_open(self) -> bool:
+        """Whether an unknown key may register itself now: always in open mode; in closed mode only while the
+        database has no account (the first one becomes admin, and then adds the others)."""
+        if self.gate is None or not self.gate.closed:
+            return True
+        return await self.store.read(q.count) == 0
 
+    def check_registration_limits(self, address: str) -> None:
+        """Raise the rate-limit refusal a registration from ``address`` would get now, spending nothing."""
+        if self.gate is not None:
+            self.gate.check(address)
+
+    async def register(self, handle: str, key: PublicKey, source: str = "ssh", *, address: str = "") -> User:
+        """A key registers itself. Mode, handle and rate limits are all checked before anything is written."""
+        if not await self.registration_open():
+            assert self.gate is not None
+            raise self.gate.refuse_closed()
+        handle = validate_handle(handle)
+        if self.gate is not None:
+            self.gate.admit(address)
+        try:
+            return await self._create(handle, key, source=source, actor_id=None, action="user.register")
+        except Conflict:
+            if self.gate is not None:
+                self.gate.refund(address)  # nothing was written: a taken handle does not use up the limit
+            raise
+
+    async def add_user(self, actor: Actor, handle: str, key_line: str) -> User:
+        """An admin creates an account for someone else's key (no registration mode or limit applies)."""
+        if not can(actor, Action.USER_ADD):
+            raise Forbidden("only an admin can add users")
+        handle = validate_handle(handle)
+        key = parse_authorized_key(key_line)
+        return await self._create(handle, key, source=actor.source, actor_id=actor.id, action="user.add")
+
+    async def _create(self, handle: str, key: PublicKey, *, source: str, actor_id: str | None, action: str) -> User:
         def tx(c: sa.Connection) -> User:
             if q.by_handle(c, handle) is not None:
                 raise Conflict(f"the handle {handle!r} is taken; pick another")
             if q.key_by_fingerprint(c, key.fingerprint) is not None:
                 raise Conflict("this key is already registered")
             user = q.create_user(c, handle, key.key_type, key.openssh, key.fingerprint, key.comment)
-            audit.record(c, actor_id=user.id, source=source, action="user.register", target=handle,
+            audit.record(c, actor_id=actor_id or user.id, source=source, action=action, target=handle,
                          fingerprint=key.fingerprint, trust_level=str(user.trust_level))
             return user
 
@@ -88,9 +127,7 @@ class UserService:
         return await self.store.write(tx)
 
     async def rename_key(self, actor: Actor, ref: str, comment: str) -> SshKey:
-        comment = comment.strip()
-        if len(comment) > 200 or any(ord(ch) < 32 for ch in comment):
-            raise UsageError("a key comment is at most 200 printable characters")
+        comment = printable_text(comment.strip(" "), "key comment", max_len=MAX_KEY_COMMENT)
 
         def tx(c: sa.Connection) -> SshKey:
             key = self._find(q.keys_of(c, actor.id), ref)

@@ -30,6 +30,7 @@ from ussycode.store.users import new_id
 from ussycode.store.vms import Vm
 from ussycode.tasks import TaskGroup
 from ussycode.types import RESERVED_NAMES, VM_NAME_RE, VmSpec, VmStatus, check_transition
+from ussycode.validate import printable_text
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,8 @@ class ImageResolver(Protocol):
 
 
 def validate_vm_name(name: str) -> str:
-    if not VM_NAME_RE.match(name):
+    printable_text(name, "VM name", max_len=30, allow_empty=False)
+    if not VM_NAME_RE.fullmatch(name):
         raise UsageError(
             f"invalid VM name {name[:40]!r}: use 3-30 characters: lower-case letters, digits and '-', "
             "starting with a letter and not ending with '-'"
@@ -68,12 +70,12 @@ def parse_env(pairs: list[str]) -> dict[str, str]:
     env: dict[str, str] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
-        if not sep or not ENV_KEY_RE.match(key):
+        printable_text(key, "--env name", max_len=64)
+        if not sep or not ENV_KEY_RE.fullmatch(key):
             raise UsageError(f"invalid --env {pair[:60]!r}: expected KEY=VALUE with KEY like MY_VAR")
         if key.upper().startswith("USSYCODE_"):
             raise UsageError(f"{key} is set by ussycode and cannot be overridden")
-        if len(value) > MAX_ENV_VALUE or "\x00" in value:
-            raise UsageError(f"the value of {key} is too long or contains a NUL byte")
+        printable_text(value, f"value of --env {key}", max_len=MAX_ENV_VALUE)
         env[key] = value
     return env
 
@@ -153,7 +155,7 @@ class VmService:
         if actor.vm_scope:
             raise Forbidden("this token is scoped to one VM and cannot create VMs")
         name = validate_vm_name(name) if name else await self._random_name()
-        image = image or self.settings.default_image
+        image = printable_text(image, "image name", max_len=64) if image else self.settings.default_image
         check_sizes(cpu, memory_mb, disk_gb)
         if source_vm is None:
             try:
@@ -338,7 +340,8 @@ class VmService:
         return renamed
 
     async def tag(self, actor: Actor, name: str, tag: str, remove: bool = False) -> bool:
-        if not TAG_RE.match(tag):
+        printable_text(tag, "tag", max_len=40, allow_empty=False)
+        if not TAG_RE.fullmatch(tag):
             raise UsageError("a tag is 1-40 characters: lower-case letters, digits, '.', '_' or '-'")
         vm = await self.get(actor, name)
 

@@ -12,7 +12,7 @@ from asyncssh.process import SSHServerProcess
 from ussycode.auth.identity import Actor
 from ussycode.commands.context import CommandContext, Output
 from ussycode.commands.registry import dispatch, split
-from ussycode.errors import RuntimeFailure, UsageError, UssyError
+from ussycode.errors import Forbidden, RateLimited, RuntimeFailure, UsageError, UssyError
 from ussycode.ssh.passthrough import connect_to_vm, forward
 
 if TYPE_CHECKING:
@@ -110,17 +110,36 @@ class Lobby:
         return 1
 
     # Registration ------------------------------------------------------------------------------------------
-    async def _register(self, process: SSHServerProcess[Any], handle: str) -> bool:
+    async def _register(self, process: SSHServerProcess[Any], handle: str) -> bool | None:
+        """True: registered. False: refused, another handle may do (taken, invalid). None: refused for good in
+        this session (registration closed, rate limited)."""
         key = self.state.key
         assert key is not None
         try:
-            self.state.user = await self.services.users.register(handle, key)
+            self.state.user = await self.services.users.register(handle, key, address=self.state.address)
+        except (Forbidden, RateLimited) as exc:
+            log.info("registration from %s refused: %s", self.state.peer, exc.reason)
+            self._err(process, f"error: {exc.user_message}\n")
+            return None
         except UssyError as exc:
             self._err(process, f"error: {exc.user_message}\n")
             return False
         user = self.state.user
         self._out(process, f"welcome, {user.handle}. you're in (trust level: {user.trust_level}).\n")
         return True
+
+    async def _refused_up_front(self, process: SSHServerProcess[Any]) -> bool:
+        """Refuse before asking anything when registration is closed or over its limits right now."""
+        try:
+            if not await self.services.users.registration_open():
+                assert self.services.users.gate is not None
+                raise self.services.users.gate.refuse_closed()
+            self.services.users.check_registration_limits(self.state.address)
+        except (Forbidden, RateLimited) as exc:
+            log.info("registration from %s refused: %s", self.state.peer, exc.reason)
+            self._err(process, f"error: {exc.user_message}\n")
+            return True
+        return False
 
     async def _register_oneshot(self, process: SSHServerProcess[Any], command: str) -> int:
         try:
@@ -129,7 +148,11 @@ class Lobby:
             self._err(process, f"error: {exc.user_message}\n")
             return 2
         if not argv or argv[0] != "register":
-            self._err(process, "error: unregistered key; run 'register <handle>'\n")
+            if not await self.services.users.registration_open():
+                self._err(process, "error: unregistered key; registration is closed on this server: ask an admin "
+                                   "to add your key\n")
+            else:
+                self._err(process, "error: unregistered key; run 'register <handle>'\n")
             return 1
         if len(argv) != 2:
             self._err(process, "error: usage: register <handle>\n")
@@ -137,6 +160,8 @@ class Lobby:
         return 0 if await self._register(process, argv[1]) else 1
 
     async def _register_interactive(self, process: SSHServerProcess[Any]) -> bool:
+        if await self._refused_up_front(process):
+            return False
         self._out(process, "welcome to ussycode. this key is new here: pick a handle to register it.\n"
                            "handles are 2-20 characters: a-z, 0-9 and '-', starting with a letter.\n")
         for _ in range(HANDLE_ATTEMPTS):
@@ -145,8 +170,12 @@ class Lobby:
             if line is None:
                 self._out(process, "\ncancelled.\n")
                 return False
-            if await self._register(process, line.strip()):
-                return True
+            done = await self._register(process, line)
+            if done is not None:
+                if done:
+                    return True
+                continue
+            return False
         self._err(process, "error: too many attempts\n")
         return False
 

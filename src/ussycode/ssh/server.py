@@ -33,7 +33,8 @@ class ConnState:
     """What one client connection has established."""
 
     username: str
-    peer: str
+    peer: str  # "host:port", for logs
+    address: str = ""  # the client's IP address alone (registration limits count per address)
     key: PublicKey | None = None
     user: User | None = None
     vm: Vm | None = None
@@ -72,6 +73,7 @@ class GatewayConnection(asyncssh.SSHServer):
         self.conn = conn
         peer = conn.get_extra_info("peername") or ("?", 0)
         self.state.peer = f"{peer[0]}:{peer[1]}"
+        self.state.address = str(peer[0])
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.state.upstream is not None:

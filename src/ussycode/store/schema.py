@@ -106,8 +106,10 @@ vm_shares = sa.Table(
 share_links = sa.Table(
     "share_links",
     metadata,
-    sa.Column("token", sa.String(64), primary_key=True),
+    sa.Column("id", sa.String(16), primary_key=True),  # short public id (`share show`, `share remove-link`)
+    sa.Column("token_hash", sa.String(64), nullable=False, unique=True),  # sha256 of the token; never stored
     sa.Column("vm_id", sa.String(32), sa.ForeignKey("vms.id", ondelete="CASCADE"), nullable=False, index=True),
+    sa.Column("port", sa.Integer, nullable=False, server_default="8080"),  # the one URL it opens
     sa.Column("created_by", sa.String(32), nullable=False),
     sa.Column("created_at", sa.DateTime, nullable=False),
     sa.Column("expires_at", sa.DateTime, nullable=True),
@@ -121,6 +123,7 @@ web_sessions = sa.Table(
     sa.Column("user_id", sa.String(32), sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False, index=True),
     sa.Column("host", sa.String(255), nullable=False),  # the host the cookie belongs to (apex or a VM host)
     sa.Column("parent_hash", sa.String(64), nullable=True, index=True),  # VM-host sessions hang off the apex one
+    sa.Column("vm_id", sa.String(32), nullable=True),  # a VM-host session opens that VM only (migration 0003)
     sa.Column("created_at", sa.DateTime, nullable=False),
     sa.Column("expires_at", sa.DateTime, nullable=False),
     sa.Column("last_seen_at", sa.DateTime, nullable=True),
@@ -155,9 +158,12 @@ api_tokens = sa.Table(
 custom_domains = sa.Table(
     "custom_domains",
     metadata,
+    # Several VMs may claim a domain while pending; the first to verify gets it (one verified row per domain).
     sa.Column("domain", sa.String(253), primary_key=True),
-    sa.Column("vm_id", sa.String(32), sa.ForeignKey("vms.id", ondelete="CASCADE"), nullable=False, index=True),
+    sa.Column("vm_id", sa.String(32), sa.ForeignKey("vms.id", ondelete="CASCADE"), primary_key=True, index=True),
     sa.Column("verify_token", sa.String(64), nullable=False),
     sa.Column("created_at", sa.DateTime, nullable=False),
     sa.Column("verified_at", sa.DateTime, nullable=True),
+    sa.Index("uq_custom_domains_verified", "domain", unique=True,
+             sqlite_where=sa.text("verified_at IS NOT NULL"), postgresql_where=sa.text("verified_at IS NOT NULL")),
 )

@@ -59,6 +59,10 @@ def create_user(conn: sa.Connection, handle: str, key_type: str, public_key: str
     return User(uid, handle, None, level, now)
 
 
+def count(conn: sa.Connection) -> int:
+    return int(conn.execute(sa.select(sa.func.count()).select_from(users)).scalar_one())
+
+
 # Hot reads are built once: constructing a statement costs more than running it on SQLite.
 _BY_ID = sa.select(users).where(users.c.id == sa.bindparam("user_id"))
 _BY_FINGERPRINT = sa.select(users).join(ssh_keys, ssh_keys.c.user_id == users.c.id).where(

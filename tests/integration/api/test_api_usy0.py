@@ -26,13 +26,16 @@ def recipe() -> list[str]:
     return lines
 
 
-def usy0(key: Path, perms: dict[str, object] | None = None, namespace: str = "ussycode-api") -> str:
-    """Run the recipe with ``key`` (and, when given, these perms instead of the recipe's own)."""
+def usy0(key: Path, perms: dict[str, object] | None = None, namespace: str = "ussycode-api",
+         raw_perms: str | None = None) -> str:
+    """Run the recipe with ``key`` (and, when given, these perms, or this exact JSON text, instead of the recipe's)."""
     if shutil.which("ssh-keygen") is None:
         pytest.skip("ssh-keygen not installed")
     lines = recipe()
     if perms is not None:
         lines[0] = f"PERMS='{json.dumps(perms, separators=(',', ':'))}'"
+    if raw_perms is not None:
+        lines[0] = f"PERMS='{raw_perms}'"
     script = "\n".join(lines).replace("~/.ssh/id_ed25519", str(key)).replace("-n ussycode-api", f"-n {namespace}")
     out = subprocess.run(["bash", "-euo", "pipefail", "-c", script + '\nprintf %s "$TOKEN"'],
                          capture_output=True, text=True, check=True)
@@ -97,3 +100,20 @@ async def test_usy0_refusals(server, api) -> None:
             # audited, aggregated: a repeat of the same refusal from the same address folds into one row
             assert reason in {a["detail"]["reason"] for a in await api.audit("token.refused")}
     assert (await api.run(good, "whoami"))["exit_code"] == 0
+
+
+async def test_usy0_with_a_duplicate_key_is_refused(server, api) -> None:
+    """Signed perms that name a key twice are ambiguous (json keeps the last, another reader the first): 401."""
+    key = await server.register("dupe")
+    exp = int(time.time()) + 600
+    for raw in (f'{{"exp":{exp},"cmds":["whoami"],"cmds":["whoami","new","rm"]}}',
+                f'{{"exp":{exp},"exp":{exp + 100}}}',
+                f'{{"exp":{exp},"vm":null,"vm":null}}',
+                f'{{"exp":{exp},"\\u0063mds":["ls"],"cmds":["whoami"]}}'):
+        token = usy0(key, raw_perms=raw)
+        r = await api.exec(token, "whoami")
+        assert r.status_code == 401, (raw, r.text)
+        assert (await api.audit("token.refused"))[0]["detail"]["reason"] == "bad_perms"
+    # the same perms without the duplicate, signed the same way, work
+    token = usy0(key, raw_perms=f'{{"exp":{exp},"cmds":["whoami","new","rm"]}}')
+    assert (await api.run(token, "whoami"))["exit_code"] == 0

@@ -79,7 +79,7 @@ class Web:
     async def login_url(self, key: Path) -> str:
         r = await self.server.ssh(key, "browser")
         assert r.exit_status == 0, r
-        match = re.search(r"http://\S+/__ussycode/login\?token=\S+", r.stdout)
+        match = re.search(r"https?://\S+/__ussycode/login\?token=\S+", r.stdout)
         assert match, r.stdout
         return match.group(0)
 
@@ -112,7 +112,8 @@ async def web_factory(server_factory: Callable[..., Any]) -> AsyncIterator[Calla
 
     async def start(data_dir: Path | None = None, port: int | None = None, **overrides: Any) -> Web:
         port = port or free_port()
-        server = await server_factory(data_dir, https_addr=f"127.0.0.1:{port}", tls="off", **overrides)
+        overrides.setdefault("tls", "off")
+        server = await server_factory(data_dir, https_addr=f"127.0.0.1:{port}", **overrides)
         https = server.app.https
         assert https is not None and not https.error, https.error if https else "no https entry"
         started.append(Web(server, port))

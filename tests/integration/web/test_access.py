@@ -17,7 +17,8 @@ HTML = {"Accept": "text/html,application/xhtml+xml"}
 
 
 async def sign_in(web: Web, client: httpx.AsyncClient, key, vm: str) -> httpx.Response:
-    """The browser flow: VM URL -> login page -> `browser` link -> apex session -> hand-off -> the VM page."""
+    """The browser flow: VM URL -> login page -> `browser` link -> apex session -> hand-off -> the VM page.
+    A user without access to the VM gets the apex's 403 page instead of a hand-off."""
     r = await client.get(web.url(f"{vm}.localhost", "/page?x=1"), headers=HTML)
     assert r.status_code == 302, r.text
     login = r.headers["location"]
@@ -25,6 +26,8 @@ async def sign_in(web: Web, client: httpx.AsyncClient, key, vm: str) -> httpx.Re
     r = await client.get(login, headers=HTML)
     assert r.status_code == 200 and "browser" in r.text
     r = await client.get(await web.login_url(key), headers=HTML)
+    if r.status_code == 403:
+        return r
     assert r.status_code == 303, r.text
     handoff = r.headers["location"]
     assert handoff.startswith(f"http://{vm}.localhost:{web.port}/__ussycode/auth?code="), handoff
@@ -65,7 +68,14 @@ async def test_private_vm_session_share_and_logout(web: Web, needs_vms: None) ->
             # bob is signed in but the VM is not shared with him
             r = await sign_in(web, b, bob, "web")
             assert r.status_code == 403 and "not shared with you" in r.text
+            assert "/__ussycode/auth" not in r.text  # no hand-off code for a host he may not open
             assert (await web.cmd(alice, "share", "add", "web", "bob")).exit_status == 0
+            r = await b.get(web.url("web.localhost"), headers=HTML)  # no session for web yet: via the apex
+            assert r.status_code == 302
+            r = await b.get(r.headers["location"], headers=HTML)
+            assert r.status_code == 303 and "/__ussycode/auth?code=" in r.headers["location"]
+            r = await b.get(r.headers["location"], headers=HTML)
+            assert r.status_code == 302
             r = await b.get(web.url("web.localhost"), headers=HTML)
             assert r.status_code == 200 and r.json()["headers"]["x-ussy-access"] == "shared"
             assert r.json()["headers"]["x-ussy-handle"] == "bob"
@@ -117,8 +127,9 @@ async def test_public_links_ports_and_json(web: Web, needs_vms: None) -> None:
     r = await web.cmd(alice, "share", "add-link", "site", "--expires=1h", "--json")
     assert r.exit_status == 0, r
     link = json.loads(r.stdout)
-    assert set(link) == {"token", "url", "expires_at", "uses"} and link["uses"] == 0
-    assert link["url"] == f"http://site.localhost:{web.port}/?ussy_share={link['token']}"
+    assert set(link) == {"id", "url", "port", "expires_at"} and link["port"] == 8080
+    token = link["url"].split("ussy_share=")[1]
+    assert link["url"] == f"http://site.localhost:{web.port}/?ussy_share={token}"
     async with browser_client() as c:
         r = await c.get(link["url"], headers=HTML)
         assert r.status_code == 302 and r.headers["location"] == f"http://site.localhost:{web.port}/"
@@ -127,11 +138,13 @@ async def test_public_links_ports_and_json(web: Web, needs_vms: None) -> None:
         assert "ussy_share" not in r.json()["path"]
         # the link of one VM does not open another
         await web.new_vm(alice, "other")
-        r = await c.get(web.url("other.localhost", f"/?ussy_share={link['token']}"), headers=HTML)
+        r = await c.get(web.url("other.localhost", f"/?ussy_share={token}"), headers=HTML)
         assert r.status_code == 403
         shown = json.loads((await web.cmd(alice, "share", "show", "site", "--json")).stdout)
-        assert shown["links"][0]["uses"] == 1 and shown["ports"] == [3000] and shown["public"] is False
-        assert (await web.cmd(alice, "share", "remove-link", "site", link["token"])).exit_status == 0
+        assert shown["links"] == [{"id": link["id"], "port": 8080, "expires_at": link["expires_at"], "uses": 1}]
+        assert shown["ports"] == [3000] and shown["public"] is False
+        assert token not in json.dumps(shown)
+        assert (await web.cmd(alice, "share", "remove-link", "site", link["id"])).exit_status == 0
         r = await c.get(web.url("site.localhost"), headers=HTML)
         assert r.status_code == 302 and "/__ussycode/login" in r.headers["location"]
 

@@ -25,6 +25,7 @@ from ussycode.api.forward_auth import (
     share_cookie_name,
     tls_ask,
 )
+from ussycode.auth.links import link_token_hash
 
 NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 DOMAIN = "ussy.test"
@@ -47,9 +48,9 @@ SHARES = ShareView(
     user_ids=frozenset({FRIEND.user_id}),
     emails=frozenset({"carol@example.com"}),
     links=(
-        ShareLink(TOKEN, "vm1", NOW + timedelta(hours=2)),
-        ShareLink(EXPIRED, "vm1", NOW - timedelta(seconds=1)),
-        ShareLink(OTHERS, "vm2", None),  # defensive: a link of another VM handed in by mistake
+        ShareLink(link_token_hash(TOKEN), "vm1", 8080, NOW + timedelta(hours=2)),
+        ShareLink(link_token_hash(EXPIRED), "vm1", 8080, NOW - timedelta(seconds=1)),
+        ShareLink(link_token_hash(OTHERS), "vm2", 8080, None),  # defensive: a link of another VM handed in by mistake
     ),
 )
 
@@ -347,7 +348,7 @@ def test_cookie_for_another_vm_does_not_open_this_one() -> None:
 
 
 def test_share_link_never_expiring_gets_a_day_and_http_has_no_secure() -> None:
-    shares = ShareView(links=(ShareLink(TOKEN, "vm1", None),))
+    shares = ShareView(links=(ShareLink(link_token_hash(TOKEN), "vm1", 8080, None),))
     d = run(req(uri=f"/?ussy_share={TOKEN}", scheme="http"), shares=shares)
     cookie = headers(d)["Set-Cookie"]
     assert "Max-Age=86400" in cookie and "Secure" not in cookie
@@ -364,9 +365,11 @@ def test_repeated_share_params_all_must_be_valid() -> None:
     assert d.status == 403
 
 
-def test_share_link_on_public_vm_is_stripped() -> None:
-    d = run(req(uri=f"/?ussy_share={EXPIRED}"), public=True)
-    assert d.status == 302 and headers(d)["Location"] == "https://web-app.ussy.test/"
+def test_share_link_on_public_vm_plays_no_part() -> None:
+    # public: allowed as is, no cookie, no redirect (Caddy strips ussy_share before the app, as on the fast path)
+    for token in (EXPIRED, "bogus-token-1234"):
+        d = run(req(uri=f"/?ussy_share={token}"), public=True)
+        assert d.allowed and d.access is Access.PUBLIC and "Set-Cookie" not in headers(d)
 
 
 # --- bearer tokens --------------------------------------------------------------------------------------------
@@ -395,9 +398,18 @@ def test_bearer(kind: str, session: str) -> None:
         assert d.status == 403 and d.content_type == "application/json"
 
 
-def test_bearer_does_not_bypass_public_and_empty_bearer_is_401() -> None:
-    assert run(req(bearer="x"), bearer=BearerView(False), public=True).access is Access.PUBLIC
-    assert run(req(bearer=""), bearer=None).status == 401
+def test_bearer_does_not_bypass_public_and_empty_bearer_is_not_ours() -> None:
+    assert run(req(bearer="usy1.x"), bearer=BearerView(False), public=True).access is Access.PUBLIC
+    assert run(req(bearer="", html=False), bearer=None).status == 401  # nobody: 401 JSON
+
+
+@pytest.mark.parametrize("value", ["app-own-token", "", "eyJhbGciOi.x.y", "usy2.x", "xusy1.y"])
+def test_a_bearer_that_is_not_ours_is_the_apps(value: str) -> None:
+    """Not a platform token: ignored by the decision (the session decides) and left for the app."""
+    r = req(bearer=value, html=True)
+    assert r.bearer_token is None
+    assert run(r, session=SESSIONS["owner"]).access is Access.OWNER
+    assert run(r).status == 302  # no session: sign in, not "invalid token"
 
 
 def test_basic_auth_is_not_a_bearer() -> None:
@@ -407,7 +419,7 @@ def test_basic_auth_is_not_a_bearer() -> None:
 
 
 def test_bad_bearer_with_bad_share_link_stays_401() -> None:
-    d = run(req(uri=f"/?ussy_share={REMOVED}", bearer="x"), bearer=BearerView(False))
+    d = run(req(uri=f"/?ussy_share={REMOVED}", bearer="usy1.x"), bearer=BearerView(False))
     assert d.status == 401
 
 
@@ -423,7 +435,7 @@ def test_from_headers() -> None:
             "X-Forwarded-Method": "post",
             "X-Forwarded-Proto": "HTTP",
             "Cookie": 'a=1; bad; ussy_share_vm1="tok"; a=2',
-            "Authorization": "Bearer  t0k ",
+            "Authorization": "Bearer  usy1.t0k ",
             "Accept": "text/html",
         }
     )
@@ -435,7 +447,7 @@ def test_from_headers() -> None:
         "http",
     )
     assert r.cookies == {"a": "1", "ussy_share_vm1": "tok"}
-    assert r.bearer_token == "t0k"
+    assert r.bearer_token == "usy1.t0k"
     assert AuthRequest.from_headers({"host": "h", "x-forwarded-proto": "gopher"}).scheme == "https"
 
 

@@ -23,6 +23,7 @@ from ussycode.proxy.front import (
     build_front_config,
 )
 from ussycode.proxy.hosts import PublicHosts
+from ussycode.proxy.hygiene import ours_route, strip_client_identity, strip_platform_credentials
 from ussycode.proxy.manager import caddy_binary
 from ussycode.proxy.routes import ServerSettings, TlsMode, build_tls_app
 from ussycode.services.accesscache import GenerationCache
@@ -46,19 +47,21 @@ def test_routes_are_static_and_name_no_vm() -> None:
     assert "{http.request.host}" in match["vars_regexp"]
     assert public["handle"][-1]["upstreams"] == [{"dial": "unix//run/u/front/sockets/{http.request.host}"}]
     # ... asks forward-auth only for requests with our session cookie (identity headers)
-    identity = public["handle"][1]
+    identity = public["handle"][2]
     assert identity["handler"] == "subroute"
     assert "ussy_session=" in identity["routes"][0]["match"][0]["header_regexp"]["Cookie"]["pattern"]
     # every other host: forward-auth names the upstream, kept in a variable
-    auth = vms["handle"][1]
+    auth = vms["handle"][2]
     assert auth["handler"] == "reverse_proxy" and auth["rewrite"]["method"] == "GET"
     first = auth["handle_response"][0]["routes"][0]["handle"][0]
     assert first == {"handler": "vars", UPSTREAM_VAR: "{http.reverse_proxy.header." + UPSTREAM_HEADER + "}"}
     assert vms["handle"][-1]["upstreams"] == [{"dial": "{http.vars." + UPSTREAM_VAR + "}"}]
-    # client identity headers go first on both VM routes; WebSockets outlive an (attached Caddy's) reload
+    # the trust boundary's chain, in its order, on both VM routes; WebSockets outlive an attached Caddy's reload
     for route in (public, vms):
-        assert route["handle"][0] == {"handler": "headers", "request": {"delete": ["X-Ussy-*"]}}
-        assert route["handle"][-1]["stream_close_delay"]
+        chain = route["handle"]
+        assert chain[0] == strip_client_identity() and chain[1] == ours_route("127.0.0.1:8080")
+        assert chain[3] == strip_platform_credentials() and chain[4]["handler"] == "reverse_proxy"
+        assert chain[-1]["stream_close_delay"]
     text = json.dumps(config)
     assert "vm" not in {k for r in routes for k in r.get("match", [{}])[0].get("host", [])}
     assert "X-Ussy-Upstream" not in json.dumps(vms["handle"][-1])  # never sent on to the VM

@@ -19,18 +19,26 @@ from ussycode.proxy.routes import (
 )
 
 AUTH = "http://127.0.0.1:8080/__ussy/auth"
+APP = "127.0.0.1:8080"
 
 
 def private() -> Route:
-    return Route(RouteKind.VM, "web.ussy.test", "unix//run/u/bridges/vm1-8080.sock", auth_url=AUTH)
+    return Route(RouteKind.VM, "web.ussy.test", "unix//run/u/bridges/vm1-8080.sock", auth_url=AUTH, app=APP,
+                 proxy_key="k3y")
 
 
 def test_private_route_strips_then_authenticates_then_proxies() -> None:
     r = build_route(private())
     assert r["@id"] == "ussycode-vm-web.ussy.test"
     assert r["match"] == [{"host": ["web.ussy.test"]}] and r["terminal"] is True
-    strip, auth, proxy = r["handle"]
-    assert strip == {"handler": "headers", "request": {"delete": ["X-Ussy-*"]}}
+    strip, ours, auth, creds, proxy = r["handle"]
+    assert strip == {"handler": "headers", "request": {"delete": ["X-Ussy-*", "*_*"]}}
+    (ours_path,) = ours["routes"]
+    assert ours_path["match"] == [{"path": ["/__ussycode", "/__ussycode/*"]}]
+    assert ours_path["handle"][0]["upstreams"] == [{"dial": APP}]
+    assert ours_path["handle"][0]["headers"]["request"]["set"]["X-Ussy-Proxy-Key"] == ["k3y"]
+    assert creds["handler"] == "subroute"
+    assert auth["headers"]["request"]["set"]["X-Ussy-Client-Addr"] == ["{http.request.remote.host}"]
     assert auth["handler"] == "reverse_proxy" and auth["upstreams"] == [{"dial": "127.0.0.1:8080"}]
     assert auth["rewrite"] == {"method": "GET", "uri": "/__ussy/auth"}
     sent = auth["headers"]["request"]["set"]
@@ -47,21 +55,27 @@ def test_private_route_strips_then_authenticates_then_proxies() -> None:
 
 
 def test_public_route_skips_auth_but_still_strips() -> None:
-    r = build_route(Route(RouteKind.PORT, "3000-web.ussy.test", "unix//s.sock", public=True))
-    assert [h["handler"] for h in r["handle"]] == ["headers", "reverse_proxy"]
+    r = build_route(Route(RouteKind.PORT, "3000-web.ussy.test", "unix//s.sock", public=True, app=APP))
+    assert [h["handler"] for h in r["handle"]] == ["headers", "subroute", "subroute", "reverse_proxy"]
+    assert r["handle"][2] == build_route(private())["handle"][3]  # the same credential stripping
     assert r["@id"] == "ussycode-port-3000-web.ussy.test"
+
+
+def test_vm_routes_need_the_app_address() -> None:
+    with pytest.raises(ValueError):
+        Route(RouteKind.VM, "web.ussy.test", "unix//s.sock", public=True)
 
 
 @pytest.mark.parametrize("host", ["Web.ussy.test", "web.ussy.test.", "web_x.ussy.test", "", "a" * 64 + ".t", "-a.t"])
 def test_bad_hosts_rejected(host: str) -> None:
     with pytest.raises(ValueError):
-        Route(RouteKind.VM, host, "unix//s.sock", public=True)
+        Route(RouteKind.VM, host, "unix//s.sock", public=True, app=APP)
 
 
 @pytest.mark.parametrize("url", ["", "https://127.0.0.1/x", "http://127.0.0.1", "ftp://x/y", "/path"])
 def test_private_route_needs_a_usable_auth_url(url: str) -> None:
     with pytest.raises(ValueError):
-        Route(RouteKind.VM, "web.ussy.test", "unix//s.sock", auth_url=url)
+        Route(RouteKind.VM, "web.ussy.test", "unix//s.sock", auth_url=url, app=APP)
 
 
 def test_auth_target() -> None:
@@ -81,6 +95,7 @@ def test_config_off_internal_acme() -> None:
 
     internal = build_config(ServerSettings(**base, tls=TlsMode.INTERNAL, ask_url="http://127.0.0.1:8080/ask"))  # type: ignore[arg-type]
     pols = internal["apps"]["tls"]["automation"]["policies"]
+    # a two-label domain: a wildcard clients accept (port URLs, unknown hosts); custom domains on demand
     assert pols[0] == {"subjects": ["*.ussy.test", "ussy.test"], "issuers": [{"module": "internal"}]}
     assert pols[1] == {"issuers": [{"module": "internal"}], "on_demand": True}
     assert internal["apps"]["tls"]["automation"]["on_demand"] == {"permission": {"module": "http", "endpoint": "http://127.0.0.1:8080/ask"}}

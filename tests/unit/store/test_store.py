@@ -19,18 +19,23 @@ from ussycode.types import TrustLevel, VmStatus
 PG_URL = os.environ.get("USSYCODE_TEST_PG_URL")
 
 
+def empty_store(backend: str, tmp_path: Path) -> Store:
+    """A store with no tables: a new SQLite file, or the test PostgreSQL database emptied."""
+    if backend == "sqlite":
+        return Store(f"sqlite:///{tmp_path / 'u.db'}")
+    if not PG_URL:
+        pytest.skip("PostgreSQL not available: set USSYCODE_TEST_PG_URL (make test starts a local cluster)")
+    s = Store(PG_URL)
+    with s.engine.begin() as conn:
+        for table in ("custom_domains", "api_tokens", "login_tokens", "web_sessions", "share_links", "vm_shares",
+                      "vm_public_ports", "audit_log", "vm_tags", "vms", "ssh_keys", "users", "alembic_version"):
+            conn.exec_driver_sql(f"DROP TABLE IF EXISTS {table} CASCADE")
+    return s
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    if request.param == "sqlite":
-        s = Store(f"sqlite:///{tmp_path / 'u.db'}")
-    else:
-        if not PG_URL:
-            pytest.skip("PostgreSQL not available: set USSYCODE_TEST_PG_URL (make test starts a local cluster)")
-        s = Store(PG_URL)
-        with s.engine.begin() as conn:
-            for table in ("custom_domains", "api_tokens", "login_tokens", "web_sessions", "share_links", "vm_shares",
-                          "vm_public_ports", "audit_log", "vm_tags", "vms", "ssh_keys", "users", "alembic_version"):
-                conn.exec_driver_sql(f"DROP TABLE IF EXISTS {table} CASCADE")
+    s = empty_store(request.param, tmp_path)
     s.migrate()
     yield s
     s.close()
@@ -113,3 +118,43 @@ async def test_parallel_writes_never_lock(store: Store) -> None:
     await asyncio.gather(*(one(i) for i in range(200)))
     rows = await store.read(lambda c: audit.recent(c, limit=1000, action="x"))
     assert len(rows) == 200
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_0003_hashes_links_and_keeps_claims(backend: str, tmp_path: Path) -> None:
+    """Upgrading a 0002 database with live data: link tokens become hashes (the old links keep working, for the
+    main URL), VM-host sessions are revoked (they had no VM id), custom-domain claims survive."""
+    from alembic import command
+
+    from ussycode.auth.links import link_token_hash
+    from ussycode.store.db import _alembic_config
+
+    s = empty_store(backend, tmp_path)
+    with s.engine.begin() as conn:
+        command.upgrade(_alembic_config(conn), "0002")
+        now = "2026-01-01 00:00:00"
+        conn.exec_driver_sql(f"insert into users values ('u1', 'alice', null, 'admin', '{now}')")
+        conn.exec_driver_sql(
+            "insert into vms (id, name, owner_id, image, status, desired, cpu, memory_mb, disk_gb, env, runtime, "
+            f"runtime_state, error, created_at, updated_at) values ('v1', 'web', 'u1', 'i', 'running', 'running', "
+            f"1, 512, 1, '{{}}', 'container', '{{}}', '', '{now}', '{now}')")
+        conn.exec_driver_sql(f"insert into share_links values ('tok-abcdef123456', 'v1', 'u1', '{now}', null, 3)")
+        conn.exec_driver_sql(f"insert into web_sessions values ('root', 'u1', 'localhost', null, '{now}', "
+                             f"'2099-01-01 00:00:00', null, null)")
+        conn.exec_driver_sql(f"insert into web_sessions values ('child', 'u1', 'web.localhost', 'root', '{now}', "
+                             f"'2099-01-01 00:00:00', null, null)")
+        conn.exec_driver_sql(f"insert into custom_domains values ('shop.example.com', 'v1', 'ussycode-x', '{now}', "
+                             f"'{now}')")
+    s.migrate()
+    with s.engine.connect() as conn:
+        links = conn.exec_driver_sql("select id, token_hash, vm_id, port, uses from share_links").all()
+        sessions = dict(conn.exec_driver_sql("select id_hash, revoked_at from web_sessions").all())
+        claims = conn.exec_driver_sql("select domain, vm_id, verified_at from custom_domains").all()
+        diff = compare_metadata(MigrationContext.configure(conn), metadata)
+    assert diff == []
+    ((link_id, token_hash, vm_id, port, uses),) = links
+    assert token_hash == link_token_hash("tok-abcdef123456") and (vm_id, port, uses) == ("v1", 8080, 3)
+    assert len(link_id) == 10
+    assert sessions["root"] is None and sessions["child"] is not None
+    assert [(d, v) for d, v, _ in claims] == [("shop.example.com", "v1")] and claims[0][2] is not None
+    s.close()
