@@ -147,7 +147,7 @@ async def main(duration: float, connections: int) -> dict[str, Any]:
         assert s is not None and s.shares is not None and s.sessions is not None
         assert app.https is not None and not app.https.error, app.https.error if app.https else ""
         key = asyncssh.generate_private_key("ssh-ed25519")
-        user = await s.users.register("bench", parse_authorized_key(key.export_public_key().decode()))
+        user = await s.users.register("bench", parse_authorized_key(key.export_public_key().decode().strip()))
         actor = Actor(user, "ssh")
         pub = await s.vms.create(actor, name="bpub")
         priv = await s.vms.create(actor, name="bpriv")
@@ -159,8 +159,8 @@ async def main(duration: float, connections: int) -> dict[str, Any]:
         token = await s.sessions.create_login_token(actor)
         redeemed = await s.sessions.redeem_login_token(token, settings.domain)
         assert redeemed is not None
-        code = await s.sessions.create_handoff(redeemed[1], "bpriv.localhost")
-        child = await s.sessions.redeem_handoff(code, "bpriv.localhost")
+        code = await s.sessions.create_handoff(redeemed[1], "bpriv.localhost", priv.id)
+        child = await s.sessions.redeem_handoff(code, "bpriv.localhost", priv.id)
         assert child is not None
         cookie = f"ussy_session={child[0]}"
         server, direct_port = await direct_bridge(app, pub.id)
@@ -183,6 +183,10 @@ async def main(duration: float, connections: int) -> dict[str, Any]:
             "app_health": (f"http://127.0.0.1:{app.http_port}/health", {}),
             "forward_auth": (auth, {"X-Forwarded-Host": f"bpriv.localhost:{https_port}", "Cookie": cookie,
                                     "X-Forwarded-Uri": "/", "X-Forwarded-Method": "GET"}),
+            # the same endpoint on the app server (uvicorn + Starlette), for comparison with the lean listener
+            "forward_auth_app_server": (f"http://127.0.0.1:{app.http_port}/" + auth.split("/", 3)[3],
+                                        {"X-Forwarded-Host": f"bpriv.localhost:{https_port}", "Cookie": cookie,
+                                         "X-Forwarded-Uri": "/", "X-Forwarded-Method": "GET"}),
             "public": (caddy, {"Host": f"bpub.localhost:{https_port}"}),
             "public_signed_in": (caddy, {"Host": f"bpub.localhost:{https_port}", "Cookie": cookie}),
             "private": (caddy, {"Host": f"bpriv.localhost:{https_port}", "Cookie": cookie}),
@@ -240,7 +244,7 @@ def report(results: dict[str, Any], duration: float, connections: int) -> None:
         ratio = r["rps"] / b["rps"]
         rows.append(row(f"{name}_rps", r["rps"], "req/s", "baseline_caddy_rps", b["rps"],
                         f">= {goal:.0%} of Caddy baseline" if goal else "", ratio >= goal if goal else None))
-    for name in ("app_health", "forward_auth"):
+    for name in ("app_health", "forward_auth", "forward_auth_app_server"):
         rows.append(row(f"{name}_rps", results[name]["rps"], "req/s", "baseline_caddy_rps", b["rps"]))
     for name in ("public", "private", "public_signed_in", "direct"):
         r = results[name]

@@ -221,11 +221,7 @@ async def forward_auth(request: Request) -> Response:
     cached = cache.get(key, generation)
     if cached is None:
         cached = await services.store.read(read)
-        session_until = None
-        if cached[1] is not None:  # never past the session's own expiry
-            left = (cached[1].expires_at - dt.datetime.now(dt.UTC).replace(tzinfo=None)).total_seconds()
-            session_until = time.monotonic() + left
-        cache.put(key, generation, cached, session_until)
+        cache.put(key, generation, cached, _session_deadline(cached[1]))
     record, session = cached
 
     now = dt.datetime.now(dt.UTC)
@@ -258,7 +254,38 @@ async def forward_auth(request: Request) -> Response:
                             headers={"Cache-Control": "no-store", **dict(page.headers)})
     if decision.status >= 300:
         headers.update({"Cache-Control": "no-store"})
-    return Response(decision.body, status_code=decision.status, headers=headers, media_type=decision.content_type)
+    response = Response(decision.body, status_code=decision.status, headers=headers, media_type=decision.content_type)
+    if (decision.allowed and record is not None and UPSTREAM_HEADER in headers and "Set-Cookie" not in headers
+            and SHARE_PARAM not in areq.query):
+        # This answer depends only on the host and the credentials (cookies, Authorization): the lean listener
+        # may replay it for the same ones until any DB write, the session's expiry or REPLAY_TTL.
+        until = time.monotonic() + REPLAY_TTL
+        deadline = _session_deadline(session)
+        response.replay = Replay(generation, min(until, deadline) if deadline else until,  # type: ignore[attr-defined]
+                                 record.vm_id, target.port)
+    return response
+
+
+REPLAY_TTL = 2.0
+
+
+@dataclass(frozen=True)
+class Replay:
+    """May an allow be replayed (api/gate.py): the store generation it was decided at, until when (monotonic),
+    and the forwarder it names (a dead forwarder is never replayed)."""
+
+    generation: int
+    until: float
+    vm_id: str
+    port: int
+
+
+def _session_deadline(session: WebSession | None) -> float | None:
+    """The session's expiry on the monotonic clock (never serve a cached session past it)."""
+    if session is None:
+        return None
+    left = (session.expires_at - dt.datetime.now(dt.UTC).replace(tzinfo=None)).total_seconds()
+    return time.monotonic() + left
 
 
 def _access_cache(request: Request) -> GenerationCache[tuple[AccessRecord | None, WebSession | None]]:

@@ -59,14 +59,15 @@ class RouteService:
     """The routing table from the DB, applied to the forwarders and the public-host files (never to Caddy)."""
 
     def __init__(self, services: Services, bridges: BridgeManager, hosts: PublicHosts, app_addr: str,
-                 auth_key: str) -> None:
+                 auth_key: str, auth_addr: str = "") -> None:
         self.services = services
         self.auth_key = auth_key
         self.settings: Settings = services.settings
         self.bridges = bridges
         self.hosts = hosts
         self.app_addr = app_addr
-        self.auth_url = f"http://{app_addr}{AUTH_PATH}?k={auth_key}"
+        # forward-auth: the lean listener (api/gate.py) when the app runs one, else the app server's endpoint
+        self.auth_url = f"http://{auth_addr or app_addr}{AUTH_PATH}?k={auth_key}"
         # Made anew at each start: Caddy sends it with the client's address (hygiene.client_address_headers).
         self.proxy_key = secrets.token_urlsafe(24)
         self.health: Callable[[], dict[str, Any]] | None = None  # the HTTPS entry's report, for /health
@@ -142,15 +143,17 @@ class HttpsEntry:
         return ServerSettings(domain=s.domain, https_addr=s.https_addr, http_addr=f"{host}:{http_port}", tls=tls,
                               acme_email=s.acme_email, ask_url=ask)
 
-    async def start(self, http_port: int) -> None:
-        """Forwarders and public hosts from the DB, then Caddy with its static config. A Caddy that cannot
-        start is logged, and the rest of the server keeps running (SSH, API); the error stays in ``self.error``
-        and the watchdog keeps trying."""
+    async def start(self, http_port: int, auth_port: int | None = None) -> None:
+        """Forwarders and public hosts from the DB, then Caddy with its static config (forward-auth on
+        ``auth_port`` when given, else on the app server). A Caddy that cannot start is logged, and the rest of
+        the server keeps running (SSH, API); the error stays in ``self.error`` and the watchdog keeps trying."""
         s = self.services.settings
         ss = self.server_settings(http_port)
         bridges = BridgeManager(self.services.vms.runtime, s.run_dir)
         hosts = PublicHosts(Path(s.run_dir) / "front")
-        self.routes = routes = RouteService(self.services, bridges, hosts, ss.http_addr, forward_auth_key(self.key))
+        auth_addr = ss.http_addr.rpartition(":")[0] + f":{auth_port}" if auth_port else ""
+        self.routes = routes = RouteService(self.services, bridges, hosts, ss.http_addr, forward_auth_key(self.key),
+                                            auth_addr)
         ss = dataclasses.replace(ss, proxy_key=routes.proxy_key)
         self.services.routes = routes
         routes.health = self.health
