@@ -196,7 +196,7 @@ async def main(duration: float, connections: int) -> dict[str, Any]:
             for name, (url, headers) in cases.items():
                 r = await c.get(url, headers=headers)
                 assert r.status_code == 200, (name, r.status_code, r.text)
-        for name, (url, headers) in cases.items():
+        for url, headers in cases.values():
             await run_wrk(url, "GET", None, headers, 1, connections, tmp)  # warm-up
         # The cases take turns, ROUNDS times, and each reports its median round: the two cores are shared with
         # whatever else runs, and interleaving keeps a load change from landing on one case only.
