@@ -111,7 +111,8 @@ async def main(duration: float, connections: int, tool: str, command: str = "who
             services = app.services
             assert services is not None and services.tokens is not None
             key = asyncssh.generate_private_key("ssh-ed25519")
-            user = await services.users.register("bench", parse_authorized_key(key.export_public_key().decode()))
+            public_key = key.export_public_key().decode().strip()
+            user = await services.users.register("bench", parse_authorized_key(public_key))
             token = (await services.tokens.create(Actor(user, "ssh"))).token
             base = f"http://127.0.0.1:{app.http_port}"
             async with httpx.AsyncClient() as c:  # sanity: both answer 200 before we measure

@@ -13,7 +13,9 @@ from typing import Any
 
 import uvicorn
 
+from ussycode.api import web
 from ussycode.api.app import build_app
+from ussycode.api.gate import ForwardAuthServer
 from ussycode.auth.keys import load_or_create_private_key
 from ussycode.commands.token import canonical_command
 from ussycode.config import Settings, parse_addr
@@ -51,6 +53,7 @@ class App:
         self.services: Services | None = None
         self.gateway: Gateway | None = None
         self.metadata: MetadataService | None = None
+        self.gate: ForwardAuthServer | None = None
         self.ssh_port: int | None = None
         self.http_port: int | None = None
         self.http_server: _AppServer | None = None
@@ -118,7 +121,10 @@ class App:
         log.info("SSH gateway listening on %s (port %d)", s.ssh_addr, self.ssh_port)
         await self._start_http()
         assert self.https is not None and self.http_port is not None
-        await self.https.start(self.http_port)  # routes from the DB, then Caddy (HTTPS entry)
+        # forward-auth on its own lean listener (the same endpoint, without the web stack: api/gate.py)
+        self.gate = ForwardAuthServer(self.services, web.forward_auth)
+        auth_port = await self.gate.start(parse_addr(self.settings.http_addr)[0] or "127.0.0.1")
+        await self.https.start(self.http_port, auth_port)  # routes from the DB, then Caddy (HTTPS entry)
         self.metadata = MetadataService(self.services)
         await self.metadata.start()
         go.set()
@@ -157,6 +163,8 @@ class App:
         https = getattr(self, "https", None)
         if https is not None:
             await https.stop()  # stop Caddy first: no new HTTPS requests while we shut down
+        if self.gate is not None:
+            await self.gate.close()
         if self.metadata is not None:
             await self.metadata.stop()
         if self.gateway is not None:

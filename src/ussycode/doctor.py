@@ -38,6 +38,15 @@ def _caddy() -> Check:
     return Check("caddy", True, f"{binary} {text.split()[0]}")
 
 
+def _forwarder() -> Check:
+    from ussycode.proxy.bridge import forwarder_available, proxyd_binary
+
+    if forwarder_available():
+        return Check("forwarder", True, f"{proxyd_binary()} (VM ports reached without Python on the byte path)")
+    return Check("forwarder", False, "systemd-socket-proxyd, setpriv or nsenter missing: VM URLs fall back to a "
+                                     "slower Python bridge (apt-get install systemd util-linux)")
+
+
 def _cgroups() -> Check:
     if Path("/sys/fs/cgroup/cgroup.controllers").exists():
         return Check("cgroups", True, "cgroup v2 (unified)")
@@ -93,6 +102,7 @@ def host_checks() -> list[Check]:
         _binary("mkfs.ext4", "e2fsprogs", "VM disks"),
         _binary("ip", "iproute2", "VM network namespaces"),
         _caddy(),
+        _forwarder(),
         _binary("mmdebstrap", "mmdebstrap", "image builds"),
         _binary("slirp4netns", "slirp4netns", "container VMs' internet egress"),
         _binary("pasta", "passt", "qemu VMs' internet egress"),

@@ -17,8 +17,17 @@ from ussycode.services.container import Services
 
 
 async def health(request: Request) -> JSONResponse:
-    return JSONResponse({"status": "ok", "version": __version__,
-                         "time": dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat()})
+    """200 while every entry works; 503 when the HTTPS entry (Caddy) is down or being restarted."""
+    body: dict[str, object] = {"status": "ok", "version": __version__,
+                               "time": dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat()}
+    routes = request.app.state.services.routes
+    if routes is not None and routes.health is not None:
+        https = routes.health()
+        body["https"] = https
+        if https.get("state") != "running":
+            body["status"] = "degraded"
+            return JSONResponse(body, status_code=503)
+    return JSONResponse(body)
 
 
 def build_app(services: Services, extra_routes: list[BaseRoute] | None = None) -> Starlette:

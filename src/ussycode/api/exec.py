@@ -27,6 +27,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
+from ussycode.api.web import client_address
 from ussycode.commands.context import CommandContext, Output
 from ussycode.commands.registry import dispatch, render_error, split_async
 from ussycode.errors import CommandNotPermitted, RateLimited, Unauthenticated, UsageError
@@ -149,9 +150,11 @@ class ExecEndpoint:
             raise _Reject(413, f"body too large: at most {MAX_BODY} bytes")
         bearer = bearer_of(request)
         try:
-            actor = await services.tokens.authenticate(bearer, source="api")
+            actor = await services.tokens.authenticate(bearer, source="api", client=client_address(request))
         except Unauthenticated as exc:
             raise _Reject(401, exc.user_message, {"WWW-Authenticate": 'Bearer realm="ussycode"'}) from None
+        except RateLimited as exc:  # too many refused tokens from this address
+            raise _Reject(429, exc.user_message, {"Retry-After": str(math.ceil(exc.retry_after))}) from None
         kind = _content_kind(request)
         line = command_line(kind, await read_body(request))
         try:

@@ -9,12 +9,12 @@ any other status goes back to the client verbatim (login redirect, 401 JSON, 403
 
 A share link opens the one URL (VM and port) it was made for; links are compared by the hash of their token.
 
-Order: bad host -> 400; unknown VM/port -> 404; a ``ussy_share`` link in the URL (valid: set a cookie, redirect
-to the URL without it; invalid: 403 unless the request is allowed anyway, then just strip it); public port ->
-allow; ``Authorization: Bearer usy0.…/usy1.…`` (a platform token; any other Authorization is the app's and is
-ignored here) -> allow (owner/shared, right VM scope) / 401 / 403, never falling back to cookies; session
-owner/shared -> allow; valid share-link cookie -> allow; session without access -> 403; nobody -> login
-redirect for a browser page, 401 JSON otherwise.
+Order: bad host -> 400; unknown VM/port -> 404; public port -> allow (naming a signed-in visitor); a
+``ussy_share`` link in the URL (valid: set a cookie, redirect to the URL without it; invalid: 403 unless the
+request is allowed anyway, then just strip it); ``Authorization: Bearer usy0.…/usy1.…`` (a platform token; any
+other Authorization is the app's and is ignored here) -> allow (owner/shared, right VM scope) / 401 / 403, never
+falling back to cookies; session owner/shared -> allow; valid share-link cookie -> allow; session without
+access -> 403; nobody -> login redirect for a browser page, 401 JSON otherwise.
 """
 
 from __future__ import annotations
@@ -391,7 +391,8 @@ def _access(
 ) -> Decision:
     """The decision ignoring any ``ussy_share`` param (except as a credential for non-GET requests)."""
     if vm.is_public(port):
-        return _allow(Access.PUBLIC, None, "public")
+        # A signed-in visitor is named to the app on public VMs too.
+        return _allow(Access.PUBLIC, session, "public")
 
     if request.bearer_token is not None:
         if bearer is None or not bearer.valid or bearer.user is None:
@@ -454,6 +455,10 @@ def decide(
     elif target.cname is None or target.cname not in vm.cnames:
         return not_found
 
+    if vm.is_public(target.port):
+        # Public: share links play no part (Caddy strips ``ussy_share`` before the app, as it does for anonymous
+        # visitors it serves without asking); a signed-in visitor is named.
+        return _allow(Access.PUBLIC, session, "public")
     path, query = request.path, request.query
     params = _share_params(query)
     navigating = request.method in ("GET", "HEAD")

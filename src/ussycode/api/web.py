@@ -22,6 +22,7 @@ from __future__ import annotations
 import datetime as dt
 import hmac
 import logging
+import time
 from dataclasses import dataclass
 from html import escape
 from typing import TypeVar
@@ -49,15 +50,17 @@ from ussycode.api.forward_auth import (
     parse_target,
     tls_ask,
 )
+from ussycode.api.pages import forwarder_failed_page, vm_state_page
 from ussycode.config import Settings, TlsMode, parse_addr
-from ussycode.errors import RateLimited
+from ussycode.errors import RateLimited, UssyError
+from ussycode.proxy.front import UPSTREAM_HEADER
 from ussycode.proxy.hygiene import CLIENT_ADDR_HEADER, PROXY_KEY_HEADER
+from ussycode.services.accesscache import GenerationCache
 from ussycode.services.container import Services
 from ussycode.services.ratelimit import RateLimiter
 from ussycode.services.routes import ASK_PATH, AUTH_PATH
 from ussycode.services.sessions import SessionService, WebSession, session_row
 from ussycode.services.shares import AccessRecord, ShareService, access_record, link_token_hash
-from ussycode.types import VmStatus
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -177,13 +180,14 @@ def _safe_path(value: str) -> str:
     return value[:2000]
 
 
-async def _bearer(services: Services, token: str | None, vm_name: str) -> BearerView | None:
+async def _bearer(services: Services, token: str | None, vm_name: str, client: str) -> BearerView | None:
+    """Raises RateLimited when ``client`` sent too many bad tokens."""
     if token is None:
         return None
     tokens = services.tokens
     if tokens is None or not token:
         return BearerView(False)
-    actor = await tokens.authenticate_for_vm(token, vm_name)
+    actor = await tokens.authenticate_for_vm(token, vm_name, client=client)
     if actor is None:
         return BearerView(False)
     return BearerView(True, Identity(actor.id, actor.handle, actor.user.email))
@@ -211,26 +215,85 @@ async def forward_auth(request: Request) -> Response:
         rec = access_record(c, vm_name=target.vm_name, cname=target.cname, link_hashes=presented)
         return rec, (session_row(c, session_secret, target.host, rec.vm_id) if rec is not None else None)
 
-    record, session = await services.store.read(read)
+    cache = _access_cache(request)
+    key = (target.host, session_secret, presented)
+    generation = services.store.generation
+    cached = cache.get(key, generation)
+    if cached is None:
+        cached = await services.store.read(read)
+        cache.put(key, generation, cached, _session_deadline(cached[1]))
+    record, session = cached
 
     now = dt.datetime.now(dt.UTC)
     vm = shares_view = None
     if record is not None:
         vm, shares_view = _views(record)
     identity = None if session is None else Identity(session.user_id, session.handle, session.email)
-    bearer = await _bearer(services, areq.bearer_token, record.name) if record is not None else None
+    try:
+        bearer = await _bearer(services, areq.bearer_token, record.name, client_address(request)) if record else None
+    except RateLimited as exc:
+        return JSONResponse({"error": exc.user_message, "code": 429}, 429,
+                            headers={"Retry-After": str(int(exc.retry_after) + 1), "Cache-Control": "no-store"})
     decision = decide(areq, domain=settings.domain, vm=vm, shares=shares_view or ShareView(), session=identity,
                       bearer=bearer, now=now, login_url=settings.public_url(settings.domain) + LOGIN_PATH)
     if decision.reason == "share_link_set" and record is not None:
         token = next((v for k, v in _query_pairs(areq.query) if k == "ussy_share"), "")
         if token:
             await shares.count_link_use(token)
-    if decision.allowed and record is not None and record.status is VmStatus.RUNNING:
-        await routes.ensure_bridge(record.vm_id, target.port)
     headers = dict(decision.headers)
+    if decision.allowed and record is not None:
+        page = vm_state_page(record.name, record.status, accept=areq.accept, method=areq.method)
+        if page is None:
+            try:
+                headers[UPSTREAM_HEADER] = await routes.ensure_bridge(record.vm_id, target.port)
+            except (UssyError, OSError) as exc:
+                log.warning("forwarder for %s:%d failed: %s", record.name, target.port, exc)
+                page = forwarder_failed_page(record.name, accept=areq.accept, method=areq.method)
+        if page is not None:
+            return Response(page.body, status_code=page.status, media_type=page.content_type,
+                            headers={"Cache-Control": "no-store", **dict(page.headers)})
     if decision.status >= 300:
         headers.update({"Cache-Control": "no-store"})
-    return Response(decision.body, status_code=decision.status, headers=headers, media_type=decision.content_type)
+    response = Response(decision.body, status_code=decision.status, headers=headers, media_type=decision.content_type)
+    if (decision.allowed and record is not None and UPSTREAM_HEADER in headers and "Set-Cookie" not in headers
+            and SHARE_PARAM not in areq.query):
+        # This answer depends only on the host and the credentials (cookies, Authorization): the lean listener
+        # may replay it for the same ones until any DB write, the session's expiry or REPLAY_TTL.
+        until = time.monotonic() + REPLAY_TTL
+        deadline = _session_deadline(session)
+        response.replay = Replay(generation, min(until, deadline) if deadline else until,  # type: ignore[attr-defined]
+                                 record.vm_id, target.port)
+    return response
+
+
+REPLAY_TTL = 2.0
+
+
+@dataclass(frozen=True)
+class Replay:
+    """May an allow be replayed (api/gate.py): the store generation it was decided at, until when (monotonic),
+    and the forwarder it names (a dead forwarder is never replayed)."""
+
+    generation: int
+    until: float
+    vm_id: str
+    port: int
+
+
+def _session_deadline(session: WebSession | None) -> float | None:
+    """The session's expiry on the monotonic clock (never serve a cached session past it)."""
+    if session is None:
+        return None
+    left = (session.expires_at - dt.datetime.now(dt.UTC).replace(tzinfo=None)).total_seconds()
+    return time.monotonic() + left
+
+
+def _access_cache(request: Request) -> GenerationCache[tuple[AccessRecord | None, WebSession | None]]:
+    cache: GenerationCache[tuple[AccessRecord | None, WebSession | None]] | None = getattr(
+        request.app.state, "access_cache", None)
+    if cache is None:
+        cache = request.app.state.access_cache = GenerationCache(max_entries=8192, ttl=5.0)
+    return cache
 
 
 def _views(record: AccessRecord) -> tuple[VmView, ShareView]:
@@ -440,10 +503,40 @@ async def landing(request: Request) -> Response:
     return _page("ussycode", body)
 
 
+# Certificates for names under the domain that name no VM (so an unknown host answers its 404 over TLS), from
+# the local CA only, and only this many: a flood of random names must not fill the certificate storage.
+UNKNOWN_NAME_CERTS_PER_MINUTE, UNKNOWN_NAME_CERTS_BURST = 2, 20
+
+
+def _unknown_name_cert(request: Request, host: str, settings: Settings) -> bool:
+    if settings.tls is not TlsMode.INTERNAL:
+        return False  # a public CA's rate limits are not ours to spend on names that serve nothing
+    try:
+        target = parse_target(host, settings.domain)
+    except HostError:
+        return False
+    if target.apex or target.cname is not None or "." in target.host[: -len(settings.domain) - 1]:
+        return False
+    limiter: RateLimiter | None = getattr(request.app.state, "unknown_cert_limiter", None)
+    if limiter is None:
+        limiter = request.app.state.unknown_cert_limiter = RateLimiter(UNKNOWN_NAME_CERTS_PER_MINUTE,
+                                                                       UNKNOWN_NAME_CERTS_BURST)
+    try:
+        limiter.take("unknown-names")
+    except RateLimited:
+        return False
+    return True
+
+
 async def tls_ask_endpoint(request: Request) -> Response:
+    """On-demand TLS permission (Caddy's ``permission`` http module): 200 = issue a certificate for ``domain``.
+    Yes for the apex, VM hosts and their port hosts, verified custom domains; with the local CA also, rate
+    limited, for other single names under the domain (they answer 404)."""
     settings, shares, _ = _parts(request)
     host = request.query_params.get("domain", "")
     ok = tls_ask(host, settings.domain, await shares.vm_names(), await shares.verified_cnames())
+    if not ok:
+        ok = _unknown_name_cert(request, host, settings)
     return PlainTextResponse("ok" if ok else "no", 200 if ok else 403)
 
 

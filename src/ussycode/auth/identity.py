@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass
 
 from ussycode.store.users import User
@@ -17,6 +18,8 @@ class Actor:
     allowed_commands: frozenset[str] | None = None
     vm_scope: str | None = None
     token_id: str | None = None
+    # When the API token this actor came with expires (naive UTC; None: never, or not a token).
+    token_expires_at: dt.datetime | None = None
 
     @property
     def id(self) -> str:

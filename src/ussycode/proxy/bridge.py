@@ -1,11 +1,16 @@
-"""Port bridges: a unix socket per (VM, port) whose every connection is piped into the VM.
+"""Port bridges: a unix socket per (VM, port) whose every connection reaches that port inside the VM.
 
-The host never routes to guest addresses (DESIGN §4). Caddy dials
-``unix//<run-dir>/bridges/<vm>-<port>.sock``; the bridge accepts, asks the runtime for a stream into the VM
-(:meth:`Runtime.open_connection`) and copies bytes both ways, passing half-closes through (EOF one way, the
-other stays open). When the VM is not running or nothing listens on the port, the runtime's connect fails and
-the bridge closes the client connection at once, so Caddy answers 502 (turned into a "VM not answering" page
-by the server's error routes) instead of hanging.
+The host never routes to guest addresses (DESIGN §4). Caddy dials ``unix//<run-dir>/bridges/<vm>-<port>.sock``.
+Two implementations behind one socket path:
+
+- :class:`Forwarder` (preferred): ``systemd-socket-proxyd`` (C, splice, one process per socket) started inside the
+  VM's network namespace on a listening socket we bind and hand over, so no byte crosses Python. Used when the
+  runtime names a namespace where ``127.0.0.1:<port>`` is the VM's port (:meth:`Runtime.port_netns`).
+- :class:`PortBridge` (fallback): accepts, asks the runtime for a stream into the VM
+  (:meth:`Runtime.open_connection`) and copies bytes both ways in Python, passing half-closes through.
+
+Either way, when the VM is not running or nothing listens on the port, the connection is closed at once, so
+Caddy answers 502 (turned into a "nothing answers on this port" page by the server's error routes).
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ import contextlib
 import logging
 import os
 import re
+import shutil
+import socket
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -27,10 +34,33 @@ MAX_UNIX_PATH = 107
 _VM_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
+PROXYD_PATHS = ("/lib/systemd/systemd-socket-proxyd", "/usr/lib/systemd/systemd-socket-proxyd")
+FORWARDER_CONNECTIONS = 4096  # per (VM, port); each costs two sockets and two pipes in the forwarder
+FORWARDER_NOFILE = 6 * FORWARDER_CONNECTIONS + 64
+
+# fd 3 is the listening socket (socket activation; bash, as dash cannot dup fds above 9); the forwarder dies
+# with us (pdeathsig) and enters the VM's network namespace only (nsenter execs without forking for --net, so
+# LISTEN_PID=$$ stays right).
+_FORWARDER_SCRIPT = (
+    'ulimit -n "$4" 2>/dev/null; [ "$1" = 3 ] || { exec 3<&"$1" && eval "exec $1<&-"; }; '
+    'LISTEN_FDS=1 LISTEN_PID=$$ exec setpriv --pdeathsig KILL -- nsenter --net="$2" -- "$5" '
+    '--connections-max="$6" "127.0.0.1:$3"'
+)
+
+
 class ConnectionOpener(Protocol):
     """What a bridge needs from a runtime (``Runtime`` satisfies it)."""
 
     async def open_connection(self, vm_id: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]: ...
+
+
+def proxyd_binary() -> str | None:
+    """systemd-socket-proxyd (Debian's ``systemd`` package), or None."""
+    return next((p for p in PROXYD_PATHS if os.access(p, os.X_OK)), None)
+
+
+def forwarder_available() -> bool:
+    return proxyd_binary() is not None and all(shutil.which(t) for t in ("bash", "setpriv", "nsenter"))
 
 
 async def _close(writer: asyncio.StreamWriter, abort: bool = False) -> None:
@@ -159,19 +189,86 @@ class PortBridge:
             self.path.unlink()
 
 
+class Forwarder:
+    """``systemd-socket-proxyd`` in the VM's network namespace, listening on our unix socket at ``path``.
+
+    We bind and chmod the socket, hand it over as fd 3 and close our copy: if the forwarder dies, connects are
+    refused (a fast 502), never queued. :meth:`alive` lets the manager restart a dead one.
+    """
+
+    def __init__(self, netns_path: Path, vm_id: str, port: int, path: Path, *, mode: int = 0o660) -> None:
+        self.netns_path = netns_path
+        self.vm_id = vm_id
+        self.port = port
+        self.path = path
+        self.mode = mode
+        self._proc: asyncio.subprocess.Process | None = None
+
+    @property
+    def dial(self) -> str:
+        return f"unix/{self.path}"
+
+    @property
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.returncode is None
+
+    @property
+    def log_path(self) -> Path:
+        return self.path.with_suffix(".log")
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
+
+    async def start(self) -> None:
+        proxyd = proxyd_binary()
+        if proxyd is None:
+            raise RuntimeFailure("systemd-socket-proxyd is not installed (apt-get install systemd)")
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(str(self.path))
+            os.chmod(self.path, self.mode)
+            sock.listen(1024)
+            fd = sock.fileno()
+            with self.log_path.open("ab") as log_file:
+                self._proc = await asyncio.create_subprocess_exec(
+                    "bash", "-c", _FORWARDER_SCRIPT, "ussycode-forwarder", str(fd), str(self.netns_path),
+                    str(self.port), str(FORWARDER_NOFILE), proxyd, str(FORWARDER_CONNECTIONS),
+                    stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=log_file, pass_fds=(fd,),
+                    start_new_session=True,
+                )
+        finally:
+            sock.close()
+
+    async def close(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
 class BridgeManager:
     """Owns every port bridge under ``<run_dir>/bridges``. ``dial_address`` is pure, so routes can be built
-    before (or without) the bridge existing: a missing socket simply makes Caddy answer 502."""
+    before (or without) the bridge existing: a missing socket simply makes Caddy answer 502. A C
+    :class:`Forwarder` is used where the runtime offers ``port_netns`` and the host has systemd-socket-proxyd
+    (``use_forwarders=False`` forces the Python bridge)."""
 
     def __init__(
-        self, opener: ConnectionOpener, run_dir: Path, *, mode: int = 0o660, connect_timeout: float = 5.0
+        self, opener: ConnectionOpener, run_dir: Path, *, mode: int = 0o660, connect_timeout: float = 5.0,
+        use_forwarders: bool = True,
     ) -> None:
         self.opener = opener
         self.dir = Path(run_dir) / "bridges"
         self.mode = mode
         self.connect_timeout = connect_timeout
-        self._bridges: dict[tuple[str, int], PortBridge] = {}
+        self._bridges: dict[tuple[str, int], PortBridge | Forwarder] = {}
         self._lock = asyncio.Lock()
+        self.use_forwarders = use_forwarders and forwarder_available()
 
     def socket_path(self, vm_id: str, port: int) -> Path:
         if not _VM_ID_RE.match(vm_id):
@@ -189,26 +286,43 @@ class BridgeManager:
     def dial_address(self, vm_id: str, port: int) -> str:
         return f"unix/{self.socket_path(vm_id, port)}"
 
-    async def ensure(self, vm_id: str, port: int) -> PortBridge:
-        """Start the bridge for (vm_id, port) if it is not running. Idempotent."""
+    async def ensure(self, vm_id: str, port: int) -> PortBridge | Forwarder:
+        """Start the bridge for (vm_id, port) if it is not running (or its forwarder died). Idempotent."""
         async with self._lock:
             bridge = self._bridges.get((vm_id, port))
             if bridge is not None:
-                return bridge
+                if not isinstance(bridge, Forwarder) or bridge.alive:
+                    return bridge
+                log.warning("forwarder for %s:%d exited; restarting it", vm_id, port)
+                await bridge.close()
             self.dir.mkdir(parents=True, exist_ok=True)
             # Group may enter (a Caddy in our group); others never reach a socket, even before its chmod.
             os.chmod(self.dir, 0o750)  # noqa: S103
-            bridge = PortBridge(
-                self.opener,
-                vm_id,
-                port,
-                self.socket_path(vm_id, port),
-                mode=self.mode,
-                connect_timeout=self.connect_timeout,
-            )
-            await bridge.start()
-            self._bridges[(vm_id, port)] = bridge
-            return bridge
+            path = self.socket_path(vm_id, port)
+            netns_path = await self._netns(vm_id, port)
+            new: PortBridge | Forwarder
+            if netns_path is not None:
+                new = Forwarder(netns_path, vm_id, port, path, mode=self.mode)
+            else:
+                new = PortBridge(self.opener, vm_id, port, path, mode=self.mode,
+                                 connect_timeout=self.connect_timeout)
+            await new.start()
+            self._bridges[(vm_id, port)] = new
+            return new
+
+    async def _netns(self, vm_id: str, port: int) -> Path | None:
+        """Where a C forwarder can reach the port, or None for the Python bridge."""
+        if not self.use_forwarders:
+            return None
+        port_netns = getattr(self.opener, "port_netns", None)
+        if port_netns is None:
+            return None
+        try:
+            path: Path | None = await port_netns(vm_id, port)
+        except (OSError, UssyError) as exc:
+            log.debug("no namespace for %s:%d (%r): Python bridge", vm_id, port, exc)
+            return None
+        return path
 
     async def remove(self, vm_id: str, port: int | None = None) -> None:
         """Close the VM's bridge for ``port``, or all of its bridges."""
@@ -227,6 +341,9 @@ class BridgeManager:
 
     def active(self) -> list[tuple[str, int]]:
         return sorted(self._bridges)
+
+    def get(self, vm_id: str, port: int) -> PortBridge | Forwarder | None:
+        return self._bridges.get((vm_id, port))
 
     async def close(self) -> None:
         async with self._lock:

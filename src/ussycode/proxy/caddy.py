@@ -104,15 +104,16 @@ class CaddyAdmin:
     async def get_config(self, path: str = "") -> Any:
         return await self._request("GET", "/config/" + path.lstrip("/"))
 
-    async def ensure_server(self, server: JSON, apps: JSON | None = None) -> None:
+    async def ensure_server(self, server: JSON, apps: JSON | None = None, *, replace: bool = False) -> None:
         """For an existing (attached) Caddy: create our server (and the ``tls``/``pki`` apps we need) if
-        missing, keeping everything else. Existing servers/apps of the same name are left as they are."""
+        missing, keeping everything else; ``replace`` also overwrites our server if it differs. Other servers
+        and existing apps of the same name are left as they are."""
         async with self._lock:
             config = await self.get_config() or {}
             all_apps = config.setdefault("apps", {})
             servers = all_apps.setdefault("http", {}).setdefault("servers", {})
             changed = False
-            if self.server not in servers:
+            if self.server not in servers or (replace and _canonical(servers[self.server]) != _canonical(server)):
                 servers[self.server] = server
                 changed = True
             for name, app in (apps or {}).items():

@@ -203,9 +203,23 @@ class ManagedCaddy:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
 
+    @property
+    def alive(self) -> bool:
+        """The process is there (False after a crash or ``kill -9``, until :meth:`restart`)."""
+        return self._proc is not None and self._proc.returncode is None
+
+    async def restart(self) -> CaddyAdmin:
+        """Start again with the same config after the process died (or stop it first if it did not)."""
+        await self.stop(grace=2.0)
+        self.state = CaddyState.STOPPED
+        return await self.start()
+
 
 class ExternalCaddy:
-    """An existing Caddy (``--caddy-admin``): we add our server to it and never stop it."""
+    """An existing Caddy (``--caddy-admin``, version >= 2.8): we put our server into it and never stop it.
+
+    Our server's config is static, so it is written once at start (and again if that Caddy restarted without
+    it); the owner's other servers and apps are left alone."""
 
     def __init__(self, admin_address: str, server: JSON, apps: JSON | None = None) -> None:
         self.admin_address = admin_address
@@ -213,6 +227,7 @@ class ExternalCaddy:
         self.apps = apps
         self.admin: CaddyAdmin | None = None
         self.state = CaddyState.NEW
+        self.alive = False
 
     async def start(self) -> CaddyAdmin:
         admin = CaddyAdmin(self.admin_address)
@@ -222,13 +237,28 @@ class ExternalCaddy:
                 f"no Caddy admin API answers at {self.admin_address} (--caddy-admin)",
                 reason="caddy_unreachable",
             )
-        await admin.ensure_server(self.server, self.apps)
+        await admin.ensure_server(self.server, self.apps, replace=True)
         self.admin = admin
         self.state = CaddyState.RUNNING
+        self.alive = True
         return admin
+
+    async def check(self) -> None:
+        """Ping; put our server back if that Caddy lost it. ``alive`` says how it went."""
+        assert self.admin is not None
+        self.alive = await self.admin.ping()
+        if self.alive:
+            await self.admin.ensure_server(self.server, self.apps)
+
+    async def restart(self) -> CaddyAdmin:
+        if self.admin is not None:
+            await self.admin.aclose()
+            self.admin = None
+        return await self.start()
 
     async def stop(self, grace: float = 10.0) -> None:
         if self.admin is not None:
             await self.admin.aclose()
             self.admin = None
         self.state = CaddyState.STOPPED
+        self.alive = False

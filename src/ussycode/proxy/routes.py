@@ -305,26 +305,37 @@ def build_server(settings: ServerSettings, routes: list[Route] | tuple[Route, ..
     return server
 
 
+def wildcard_ok(domain: str) -> bool:
+    """Whether clients accept a ``*.<domain>`` certificate: TLS libraries refuse a wildcard over a single label
+    (``*.localhost``, like ``*.com``), so such a domain gets a certificate per name instead."""
+    return domain.count(".") >= 1
+
+
 def build_tls_app(settings: ServerSettings) -> JSON | None:
-    """The ``tls`` app for internal/acme modes (None for off)."""
+    """The ``tls`` app for internal/acme modes (None for off).
+
+    internal: Caddy keeps a wildcard certificate ``*.<domain>`` and one for the apex (``certificates.automate``:
+    no route names a host), so VM URLs, port URLs and unknown hosts all complete a handshake. Where a wildcard
+    cannot work (a single-label domain such as ``localhost``) and for custom domains, names get on-demand
+    certificates that the permission endpoint (``ask_url``) approves. acme: the apex is managed; every other
+    name is on demand, approved the same way.
+    """
     if settings.tls is TlsMode.OFF:
         return None
+    names = [settings.domain]
     if settings.tls is TlsMode.INTERNAL:
         issuer: JSON = {"module": "internal"}
-        # VM and port hosts get their certificates on demand (below): clients refuse a wildcard directly under a
-        # one-label domain such as ``localhost``.
-        policies: list[JSON] = [{"subjects": [settings.domain], "issuers": [issuer]}]
+        if wildcard_ok(settings.domain):
+            names.insert(0, f"*.{settings.domain}")
     else:
-        # No wildcard with ACME (it needs a DNS challenge): each VM host gets its own certificate.
+        # No wildcard with ACME (it needs a DNS challenge): each VM host gets its own certificate on demand.
         issuer = {"module": "acme", "email": settings.acme_email}
-        policies = [{"subjects": [settings.domain], "issuers": [issuer]}]
+    policies: list[JSON] = [{"subjects": list(names), "issuers": [issuer]}]
     automation: JSON = {"policies": policies}
     if settings.ask_url:
-        # Hosts not covered above (custom domains; VM hosts under acme) get a certificate on demand, only if
-        # the ask endpoint says 200 for that name.
         policies.append({"issuers": [issuer], "on_demand": True})
         automation["on_demand"] = {"permission": {"module": "http", "endpoint": settings.ask_url}}
-    return {"automation": automation}
+    return {"automation": automation, "certificates": {"automate": names}}
 
 
 def build_config(settings: ServerSettings, routes: list[Route] | tuple[Route, ...] = ()) -> JSON:

@@ -32,6 +32,7 @@ import abc
 import asyncio
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ussycode.types import VmSpec, VmStatus
@@ -83,6 +84,12 @@ class Runtime(abc.ABC):
         Optional: a runtime that cannot offer it raises NotImplementedError and its VMs have no metadata service.
         """
         raise NotImplementedError(f"{self.name} runtime cannot listen inside VMs")
+
+    async def port_netns(self, vm_id: str, port: int) -> Path | None:
+        """A network namespace (its ``/run/netns`` path) in which ``127.0.0.1:port`` reaches the VM's ``port``,
+        after making that so; the HTTPS entry then runs a C forwarder there instead of piping bytes through
+        Python. Optional: None (the default) means "use :meth:`open_connection`"."""
+        return None
 
     async def open_connection(self, vm_id: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """Streams to ``port`` inside the VM; by default over :meth:`open_socket`."""

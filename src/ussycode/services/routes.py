@@ -1,17 +1,17 @@
-"""The HTTPS entry: Caddy (managed or attached), port bridges and the routes the DB says should exist.
+"""The HTTPS entry: Caddy (managed or attached) with a static config, the forwarders, and the routing table.
 
-The DB is the truth. :meth:`RouteService.desired` builds, from every VM, its routes:
+Caddy's config never changes per VM (:mod:`ussycode.proxy.front`): a route change must never cut anyone's
+in-flight request. The DB is the truth; :meth:`RouteService.reconcile` derives from it
 
-- ``<vm>.<domain>`` -> bridge (VM, 8080), public when port 8080 is public, else through forward-auth;
-- ``<port>-<vm>.<domain>`` for each public port -> bridge (VM, port), public;
-- ``<port>-<vm>.<domain>`` for every other port 3000-9999 -> one private regexp route (forward-auth starts the
-  bridge on demand);
-- each verified custom domain -> bridge (VM, 8080), with the VM URL's access rules;
+- the forwarders to run (:class:`~ussycode.proxy.bridge.BridgeManager`): port 8080 and every public port of each
+  running VM, plus the ports forward-auth opened on demand while their VM runs;
+- the public hosts served without asking the app server (:class:`~ussycode.proxy.hosts.PublicHosts`):
+  ``<vm>.<domain>`` and the VM's verified custom domains when port 8080 is public, ``<port>-<vm>.<domain>`` for
+  each other public port — running VMs only (a stopped VM's URL goes through forward-auth, which answers a page).
 
-plus the apex (-> the app server). Routes exist for stopped VMs too, so their URL answers "not answering"
-instead of "no such VM"; bridges run only for running VMs. :meth:`RouteService.reconcile` makes Caddy and the
-bridges match: at start-up (so a restart brings every route back without touching a VM), on every VM or sharing
-event (before the command that caused it returns), and on a timer (repairs drift, e.g. a restarted Caddy).
+It runs at start-up, on every VM or sharing event (before the command that caused it returns) and on a timer.
+Private URLs, unknown hosts and stopped VMs are answered per request by forward-auth (``api/web.py``), which
+names the upstream for Caddy. A watchdog restarts a managed Caddy that died (``kill -9``) within a second.
 """
 
 from __future__ import annotations
@@ -22,26 +22,17 @@ import hashlib
 import hmac
 import logging
 import secrets
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from ussycode.config import Settings, parse_addr
 from ussycode.errors import UssyError
 from ussycode.proxy.bridge import BridgeManager
-from ussycode.proxy.caddy import CaddyAdmin, ReconcileResult
-from ussycode.proxy.manager import ExternalCaddy, ManagedCaddy
-from ussycode.proxy.routes import (
-    JSON,
-    Route,
-    RouteKind,
-    ServerSettings,
-    TlsMode,
-    build_any_port_route,
-    build_catchall,
-    build_config,
-    build_route,
-    build_server,
-    build_tls_app,
-)
+from ussycode.proxy.front import FrontSettings, build_front_apps, build_front_config, build_front_server
+from ussycode.proxy.hosts import PublicHosts
+from ussycode.proxy.manager import CaddyState, ExternalCaddy, ManagedCaddy
+from ussycode.proxy.routes import ServerSettings, TlsMode
 from ussycode.services.container import Services
 from ussycode.services.events import VmEvent
 from ussycode.services.sessions import SessionService, load_or_create_secret
@@ -56,6 +47,7 @@ log = logging.getLogger(__name__)
 AUTH_PATH = "/__ussycode/forward-auth"
 ASK_PATH = "/__ussycode/tls-ask"
 RECONCILE_INTERVAL = 30.0
+WATCH_INTERVAL = 0.25
 
 
 def forward_auth_key(key: bytes) -> str:
@@ -64,23 +56,22 @@ def forward_auth_key(key: bytes) -> str:
 
 
 class RouteService:
-    """Desired routes from the DB, applied to Caddy and the bridges."""
+    """The routing table from the DB, applied to the forwarders and the public-host files (never to Caddy)."""
 
-    def __init__(self, services: Services, bridges: BridgeManager, app_addr: str, auth_key: str) -> None:
+    def __init__(self, services: Services, bridges: BridgeManager, hosts: PublicHosts, app_addr: str,
+                 auth_key: str, auth_addr: str = "") -> None:
         self.services = services
         self.auth_key = auth_key
         self.settings: Settings = services.settings
         self.bridges = bridges
+        self.hosts = hosts
         self.app_addr = app_addr
-        self.auth_url = f"http://{app_addr}{AUTH_PATH}?k={auth_key}"
+        # forward-auth: the lean listener (api/gate.py) when the app runs one, else the app server's endpoint
+        self.auth_url = f"http://{auth_addr or app_addr}{AUTH_PATH}?k={auth_key}"
         # Made anew at each start: Caddy sends it with the client's address (hygiene.client_address_headers).
         self.proxy_key = secrets.token_urlsafe(24)
-        self.admin: CaddyAdmin | None = None
+        self.health: Callable[[], dict[str, Any]] | None = None  # the HTTPS entry's report, for /health
         self._lock = asyncio.Lock()
-        self.last_result: ReconcileResult | None = None
-
-    def _dial(self, vm_id: str, port: int) -> str:
-        return self.bridges.dial_address(vm_id, port)
 
     async def _state(self) -> tuple[list[Any], dict[str, set[int]], dict[str, list[str]]]:
         def read(c: Any) -> tuple[list[Any], dict[str, set[int]], dict[str, list[str]]]:
@@ -88,60 +79,48 @@ class RouteService:
 
         return await self.services.store.read(read)
 
-    async def desired(self) -> tuple[list[JSON], set[tuple[str, int]]]:
-        """(Caddy routes, wanted bridges) from the DB."""
+    async def desired(self) -> tuple[set[tuple[str, int]], dict[str, tuple[str, int]]]:
+        """(wanted forwarders, public host -> (VM id, port)) from the DB."""
         domain = self.settings.domain
         vms, public, cnames = await self._state()
-        app, key = self.app_addr, self.proxy_key
-        routes: list[JSON] = [build_route(Route(RouteKind.APEX, domain, app, public=True, proxy_key=key))]
         wanted: set[tuple[str, int]] = set()
-        for vm in vms:
-            ports = public.get(vm.id, set())
-            host = f"{vm.name}.{domain}"
-            routes.append(build_route(Route(RouteKind.VM, host, self._dial(vm.id, MAIN_PORT),
-                                            public=MAIN_PORT in ports, auth_url=self.auth_url, app=app,
-                                            proxy_key=key)))
-            port_hosts = []
-            for port in sorted(ports - {MAIN_PORT}):
-                port_host = f"{port}-{host}"
-                port_hosts.append(port_host)
-                routes.append(build_route(Route(RouteKind.PORT, port_host, self._dial(vm.id, port), public=True,
-                                                app=app, proxy_key=key)))
-            prefix = self._dial(vm.id, MAIN_PORT).removesuffix(f"{MAIN_PORT}.sock")
-            routes.append(build_any_port_route(host, prefix, self.auth_url, app, tuple(port_hosts), key))
-            for cname in cnames.get(vm.id, []):
-                routes.append(build_route(Route(RouteKind.CNAME, cname, self._dial(vm.id, MAIN_PORT),
-                                                public=MAIN_PORT in ports, auth_url=self.auth_url, app=app,
-                                                proxy_key=key)))
-            if vm.status is VmStatus.RUNNING:
-                wanted.add((vm.id, MAIN_PORT))
-                wanted.update((vm.id, p) for p in ports)
+        hosts: dict[str, tuple[str, int]] = {}
         running = {vm.id for vm in vms if vm.status is VmStatus.RUNNING}
-        # Bridges forward-auth started on demand stay while their VM runs.
+        for vm in vms:
+            if vm.id not in running:
+                continue
+            ports = public.get(vm.id, set())
+            wanted.add((vm.id, MAIN_PORT))
+            wanted.update((vm.id, p) for p in ports)
+            host = f"{vm.name}.{domain}"
+            for port in ports:
+                hosts[host if port == MAIN_PORT else f"{port}-{host}"] = (vm.id, port)
+            if MAIN_PORT in ports:
+                for cname in cnames.get(vm.id, []):
+                    hosts[cname] = (vm.id, MAIN_PORT)
+        # Forwarders forward-auth started on demand stay while their VM runs.
         wanted.update(key for key in self.bridges.active() if key[0] in running)
-        return routes, wanted
+        return wanted, hosts
 
-    async def reconcile(self) -> ReconcileResult | None:
+    async def reconcile(self) -> None:
         async with self._lock:
-            routes, wanted = await self.desired()
+            wanted, hosts = await self.desired()
             await self.bridges.sync(wanted)
-            if self.admin is None:
-                return None
-            self.last_result = await self.admin.reconcile(routes, build_catchall())
-            return self.last_result
+            self.hosts.sync({host: self.bridges.socket_path(*key) for host, key in hosts.items()})
 
-    async def ensure_bridge(self, vm_id: str, port: int) -> None:
-        await self.bridges.ensure(vm_id, port)
+    async def ensure_bridge(self, vm_id: str, port: int) -> str:
+        """Start the VM port's forwarder if needed; its Caddy dial address."""
+        return (await self.bridges.ensure(vm_id, port)).dial
 
     async def on_event(self, event: VmEvent) -> None:
         try:
             await self.reconcile()
-        except UssyError as exc:
+        except (UssyError, OSError) as exc:
             log.error("routes not updated after %s %s: %s", event.kind, event.name, exc)
 
 
 class HttpsEntry:
-    """Owns the sharing and session services, the bridges, Caddy and the route service (App wires it)."""
+    """Owns the sharing and session services, the forwarders, Caddy and the route service (App wires it)."""
 
     def __init__(self, services: Services) -> None:
         self.services = services
@@ -153,6 +132,7 @@ class HttpsEntry:
         self.caddy: ManagedCaddy | ExternalCaddy | None = None
         self.routes: RouteService | None = None
         self.error: str = ""
+        self.restarts = 0
 
     def server_settings(self, http_port: int) -> ServerSettings:
         s = self.services.settings
@@ -163,35 +143,84 @@ class HttpsEntry:
         return ServerSettings(domain=s.domain, https_addr=s.https_addr, http_addr=f"{host}:{http_port}", tls=tls,
                               acme_email=s.acme_email, ask_url=ask)
 
-    async def start(self, http_port: int) -> None:
-        """Bridges and routes from the DB, then Caddy with them. A Caddy that cannot start is logged, and the
-        rest of the server keeps running (SSH, API); the error stays in ``self.error``."""
+    async def start(self, http_port: int, auth_port: int | None = None) -> None:
+        """Forwarders and public hosts from the DB, then Caddy with its static config (forward-auth on
+        ``auth_port`` when given, else on the app server). A Caddy that cannot start is logged, and the rest of
+        the server keeps running (SSH, API); the error stays in ``self.error`` and the watchdog keeps trying."""
         s = self.services.settings
         ss = self.server_settings(http_port)
         bridges = BridgeManager(self.services.vms.runtime, s.run_dir)
-        self.routes = routes = RouteService(self.services, bridges, ss.http_addr, forward_auth_key(self.key))
+        hosts = PublicHosts(Path(s.run_dir) / "front")
+        auth_addr = ss.http_addr.rpartition(":")[0] + f":{auth_port}" if auth_port else ""
+        self.routes = routes = RouteService(self.services, bridges, hosts, ss.http_addr, forward_auth_key(self.key),
+                                            auth_addr)
         ss = dataclasses.replace(ss, proxy_key=routes.proxy_key)
         self.services.routes = routes
-        desired, wanted = await routes.desired()
-        await bridges.sync(wanted)
+        routes.health = self.health
+        await routes.reconcile()
+        front = FrontSettings(routes.auth_url, str(hosts.markers), hosts.dial_template())
+        if s.caddy_admin:
+            self.caddy = ExternalCaddy(s.caddy_admin, build_front_server(ss, front), build_front_apps(ss))
+        else:
+            self.caddy = ManagedCaddy(s.caddy_dir, build_front_config(ss, front))
         try:
-            if s.caddy_admin:
-                apps: JSON = {}
-                tls_app = build_tls_app(ss)
-                if tls_app is not None:
-                    apps = {"tls": tls_app, "pki": {"certificate_authorities": {"local": {"install_trust": False}}}}
-                self.caddy = ExternalCaddy(s.caddy_admin, build_server(ss), apps)
-            else:
-                config = build_config(ss)
-                config["apps"]["http"]["servers"]["ussycode"]["routes"][1:-1] = desired[1:]
-                self.caddy = ManagedCaddy(s.caddy_dir, config)
-            routes.admin = await self.caddy.start()
-            await routes.reconcile()
+            await self.caddy.start()
         except UssyError as exc:
             self.error = str(exc)
             log.error("the HTTPS entry (Caddy) is not running: %s", exc)
         self.services.events.subscribe(routes.on_event)
         self.tasks.spawn(self._timer(), "routes-reconcile")
+        self.tasks.spawn(self._watch_caddy(), "caddy-watchdog")
+
+    @property
+    def state(self) -> str:
+        """``running``, ``restarting`` (it died and is being brought back) or ``down``."""
+        caddy = self.caddy
+        if caddy is None or caddy.state is CaddyState.NEW:
+            return "down"
+        if caddy.state is CaddyState.RUNNING and caddy.alive:
+            return "running"
+        return "restarting" if caddy.state is not CaddyState.FAILED else "down"
+
+    def health(self) -> dict[str, Any]:
+        """What ``/health`` reports about the HTTPS entry."""
+        caddy = self.caddy
+        report: dict[str, Any] = {"state": self.state, "restarts": self.restarts}
+        if isinstance(caddy, ManagedCaddy):
+            report["managed"] = True
+            report["pid"] = caddy.pid
+        elif caddy is not None:
+            report["managed"] = False
+            report["admin"] = caddy.admin_address
+        if self.error:
+            report["error"] = self.error.splitlines()[0][:300]
+        return report
+
+    async def _watch_caddy(self) -> None:
+        """Bring a dead managed Caddy back (same static config: nothing to re-apply); re-attach to an external
+        one that lost our server (it restarted without it)."""
+        delay = WATCH_INTERVAL
+        while True:
+            caddy = self.caddy
+            await asyncio.sleep(delay)
+            if caddy is None:
+                continue
+            try:
+                if caddy.state is CaddyState.RUNNING and caddy.alive:
+                    if isinstance(caddy, ExternalCaddy):
+                        await caddy.check()
+                    delay = WATCH_INTERVAL
+                    continue
+                log.error("the HTTPS entry (Caddy) is down; restarting it")
+                await caddy.restart()
+                self.restarts += 1
+                self.error = ""
+                log.info("the HTTPS entry (Caddy) is back")
+                delay = WATCH_INTERVAL
+            except UssyError as exc:
+                self.error = str(exc)
+                log.error("Caddy restart failed (retrying): %s", exc)
+                delay = min(delay * 2, 10.0)
 
     async def _timer(self) -> None:
         assert self.routes is not None
@@ -213,3 +242,4 @@ class HttpsEntry:
             await self.caddy.stop()
         if self.routes is not None:
             await self.routes.bridges.close()
+            self.routes.hosts.clear()

@@ -17,18 +17,22 @@ on the next request.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import datetime as dt
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import asyncssh
 import sqlalchemy as sa
 
 from ussycode.auth import tokens as tk
 from ussycode.auth.identity import Actor
-from ussycode.errors import Conflict, Forbidden, NotFound, Unauthenticated, UsageError
+from ussycode.errors import Conflict, Forbidden, NotFound, RateLimited, Unauthenticated, UsageError
+from ussycode.services.ratelimit import RateLimiter
 from ussycode.store import audit
 from ussycode.store import tokens as q
 from ussycode.store import users as userq
@@ -43,6 +47,13 @@ log = logging.getLogger(__name__)
 VM_SCOPED_COMMANDS = frozenset({"ls", "whoami", "help", "start", "stop", "restart", "rm", "rename", "tag", "share",
                                 "ssh"})
 MAX_ACTIVE_TOKENS = 100
+# Refused credentials per client address: this many at once, then this many a minute (then 429 Retry-After).
+BAD_TOKEN_BURST = 20
+BAD_TOKEN_PER_MINUTE = 10
+REFUSAL_WINDOW = 60.0  # refusals of one kind from one address are audited as one row per window
+REFUSAL_KEYS_MAX = 10_000
+# The caller's address for the refusal being handled (set by authenticate()).
+_client: contextvars.ContextVar[str] = contextvars.ContextVar("ussycode_token_client", default="")
 TOUCH_INTERVAL = dt.timedelta(seconds=60)
 AUTH_CACHE_TTL = 2.0
 AUTH_CACHE_MAX = 10_000
@@ -112,6 +123,8 @@ class TokenService:
         self._resolve: CommandResolver = resolve_command or (lambda name: name)
         self._cache: dict[str, _CachedAuth] = {}
         self._revocations = 0  # a read that raced a revocation must not be cached
+        self._failures = RateLimiter(BAD_TOKEN_PER_MINUTE, BAD_TOKEN_BURST)
+        self._refusals: dict[tuple[str, str, str, str], list[Any]] = {}
 
     # Management -------------------------------------------------------------------------------------------------
     def _canonical_cmds(self, cmds: list[str]) -> list[str]:
@@ -138,6 +151,13 @@ class TokenService:
         new = tk.new_db_token()
         now = utcnow()
         expires_at = now + expires_in if expires_in is not None else None
+        limit = actor.token_expires_at
+        if limit is not None:  # a token never makes one that outlives it
+            if expires_at is None:
+                expires_at = limit
+            elif expires_at > limit:
+                raise UsageError(f"this token expires at {iso(limit)}; a token it creates cannot outlive it: use a "
+                                 "shorter --expires (or create tokens over ssh)")
 
         def tx(c: sa.Connection) -> None:
             vm_id = None
@@ -183,14 +203,45 @@ class TokenService:
     # Authentication ---------------------------------------------------------------------------------------------
     async def _refuse(self, source: str, reason: str, message: str, *, user_id: str | None = None,
                       target: str = "") -> Unauthenticated:
-        """Audit a refused credential and return the error to raise (the token itself is never recorded)."""
-        log.info("refused %s token (%s) %s", source, reason, target)
-        await self.store.write(lambda c: audit.record(c, actor_id=user_id, source=source, action="token.refused",
-                                                      target=target, reason=reason))
+        """Count a refused credential against the caller's address and audit it, aggregated: the first refusal
+        of a (source, reason, address, target) in a :data:`REFUSAL_WINDOW` writes a row, later ones only count,
+        and the next row carries how many were folded (``repeated``). The token itself is never recorded."""
+        client = _client.get("")
+        if client:
+            with contextlib.suppress(RateLimited):
+                self._failures.take(client)
+        log.info("refused %s token (%s) %s from %s", source, reason, target, client or "?")
+        key = (source, reason, client, target)
+        now = time.monotonic()
+        window = self._refusals.get(key)
+        if window is not None and now - window[0] < REFUSAL_WINDOW:
+            window[1] += 1
+        else:
+            repeated = window[1] - 1 if window is not None else 0
+            if len(self._refusals) > REFUSAL_KEYS_MAX:
+                self._refusals = {k: v for k, v in self._refusals.items() if now - v[0] < REFUSAL_WINDOW}
+            self._refusals[key] = [now, 1]
+            extra = {"repeated": repeated} if repeated else {}
+            await self.store.write(lambda c: audit.record(c, actor_id=user_id, source=source, action="token.refused",
+                                                          target=target, reason=reason, client=client[:64],
+                                                          **extra))
         return Unauthenticated(message, log_message=f"token refused: {reason} {target}", reason=reason)
 
-    async def authenticate(self, bearer: str, *, source: str = "api") -> Actor:
-        """The actor a Bearer credential stands for, or :class:`Unauthenticated` (audited)."""
+    async def authenticate(self, bearer: str, *, source: str = "api", client: str = "") -> Actor:
+        """The actor a Bearer credential stands for, or :class:`Unauthenticated` (audited, aggregated).
+
+        ``client`` is the caller's address: after :data:`BAD_TOKEN_BURST` refusals it gets
+        :class:`~ussycode.errors.RateLimited` (refilled at :data:`BAD_TOKEN_PER_MINUTE`) before any check runs,
+        so a flood of bad tokens costs neither hashing nor DB writes."""
+        if client:
+            self._failures.check(client)
+        token = _client.set(client)
+        try:
+            return await self._authenticate(bearer, source)
+        finally:
+            _client.reset(token)
+
+    async def _authenticate(self, bearer: str, source: str) -> Actor:
         if not bearer:
             raise await self._refuse(source, "missing", "missing token: send 'Authorization: Bearer <token>'; "
                                                         "create one with 'token create'")
@@ -235,7 +286,7 @@ class TokenService:
             await self.store.write(lambda c: q.touch(c, row.id, now))
         cmds = frozenset(row.cmds) if row.cmds is not None else None
         actor = Actor(user=user, source=source, allowed_commands=scoped_commands(cmds, row.vm_name),
-                      vm_scope=row.vm_name, token_id=row.id)
+                      vm_scope=row.vm_name, token_id=row.id, token_expires_at=row.expires_at)
         if revocations == self._revocations:
             self._remember(row, actor)
         return actor
@@ -283,7 +334,8 @@ class TokenService:
                                      user_id=user.id, target=fingerprint)
         return Actor(user=user, source=source, fingerprint=fingerprint,
                      allowed_commands=scoped_commands(cmds, perms.vm), vm_scope=perms.vm,
-                     token_id=f"usy0:{fingerprint}")
+                     token_id=f"usy0:{fingerprint}",
+                     token_expires_at=dt.datetime.fromtimestamp(perms.exp, dt.UTC).replace(tzinfo=None))
 
     async def record_forbidden(self, actor: Actor, command: str) -> None:
         """Audit a command the actor's token does not permit (HTTP 403)."""
@@ -291,7 +343,7 @@ class TokenService:
                                                       action="token.forbidden", target=actor.token_id or "",
                                                       command=command))
 
-    async def authenticate_for_vm(self, bearer: str, vm_name: str) -> Actor | None:
+    async def authenticate_for_vm(self, bearer: str, vm_name: str, *, client: str = "") -> Actor | None:
         """For forward-auth on ``https://<vm>.<domain>/``: the actor when ``bearer`` is valid for that VM, else None.
 
         Valid means: a good token that is either scoped to this VM (``--vm``; any ``cmds``) or unrestricted (no
@@ -299,14 +351,18 @@ class TokenService:
         Whether the user may open the VM at all (owner or shared) is the caller's check.
         """
         try:
-            actor = await self.authenticate(bearer, source="proxy")
+            actor = await self.authenticate(bearer, source="proxy", client=client)
         except Unauthenticated:
             return None
+        token = _client.set(client)
         if actor.vm_scope is not None:
             ok = actor.vm_scope == vm_name
         else:
             ok = actor.allowed_commands is None
-        if not ok:
-            await self._refuse("proxy", "wrong_scope", "", user_id=actor.id, target=actor.token_id or "")
-            return None
-        return actor
+        try:
+            if not ok:
+                await self._refuse("proxy", "wrong_scope", "", user_id=actor.id, target=actor.token_id or "")
+                return None
+            return actor
+        finally:
+            _client.reset(token)

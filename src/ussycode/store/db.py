@@ -106,6 +106,9 @@ class Store:
         self.engine = make_engine(url)
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="db-write")
         self._readers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="db-read")
+        # Bumped after every write: a cache of reads (forward-auth's access inputs) tags each entry with the
+        # generation it was read at and drops it once any write happened since. Single process only.
+        self.generation = 0
 
     def migrate(self) -> Path | None:
         return migrate(self.engine)
@@ -115,7 +118,12 @@ class Store:
             return fn(conn)
 
     async def write(self, fn: Callable[[sa.Connection], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._writer, self._run, fn)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._writer, self._run, fn)
+        finally:
+            # Caches of what was read before this write are stale from now on (see ``generation``); bumped on
+            # the loop once the write is over, before its caller goes on.
+            self.generation += 1
 
     async def read(self, fn: Callable[[sa.Connection], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._readers, self._run, fn)

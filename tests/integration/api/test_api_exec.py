@@ -184,7 +184,10 @@ async def test_exec_bad_requests(server, api) -> None:
     r = await api.client.get(f"{api.base}/health")
     assert r.status_code == 200 and r.json()["status"] == "ok"
     refused = await api.audit("token.refused")
-    assert len(refused) == 10 and sum(a["detail"]["reason"] == "missing" for a in refused) == 4
+    # 10 refusals from one address, audited aggregated: one row per (reason, token id) and window
+    keys = [(a["detail"]["reason"], a["target"]) for a in refused]
+    assert len(keys) == len(set(keys)) and len(keys) < 10 and ("missing", "") in keys, keys
+    assert all(a["detail"]["client"] == "127.0.0.1" for a in refused)
     assert all(token.split(".")[2] not in json.dumps(a, default=str) for a in refused)
 
 
@@ -301,3 +304,29 @@ async def test_plain_curl_d_works_as_typed(server, api) -> None:
         stdout=asyncio.subprocess.PIPE)
     out, _ = await proc.communicate()
     assert "a+b%20c" in json.loads(out)["error"]  # no form decoding
+
+
+async def test_bad_token_flood_is_rate_limited_per_address_and_audited_once(server, api) -> None:
+    key = await server.register("flood")
+    token = (await api.create_token(key))["token"]
+    codes = [(await api.exec("usy1.abcdefghijkl." + "A" * 43, "whoami")).status_code for _ in range(60)]
+    assert codes[:20] == [401] * 20 and set(codes[20:]) == {429}, codes
+    r = await api.exec("usy1.abcdefghijkl." + "A" * 43, "whoami")
+    assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1 and r.json()["code"] == 429
+    # refused before any check: even a good token from this address waits
+    assert (await api.exec(token, "whoami")).status_code == 429
+    refused = [a for a in await api.audit("token.refused") if a["target"] == "abcdefghijkl"]
+    assert len(refused) == 1, refused  # 20 refusals, one audit row (the window folds the rest)
+
+
+async def test_token_cannot_outlive_the_token_that_creates_it(server, api) -> None:
+    key = await server.register("mint")
+    parent = await api.create_token(key, "--expires=1h")
+    reply = await api.run(parent["token"], "token create --expires=2h")
+    assert reply["exit_code"] == 2 and "cannot outlive" in reply["error"], reply
+    reply = await api.run(parent["token"], "token create --json")  # no --expires: the parent's expiry
+    assert reply["exit_code"] == 0
+    child = json.loads(reply["output"])
+    assert child["expires_at"] == parent["expires_at"], (child, parent)
+    reply = await api.run(parent["token"], "token create --expires=30m --json")
+    assert reply["exit_code"] == 0 and json.loads(reply["output"])["expires_at"] < parent["expires_at"]

@@ -97,7 +97,8 @@ async def test_usy0_refusals(server, api) -> None:
         r = await api.exec(token, "whoami")
         assert r.status_code == 401, (reason, r.text)
         if reason:
-            assert (await api.audit("token.refused"))[0]["detail"]["reason"] == reason
+            # audited, aggregated: a repeat of the same refusal from the same address folds into one row
+            assert reason in {a["detail"]["reason"] for a in await api.audit("token.refused")}
     assert (await api.run(good, "whoami"))["exit_code"] == 0
 
 

@@ -155,11 +155,21 @@ async def test_stopped_unknown_and_removed_vms(web: Web, needs_vms: None) -> Non
     assert (await web.cmd(alice, "share", "set-public", "box")).exit_status == 0
     async with browser_client() as c:
         assert (await c.get(web.url("box.localhost"))).status_code == 200
+        # running, nothing on the port: its own page (HTML for a browser, JSON for an API client)
+        assert (await web.cmd(alice, "share", "set-public", "box", "--port=4000")).exit_status == 0
+        r = await c.get(web.url("4000-box.localhost"), headers=HTML)
+        assert r.status_code == 502 and "nothing answers on this port" in r.text, r.text
+        r = await c.get(web.url("4000-box.localhost"))
+        assert r.status_code == 502 and r.json()["reason"] == "no_listener", r.text
         assert (await web.cmd(alice, "stop", "box")).exit_status == 0
+        r = await c.get(web.url("box.localhost"), headers=HTML)
+        assert r.status_code == 503 and "box is stopped" in r.text and "start box" in r.text, r.text
         r = await c.get(web.url("box.localhost"))
-        assert r.status_code == 502 and "not answering" in r.text
+        assert r.status_code == 503 and r.json()["reason"] == "vm_stopped", r.text
+        r = await c.get(web.url("nosuchvm.localhost"), headers=HTML)
+        assert r.status_code == 404 and "No such VM" in r.text
         r = await c.get(web.url("nosuchvm.localhost"))
-        assert r.status_code == 404 and "no such VM" in r.text
+        assert r.status_code == 404 and r.json()["code"] == 404
         assert (await web.cmd(alice, "share", "add-link", "box")).exit_status == 0
         assert (await web.cmd(alice, "rm", "box", "--yes")).exit_status == 0
         r = await c.get(web.url("box.localhost"))

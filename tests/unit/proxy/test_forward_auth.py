@@ -224,7 +224,14 @@ def test_public_private_by_session(who: str, public: bool) -> None:
     d = run(req(), session=SESSIONS[who], public=public)
     if public:
         assert d.outcome is Outcome.ALLOW and d.access is Access.PUBLIC
-        assert headers(d) == {"X-Ussy-Access": "public"}  # public: no identity
+        # public: a signed-in visitor is named (whoever they are), an anonymous one is not
+        session = SESSIONS[who]
+        expected = {"X-Ussy-Access": "public"}
+        if session is not None:
+            expected |= {"X-Ussy-User-Id": session.user_id, "X-Ussy-Handle": session.handle}
+            if session.email:
+                expected["X-Ussy-Email"] = session.email
+        assert headers(d) == expected
     elif who == "owner":
         assert d.access is Access.OWNER
         assert headers(d) == {
@@ -358,9 +365,11 @@ def test_repeated_share_params_all_must_be_valid() -> None:
     assert d.status == 403
 
 
-def test_share_link_on_public_vm_is_stripped() -> None:
-    d = run(req(uri=f"/?ussy_share={EXPIRED}"), public=True)
-    assert d.status == 302 and headers(d)["Location"] == "https://web-app.ussy.test/"
+def test_share_link_on_public_vm_plays_no_part() -> None:
+    # public: allowed as is, no cookie, no redirect (Caddy strips ussy_share before the app, as on the fast path)
+    for token in (EXPIRED, "bogus-token-1234"):
+        d = run(req(uri=f"/?ussy_share={token}"), public=True)
+        assert d.allowed and d.access is Access.PUBLIC and "Set-Cookie" not in headers(d)
 
 
 # --- bearer tokens --------------------------------------------------------------------------------------------

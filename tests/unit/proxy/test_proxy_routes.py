@@ -95,7 +95,8 @@ def test_config_off_internal_acme() -> None:
 
     internal = build_config(ServerSettings(**base, tls=TlsMode.INTERNAL, ask_url="http://127.0.0.1:8080/ask"))  # type: ignore[arg-type]
     pols = internal["apps"]["tls"]["automation"]["policies"]
-    assert pols[0] == {"subjects": ["ussy.test"], "issuers": [{"module": "internal"}]}
+    # a two-label domain: a wildcard clients accept (port URLs, unknown hosts); custom domains on demand
+    assert pols[0] == {"subjects": ["*.ussy.test", "ussy.test"], "issuers": [{"module": "internal"}]}
     assert pols[1] == {"issuers": [{"module": "internal"}], "on_demand": True}
     assert internal["apps"]["tls"]["automation"]["on_demand"] == {"permission": {"module": "http", "endpoint": "http://127.0.0.1:8080/ask"}}
     assert internal["apps"]["pki"]["certificate_authorities"]["local"]["install_trust"] is False

@@ -530,6 +530,10 @@ class ContainerRuntime(Runtime):
         """A connected socket to 127.0.0.1:``port`` inside the VM's network namespace."""
         return await self._socket(self._running(vm_id), port)
 
+    async def port_netns(self, vm_id: str, port: int) -> Path | None:
+        """The VM's own network namespace: the guest shares it, so its loopback is the VM's."""
+        return netns.NETNS_DIR / self._running(vm_id).netns
+
     async def open_connection(self, vm_id: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """A TCP stream to 127.0.0.1:``port`` inside the VM's network namespace."""
         return await self._connect(self._running(vm_id), port)

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 from qemu.qmp import QMPClient, QMPError
 
 from ussycode.errors import ImageError, NotFound, RuntimeFailure, StateError, UsageError
-from ussycode.runtime import kernel, kvm, rootfs
+from ussycode.runtime import kernel, kvm, netns, rootfs
 from ussycode.runtime.base import ExecResult, HostCheck, Runtime
 from ussycode.runtime.qemu import network
 from ussycode.runtime.qemu.argv import Accel, Machine, QemuConfig, build_argv, validate
@@ -292,7 +292,19 @@ class QemuRuntime(Runtime):
     async def _connect(self, vm_id: str, port: int, timeout: float = 5.0) -> socket.socket:
         return await self.vmm.connect(vm_id, port, timeout)
 
+    async def port_netns(self, vm_id: str, port: int) -> Path | None:
+        """The VM's namespace: QEMU's user-mode network forwards the port on that namespace's loopback."""
+        await self._ensure_forward(vm_id, port)
+        return netns.NETNS_DIR / self.netns_name(vm_id)
+
     async def open_socket(self, vm_id: str, port: int) -> socket.socket:
+        await self._ensure_forward(vm_id, port)
+        try:
+            return await self._connect(vm_id, port)
+        except OSError as exc:
+            raise ConnectionRefusedError(f"nothing accepts connections on port {port} in VM {vm_id}: {exc}") from exc
+
+    async def _ensure_forward(self, vm_id: str, port: int) -> None:
         if not 1 <= port <= 65535:
             raise UsageError(f"port {port} is not a TCP port")
         if not self._running(vm_id):
@@ -306,10 +318,6 @@ class QemuRuntime(Runtime):
             if isinstance(reply, str) and reply.strip() and "could not" in reply.lower():
                 raise RuntimeFailure(f"could not forward port {port} of VM {vm_id}", evidence=reply)
             forwards.add(port)
-        try:
-            return await self._connect(vm_id, port)
-        except OSError as exc:
-            raise ConnectionRefusedError(f"nothing accepts connections on port {port} in VM {vm_id}: {exc}") from exc
 
     async def exec(
         self, vm_id: str, argv: list[str], *, stdin: bytes = b"", user: str = "ussycode", timeout: float = 60.0

@@ -1,0 +1,300 @@
+"""The front door under change and failure, as a user meets it: the README's /exec example over real HTTPS with
+the real curl, open streams and WebSockets while another user churns VMs, a killed Caddy coming back."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from ussycode.proxy.manager import ManagedCaddy
+
+from .conftest import Web, browser_client, free_port
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.slow]
+
+# One app for every VM: a WebSocket echo on Upgrade, /slow/<n> streams n chunks 0.1 s apart, anything else "ok".
+APP = r'''
+import asyncio, base64, hashlib, sys
+GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+async def handle(r, w):
+    try:
+        while True:
+            head = await r.readuntil(b"\r\n\r\n")
+            lines = head.split(b"\r\n")
+            path = lines[0].split()[1]
+            h = {l.split(b":", 1)[0].strip().lower(): l.split(b":", 1)[1].strip() for l in lines[1:] if b":" in l}
+            if h.get(b"upgrade", b"").lower() == b"websocket":
+                acc = base64.b64encode(hashlib.sha1(h[b"sec-websocket-key"] + GUID).digest())
+                w.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                        b"Sec-WebSocket-Accept: " + acc + b"\r\n\r\n")
+                while True:
+                    b0, b1 = await r.readexactly(2)
+                    mask = await r.readexactly(4)
+                    data = bytes(c ^ mask[i % 4] for i, c in enumerate(await r.readexactly(b1 & 0x7F)))
+                    if b0 & 0x0F == 8:
+                        return
+                    w.write(bytes([0x81, len(data)]) + data)
+                    await w.drain()
+            if path.startswith(b"/slow/"):
+                w.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n")
+                for i in range(int(path.split(b"/")[2])):
+                    chunk = b"%d\n" % i
+                    w.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                    await w.drain()
+                    await asyncio.sleep(0.1)
+                w.write(b"0\r\n\r\n")
+                await w.drain()
+                continue
+            body = b"ok " + path + b"\n"
+            w.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            await w.drain()
+    except Exception:
+        pass
+    finally:
+        w.close()
+async def main():
+    server = await asyncio.start_server(handle, "0.0.0.0", int(sys.argv[1]), backlog=256)
+    await server.serve_forever()
+asyncio.run(main())
+'''
+
+
+async def serve_app(web: Web, key: Path, vm: str, port: int = 8080) -> None:
+    r = await web.server.ssh(key, f"cat > /tmp/app.py && (setsid nohup python3 /tmp/app.py {port} "
+                             ">/tmp/app.log 2>&1 &) ; for i in $(seq 50); do python3 -c 'import socket; "
+                             f"socket.create_connection((\"127.0.0.1\", {port}))' 2>/dev/null && exit 0; "
+                             "sleep 0.1; done; exit 1", user=vm, stdin=APP.encode())
+    assert r.exit_status == 0, r
+
+
+async def new_vm(web: Web, key: Path, name: str) -> None:
+    r = await web.cmd(key, "new", f"--name={name}", "--json")
+    assert r.exit_status == 0, r
+    await serve_app(web, key, name)
+
+
+async def token_of(web: Web, key: Path) -> str:
+    r = await web.cmd(key, "token", "create", "--json")
+    assert r.exit_status == 0, r
+    return str(json.loads(r.stdout)["token"])
+
+
+async def run(*argv: str, timeout: float = 60) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
+
+
+def ws_frame(message: bytes) -> bytes:
+    mask = os.urandom(4)
+    return bytes([0x81, 0x80 | len(message)]) + mask + bytes(c ^ mask[i % 4] for i, c in enumerate(message))
+
+
+def caddy_reloads(caddy_dir: Path) -> int:
+    """How many times the running Caddy replaced its config (each reload stops the previous server)."""
+    text = (caddy_dir / "caddy.log").read_text(errors="replace")
+    return sum(1 for line in text.splitlines() if '"msg":"stopped previous server"' in line)
+
+
+async def test_readme_exec_example_over_https_with_curl(server_factory: Callable[..., Any],
+                                                        needs_vms: None) -> None:
+    """The README's /exec lines, word for word, with the real curl over HTTPS (Caddy's local CA), HTTP/2 and
+    HTTP/1.1: the VM is created and its JSON printed (a reload used to cut this request: 502)."""
+    port = free_port()
+    server = await server_factory(https_addr=f"127.0.0.1:{port}", tls="internal")
+    https = server.app.https
+    assert https is not None and not https.error, https.error
+    caddy = https.caddy
+    assert isinstance(caddy, ManagedCaddy)
+    deadline = time.monotonic() + 20
+    while not caddy.root_ca_path.exists() and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    ca = str(caddy.root_ca_path)
+    key = await server.register("scripter")
+    token = await token_of(Web(server, port), key)
+    domain = f"localhost:{port}"
+    env = {**os.environ, "TOKEN": token, "CURL_CA_BUNDLE": ca}  # the README's curl, trusting our local CA
+    for http_flag, name in (("", "api1"), ("--http1.1 ", "api2")):
+        readme = [
+            f"curl -sS {http_flag}https://{domain}/exec -H \"Authorization: Bearer $TOKEN\" "
+            "-H 'Content-Type: text/plain' --data-binary 'whoami'",
+            f"curl -sS {http_flag}https://{domain}/exec -H \"Authorization: Bearer $TOKEN\" "
+            f"--json '{{\"command\": \"new --name={name} --json\"}}'",
+            f"curl -sS {http_flag}https://{domain}/exec -H \"Authorization: Bearer $TOKEN\" "
+            "-H 'Content-Type: text/plain' --data-binary 'ls --json' | jq -r .output | jq '.[].name'",
+        ]
+        outputs = []
+        for line in readme:
+            proc = await asyncio.create_subprocess_shell(line, stdout=asyncio.subprocess.PIPE,
+                                                         stderr=asyncio.subprocess.PIPE, env=env)
+            out, err = await asyncio.wait_for(proc.communicate(), 120)
+            assert proc.returncode == 0, (line, out, err)
+            outputs.append(out.decode())
+        assert json.loads(outputs[0])["exit_code"] == 0
+        created = json.loads(outputs[1])
+        assert created["exit_code"] == 0, created
+        vm = json.loads(created["output"])
+        assert vm["name"] == name and vm["status"] == "running", vm
+        assert f'"{name}"' in outputs[2].split()
+    # and it really was HTTP/2 (then 1.1) over TLS with our CA
+    for flag, want in (("--http2", "2"), ("--http1.1", "1.1")):
+        rc, out, err = await run("curl", "-sS", flag, "--cacert", ca, "-o", "/dev/null", "-w", "%{http_version}",
+                                 f"https://{domain}/health")
+        assert rc == 0 and out == want, (out, err)
+    # every promised host completes a handshake: a private port URL (401: it is private), an unknown VM (404)
+    for host, status in ((f"3000-api1.localhost:{port}", 401), (f"nosuchvm.localhost:{port}", 404)):
+        rc, out, err = await run("curl", "-sS", "--cacert", ca, "-o", "/dev/null", "-w", "%{http_code}",
+                                 "--resolve", f"{host.split(':')[0]}:{port}:127.0.0.1", f"https://{host}/")
+        assert rc == 0 and out == str(status), (host, out, err)
+    # ... and the owner opens the private port URL with a token, without making it public
+    rc, out, err = await run("curl", "-sS", "--cacert", ca, "-H", f"Authorization: Bearer {token}", "-o",
+                             "/dev/null", "-w", "%{http_code}", "--resolve", f"3000-api1.localhost:{port}:127.0.0.1",
+                             f"https://3000-api1.localhost:{port}/")
+    assert rc == 0 and out == "502", (out, err)  # allowed; nothing listens on 3000 in a fresh VM
+    assert caddy_reloads(caddy.base_dir) == 0  # two VMs created: Caddy's config never changed
+
+
+async def test_streams_survive_other_users_churn(web: Web, needs_vms: None) -> None:
+    """A WebSocket to A, slow downloads from B (private, Bearer) and >= 50 sequential curls to C all complete
+    without error while another user runs 20 new/share set-public/rename/rm commands."""
+    alice = await web.server.register("alice")
+    bob = await web.server.register("bob")
+    for vm in ("vma", "vmb", "vmc"):
+        await new_vm(web, alice, vm)
+    for vm in ("vma", "vmc"):
+        assert (await web.cmd(alice, "share", "set-public", vm)).exit_status == 0
+    token = await token_of(web, alice)
+    caddy = web.server.app.https.caddy
+    churn_done = asyncio.Event()
+    churn_log: list[str] = []
+
+    async def churn() -> None:
+        try:
+            for i in range(5):
+                for argv in (("new", f"--name=chn{i}"), ("share", "set-public", f"chn{i}"),
+                             ("rename", f"chn{i}", f"chn{i}x"), ("rm", f"chn{i}x", "--yes")):
+                    r = await web.cmd(bob, *argv)
+                    churn_log.append(f"{' '.join(argv)} -> {r.exit_status}")
+                    assert r.exit_status == 0, r
+        finally:
+            churn_done.set()
+
+    async def websocket() -> int:
+        reader, writer = await asyncio.open_connection("127.0.0.1", web.port)
+        key = base64.b64encode(os.urandom(16))
+        writer.write(b"GET /ws HTTP/1.1\r\nHost: vma.localhost:" + str(web.port).encode() + b"\r\n"
+                     b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                     b"Sec-WebSocket-Key: " + key + b"\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 101"), head
+        expected = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())  # noqa: S324
+        assert expected in head
+        n = 0
+        while not churn_done.is_set() or n < 5:
+            message = b"m%d" % n
+            writer.write(ws_frame(message))
+            frame = await asyncio.wait_for(reader.readexactly(2 + len(message)), 10)
+            assert frame == bytes([0x81, len(message)]) + message
+            n += 1
+            await asyncio.sleep(0.2)
+        writer.close()
+        return n
+
+    async def downloads() -> int:
+        done = 0
+        async with httpx.AsyncClient(timeout=30) as client:
+            while not churn_done.is_set() or done == 0:
+                lines: list[bytes] = []
+                async with client.stream("GET", f"http://127.0.0.1:{web.port}/slow/40",
+                                         headers={"Host": "vmb.localhost", "Authorization": f"Bearer {token}"}) as r:
+                    assert r.status_code == 200
+                    async for chunk in r.aiter_bytes():
+                        lines.extend(chunk.splitlines())
+                assert lines == [b"%d" % i for i in range(40)]
+                done += 1
+        return done
+
+    async def curls() -> int:
+        n = 0
+        while not churn_done.is_set() or n < 50:
+            rc, out, err = await run("curl", "-sS", "--fail", f"http://vmc.localhost:{web.port}/c{n}")
+            assert rc == 0 and out == f"ok /c{n}\n", (n, rc, out, err)
+            n += 1
+            await asyncio.sleep(0.05)
+        return n
+
+    results = await asyncio.wait_for(asyncio.gather(churn(), websocket(), downloads(), curls()), 600)
+    _, ws_messages, slow_downloads, curl_count = results
+    assert len(churn_log) == 20
+    assert ws_messages >= 5 and slow_downloads >= 1 and curl_count >= 50
+    assert caddy_reloads(caddy.base_dir) == 0  # Caddy's config never changed
+
+
+async def test_caddy_killed_comes_back_within_10s(web: Web, needs_vms: None) -> None:
+    alice = await web.server.register("alice")
+    await new_vm(web, alice, "kbox")
+    assert (await web.cmd(alice, "share", "set-public", "kbox")).exit_status == 0
+    https = web.server.app.https
+    caddy = https.caddy
+    assert isinstance(caddy, ManagedCaddy) and caddy.pid
+    health = f"http://127.0.0.1:{web.server.app.http_port}/health"
+    async with browser_client() as c, httpx.AsyncClient(timeout=5) as raw:
+        assert (await c.get(web.url("kbox.localhost"))).status_code == 200
+        h = (await raw.get(health)).json()
+        assert h["https"]["state"] == "running" and h["https"]["restarts"] == 0
+        old_pid = caddy.pid
+        os.kill(old_pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        saw_down = False
+        while True:
+            with contextlib.suppress(httpx.TransportError):
+                r = await c.get(web.url("kbox.localhost", "/again"))
+                if r.status_code == 200 and r.text == "ok /again\n":
+                    break
+            h = await raw.get(health)
+            saw_down = saw_down or h.status_code == 503
+            assert time.monotonic() - t0 < 10, "the VM URL did not answer again within 10 s"
+            await asyncio.sleep(0.05)
+        elapsed = time.monotonic() - t0
+        assert caddy.pid != old_pid
+        while (h := await raw.get(health)).status_code != 200:  # the watchdog finishes its checks
+            assert time.monotonic() - t0 < 10, h.text
+            await asyncio.sleep(0.05)
+        assert h.json()["https"]["state"] == "running" and h.json()["https"]["restarts"] == 1
+        print(f"Caddy back after kill -9 in {elapsed:.2f} s (503 seen while down: {saw_down})")
+
+
+
+async def test_public_vm_names_signed_in_visitors_only(web: Web, needs_vms: None) -> None:
+    """A visitor signed in to a public VM's host gets the X-Ussy-* headers; an anonymous one is served without
+    them (and without asking the app server: the public fast path)."""
+    from .test_access import HTML, sign_in
+
+    alice = await web.server.register("alice")
+    await web.new_vm(alice, "pubid")
+    async with browser_client() as signed, browser_client() as anon:
+        assert (await sign_in(web, signed, alice, "pubid")).status_code == 200
+        assert (await web.cmd(alice, "share", "set-public", "pubid")).exit_status == 0
+        forged = {"X-Ussy-Handle": "mallory", "X-Ussy-Access": "owner"}
+        r = await signed.get(web.url("pubid.localhost", "/x"), headers={**HTML, **forged})
+        h = r.json()["headers"]
+        assert (h["x-ussy-handle"], h["x-ussy-access"]) == ("alice", "public"), h
+        assert h["x-ussy-user-id"]
+        r = await anon.get(web.url("pubid.localhost", "/x"), headers=forged)
+        assert r.status_code == 200 and not [k for k in r.json()["headers"] if k.startswith("x-ussy")]
+    hosts = web.server.app.https.routes.hosts
+    assert "pubid.localhost" in hosts.current()  # served from the public-host table, no app server hop
