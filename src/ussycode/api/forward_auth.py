@@ -318,6 +318,8 @@ def _deny(request: AuthRequest, status: int, outcome: Outcome, reason: str, titl
 
 
 def _identity_headers(identity: Identity | None, access: Access) -> tuple[tuple[str, str], ...]:
+    if identity is None and access is Access.PUBLIC:
+        return ()  # an anonymous visitor of a public URL is not described to the app (as on the file fast path)
     headers = [("X-Ussy-Access", access.value)]
     if identity is not None:
         for name, value in (

@@ -74,12 +74,18 @@ class _Connection(asyncio.Protocol):
         self.transport = None
 
     def data_received(self, data: bytes) -> None:
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self._fail()
-        except httptools.HttpParserError:
-            self._fail()
+        while data:
+            try:
+                self.parser.feed_data(data)
+                return
+            except httptools.HttpParserUpgrade as upgrade:
+                # An upgrade request (a WebSocket's handshake) is a whole request to us: on_message_complete
+                # queued it; the parser stops there, so a new one reads what follows (a pipelined request).
+                self.parser = httptools.HttpRequestParser(self)
+                data = data[int(upgrade.args[0]):] if upgrade.args else b""
+            except httptools.HttpParserError:
+                self._fail()
+                return
 
     # httptools callbacks
     def on_message_begin(self) -> None:

@@ -7,8 +7,9 @@ public or private, renaming, starting or stopping it is a couple of ``rename(2)`
 in-flight requests, downloads and WebSockets of every VM are never touched.
 
 Order keeps each step safe: the socket link is in place before its marker appears, and the marker goes before
-the link. A host whose dial path would not fit in a unix socket address is left out (it is still served,
-through forward-auth).
+the link. A Caddy this server starts runs in ``<base>`` and dials the relative ``unix/sockets/<host>``, so a long
+data dir does not matter; an attached Caddy dials the absolute path, and a host whose path would not fit in a
+unix socket address (107 bytes) is left out there (it is still served, through forward-auth).
 """
 
 from __future__ import annotations
@@ -29,16 +30,22 @@ MAX_UNIX_PATH = 107
 class PublicHosts:
     """``<base>/public/<host>`` markers and ``<base>/sockets/<host>`` links for public hosts of running VMs."""
 
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, *, relative: bool = False) -> None:
+        """``relative``: Caddy runs with ``base`` as its working directory (a Caddy this server starts)."""
         self.base = Path(base)
         self.markers = self.base / "public"
         self.sockets = self.base / "sockets"
+        self.relative = relative
+
+    @property
+    def _dial_dir(self) -> Path:
+        return Path(self.sockets.name) if self.relative else self.sockets
 
     def dial_template(self, placeholder: str = "{http.request.host}") -> str:
-        return f"unix/{self.sockets}/{placeholder}"
+        return f"unix/{self._dial_dir}/{placeholder}"
 
     def fits(self, host: str) -> bool:
-        return len(str(self.sockets / host)) <= MAX_UNIX_PATH
+        return len(str(self._dial_dir / host)) <= MAX_UNIX_PATH
 
     def current(self) -> dict[str, str]:
         """host -> socket path for every host served on the fast path now."""

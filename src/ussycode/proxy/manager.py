@@ -64,8 +64,11 @@ class ManagedCaddy:
     filled in here (unix socket and storage under ``base_dir``) unless already set.
     """
 
-    def __init__(self, base_dir: Path, config: JSON, *, caddy_bin: str = "", ready_timeout: float = 15.0) -> None:
+    def __init__(self, base_dir: Path, config: JSON, *, caddy_bin: str = "", ready_timeout: float = 15.0,
+                 cwd: Path | None = None) -> None:
         self.base_dir = Path(base_dir)
+        # Caddy's working directory: relative ``unix/`` dial addresses in ``config`` are resolved from it.
+        self.cwd = cwd
         self.caddy_bin = caddy_bin or caddy_binary()
         self.ready_timeout = ready_timeout
         self.state = CaddyState.NEW
@@ -134,6 +137,7 @@ class ManagedCaddy:
                 stdout=log_file,
                 stderr=log_file,
                 env=env,
+                cwd=self.cwd,
                 start_new_session=True,  # a terminal's Ctrl-C reaches us, and we stop Caddy in order
             )
         self.admin = CaddyAdmin(self.admin_address)

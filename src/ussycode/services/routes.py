@@ -150,7 +150,7 @@ class HttpsEntry:
         s = self.services.settings
         ss = self.server_settings(http_port)
         bridges = BridgeManager(self.services.vms.runtime, s.run_dir)
-        hosts = PublicHosts(Path(s.run_dir) / "front")
+        hosts = PublicHosts(Path(s.run_dir) / "front", relative=not s.caddy_admin)
         auth_addr = ss.http_addr.rpartition(":")[0] + f":{auth_port}" if auth_port else ""
         self.routes = routes = RouteService(self.services, bridges, hosts, ss.http_addr, forward_auth_key(self.key),
                                             auth_addr)
@@ -162,7 +162,8 @@ class HttpsEntry:
         if s.caddy_admin:
             self.caddy = ExternalCaddy(s.caddy_admin, build_front_server(ss, front), build_front_apps(ss))
         else:
-            self.caddy = ManagedCaddy(s.caddy_dir, build_front_config(ss, front))
+            hosts.base.mkdir(parents=True, exist_ok=True)
+            self.caddy = ManagedCaddy(s.caddy_dir, build_front_config(ss, front), cwd=hosts.base)
         try:
             await self.caddy.start()
         except UssyError as exc:

@@ -169,8 +169,9 @@ async def test_readme_exec_example_over_https_with_curl(server_factory: Callable
 
 
 async def test_streams_survive_other_users_churn(web: Web, needs_vms: None) -> None:
-    """A WebSocket to A, slow downloads from B (private, Bearer) and >= 50 sequential curls to C all complete
-    without error while another user runs 20 new/share set-public/rename/rm commands."""
+    """A WebSocket to A (public) and one to B (private, Bearer: through forward-auth), slow downloads from B and
+    >= 50 sequential curls to C all complete without error while another user runs 20 new/share set-public/
+    rename/rm commands."""
     alice = await web.server.register("alice")
     bob = await web.server.register("bob")
     for vm in ("vma", "vmb", "vmc"):
@@ -193,12 +194,12 @@ async def test_streams_survive_other_users_churn(web: Web, needs_vms: None) -> N
         finally:
             churn_done.set()
 
-    async def websocket() -> int:
+    async def websocket(vm: bytes, extra: bytes = b"") -> int:
         reader, writer = await asyncio.open_connection("127.0.0.1", web.port)
         key = base64.b64encode(os.urandom(16))
-        writer.write(b"GET /ws HTTP/1.1\r\nHost: vma.localhost:" + str(web.port).encode() + b"\r\n"
+        writer.write(b"GET /ws HTTP/1.1\r\nHost: " + vm + b".localhost:" + str(web.port).encode() + b"\r\n"
                      b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
-                     b"Sec-WebSocket-Key: " + key + b"\r\n\r\n")
+                     + extra + b"Sec-WebSocket-Key: " + key + b"\r\n\r\n")
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
         assert head.startswith(b"HTTP/1.1 101"), head
         expected = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())  # noqa: S324
@@ -237,10 +238,11 @@ async def test_streams_survive_other_users_churn(web: Web, needs_vms: None) -> N
             await asyncio.sleep(0.05)
         return n
 
-    results = await asyncio.wait_for(asyncio.gather(churn(), websocket(), downloads(), curls()), 600)
-    _, ws_messages, slow_downloads, curl_count = results
+    private_ws = websocket(b"vmb", b"Authorization: Bearer " + token.encode() + b"\r\n")
+    results = await asyncio.wait_for(asyncio.gather(churn(), websocket(b"vma"), private_ws, downloads(), curls()), 600)
+    _, ws_messages, private_ws_messages, slow_downloads, curl_count = results
     assert len(churn_log) == 20
-    assert ws_messages >= 5 and slow_downloads >= 1 and curl_count >= 50
+    assert ws_messages >= 5 and private_ws_messages >= 5 and slow_downloads >= 1 and curl_count >= 50
     assert caddy_reloads(caddy.base_dir) == 0  # Caddy's config never changed
 
 

@@ -108,6 +108,19 @@ def test_public_hosts_files(tmp_path: Path) -> None:
     assert hosts.current() == {}
 
 
+def test_public_hosts_dial_relative_to_a_managed_caddy(tmp_path: Path) -> None:
+    """A Caddy this server starts runs in the hosts' base dir and dials a relative path, so the 107-byte limit of
+    a unix socket address does not depend on the data dir; an attached Caddy dials the absolute path."""
+    long_base = tmp_path / ("d" * 90) / "front"
+    managed, attached = PublicHosts(long_base, relative=True), PublicHosts(long_base)
+    assert managed.dial_template() == "unix/sockets/{http.request.host}"
+    assert attached.dial_template() == f"unix/{long_base}/sockets/{{http.request.host}}"
+    host = "9999-" + "a" * 30 + ".example.com"
+    assert managed.fits(host) and not attached.fits(host)
+    managed.sync({host: "/run/b/vm1-9999.sock"})
+    assert managed.current() == {host: "/run/b/vm1-9999.sock"}
+
+
 def test_generation_cache_drops_on_any_write_and_on_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
     cache: GenerationCache[str] = GenerationCache(max_entries=2, ttl=5.0)
     cache.put("a", 1, "A")

@@ -74,3 +74,18 @@ async def test_replays_only_allows_and_only_until_a_write() -> None:
         assert bad.startswith(b"HTTP/1.1 400")
     finally:
         await gate.close()
+
+
+async def test_an_upgrade_request_is_answered_and_the_connection_reused() -> None:
+    """A WebSocket handshake forwarded by Caddy carries ``Upgrade``: it is a whole request to forward-auth."""
+    async def handler(request: Request) -> Response:
+        return Response("ok", 200)
+
+    gate = ForwardAuthServer(services(), handler)
+    port = await gate.start()
+    try:
+        data = await request(port, {"Upgrade": "websocket", "Connection": "Upgrade", "X-Ussy-Proxy-Key": "k"})
+        assert data.count(b"HTTP/1.1 200") == 2, data  # pipelined: the request after the upgrade one too
+    finally:
+        await gate.close()
+
