@@ -22,10 +22,12 @@ import os
 import re
 import shutil
 import socket
+import subprocess
 from pathlib import Path
 from typing import Any, Protocol
 
 from ussycode.errors import RuntimeFailure, UssyError
+from ussycode.spawn import DEVNULL, spawn, wait
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +204,7 @@ class Forwarder:
         self.port = port
         self.path = path
         self.mode = mode
-        self._proc: asyncio.subprocess.Process | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
 
     @property
     def dial(self) -> str:
@@ -210,7 +212,7 @@ class Forwarder:
 
     @property
     def alive(self) -> bool:
-        return self._proc is not None and self._proc.returncode is None
+        return self._proc is not None and self._proc.poll() is None
 
     @property
     def log_path(self) -> Path:
@@ -233,21 +235,20 @@ class Forwarder:
             sock.listen(1024)
             fd = sock.fileno()
             with self.log_path.open("ab") as log_file:
-                self._proc = await asyncio.create_subprocess_exec(
-                    "bash", "-c", _FORWARDER_SCRIPT, "ussycode-forwarder", str(fd), str(self.netns_path),
-                    str(self.port), str(FORWARDER_NOFILE), proxyd, str(FORWARDER_CONNECTIONS),
-                    stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=log_file, pass_fds=(fd,),
-                    start_new_session=True,
+                self._proc = await spawn(
+                    ["bash", "-c", _FORWARDER_SCRIPT, "ussycode-forwarder", str(fd), str(self.netns_path),
+                     str(self.port), str(FORWARDER_NOFILE), proxyd, str(FORWARDER_CONNECTIONS)],
+                    stdin=DEVNULL, stdout=log_file, stderr=log_file, pass_fds=(fd,), start_new_session=True,
                 )
         finally:
             sock.close()
 
     async def close(self) -> None:
         proc, self._proc = self._proc, None
-        if proc is not None and proc.returncode is None:
+        if proc is not None and proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
-            await proc.wait()
+            await asyncio.shield(wait(proc))
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
 

@@ -5,20 +5,21 @@ must not hold that VM (or the server) forever. :func:`run` kills the command's w
 is up or when the caller is cancelled, and reports the command line as evidence. :func:`run_sync` is the same for
 code that already runs in a worker thread. Long-lived children (a VM, Caddy) are started elsewhere and are not
 "waited for".
+
+Nothing here forks on the event loop (see :mod:`ussycode.spawn`).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import os
 import shlex
-import signal
 import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ussycode.errors import RuntimeFailure
+from ussycode.spawn import DEVNULL, PIPE, STDOUT, communicate, spawn, wait
+
+__all__ = ["DEVNULL", "PIPE", "STDOUT", "Completed", "communicate", "run", "run_sync", "spawn", "wait"]
 
 DEFAULT_TIMEOUT = 60.0
 
@@ -46,25 +47,19 @@ async def run(argv: list[str], *, timeout: float, what: str = "", stdin: bytes |
 
     :raise RuntimeFailure: it timed out (it and its children are killed), or ``check`` and it failed.
     """
-    proc = await asyncio.create_subprocess_exec(
-        *argv,
-        stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT if merge_stderr else asyncio.subprocess.PIPE,
+    proc = await spawn(
+        argv,
+        stdin=PIPE if stdin is not None else DEVNULL,
+        stdout=PIPE,
+        stderr=STDOUT if merge_stderr else PIPE,
         start_new_session=True,  # its own process group: a timeout kills its children too
         env=dict(env) if env is not None else None,
     )
     try:
-        out, err = await asyncio.wait_for(proc.communicate(stdin), timeout)
-    except BaseException as exc:
-        _kill_group(proc.pid)
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        await asyncio.shield(proc.wait())
-        if isinstance(exc, TimeoutError):
-            raise RuntimeFailure(f"{what or argv[0]} timed out after {timeout:.0f} s",
-                                 evidence=_evidence(argv, ""), reason="timeout") from None
-        raise
+        out, err = await communicate(proc, stdin, timeout)
+    except TimeoutError:
+        raise RuntimeFailure(f"{what or argv[0]} timed out after {timeout:.0f} s",
+                             evidence=_evidence(argv, ""), reason="timeout") from None
     result = Completed(argv, proc.returncode or 0, out or b"", err or b"")
     if check and result.returncode != 0:
         raise RuntimeFailure(f"{what or argv[0]} failed (exit {result.returncode})",
@@ -84,8 +79,3 @@ def run_sync(argv: list[str], *, timeout: float, what: str = "", check: bool = F
         raise RuntimeFailure(f"{what or argv[0]} failed (exit {proc.returncode})",
                              evidence=_evidence(argv, proc.stderr or proc.stdout))
     return proc
-
-
-def _kill_group(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGKILL)

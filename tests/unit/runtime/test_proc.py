@@ -58,3 +58,19 @@ def test_run_sync_times_out() -> None:
     with pytest.raises(RuntimeFailure, match="timed out"):
         run_sync(["sleep", "5"], timeout=0.2)
     assert run_sync(["true"], timeout=5).returncode == 0
+
+
+async def test_cancelled_while_starting_leaves_no_process(tmp_path: Path) -> None:
+    """The child is started in a thread; a caller cancelled before it exists still gets it killed."""
+    pidfile = tmp_path / "pid"
+    task = asyncio.ensure_future(run(["sh", "-c", f"echo $$ > {pidfile}; exec sleep 60"], timeout=60))
+    await asyncio.sleep(0)  # the thread is starting the child now
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    for _ in range(250):
+        if pidfile.exists() and pidfile.read_text().strip() and _gone(int(pidfile.read_text())):
+            break
+        await asyncio.sleep(0.02)
+    assert not pidfile.exists() or not pidfile.read_text().strip() or _gone(int(pidfile.read_text()))
+

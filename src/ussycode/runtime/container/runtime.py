@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from ussycode.errors import NotFound, RuntimeFailure, StateError
-from ussycode.runtime import disks, guestfs, lxcfs, netns
+from ussycode.runtime import disks, guestfs, lxcfs, netns, proc
 from ussycode.runtime.base import ExecResult, HostCheck, Runtime
 from ussycode.runtime.cgroups import CgroupLimits, Cgroups, detect_version, pick_cpus
 from ussycode.runtime.container import argv as nsinit
@@ -322,15 +322,17 @@ class ContainerRuntime(Runtime):
             lxcfs=self.lxcfs_dir if lxcfs_files else None, lxcfs_proc=lxcfs_files,
         )
         with open(self._console(st.vm_id), "wb") as console:  # noqa: ASYNC230 (local, instant)
-            launcher = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=console, stderr=console,
+            launcher = await proc.spawn(
+                argv, stdin=proc.DEVNULL, stdout=console, stderr=console,
                 start_new_session=True, cwd="/", env={"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")},
             )
             try:
-                code = await asyncio.wait_for(launcher.wait(), LAUNCH_TIMEOUT)
-            except TimeoutError:
+                code = await proc.wait(launcher, LAUNCH_TIMEOUT)
+            except BaseException as exc:
                 launcher.kill()
-                await launcher.wait()
+                await asyncio.shield(proc.wait(launcher))
+                if not isinstance(exc, TimeoutError):
+                    raise
                 raise RuntimeFailure(f"VM {st.hostname}: the launcher hung",
                                      evidence=self._evidence(st, argv)) from None
         if code != 0 or not pidfile.exists():
@@ -369,11 +371,13 @@ class ContainerRuntime(Runtime):
         try:
             # posix_spawn, not Popen: the process outlives this server on purpose, and no Popen object should
             # be left to complain about it. A new session keeps it out of the server's signals.
-            pid = os.posix_spawn(binary, argv, dict(os.environ), setsid=True, file_actions=[  # noqa: ASYNC221
-                (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
-                (os.POSIX_SPAWN_OPEN, 1, log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600),
-                (os.POSIX_SPAWN_DUP2, 1, 2),
-            ])
+            # In a thread: the spawn waits for the child's exec, which a busy host makes slow.
+            pid = await asyncio.shield(asyncio.to_thread(
+                os.posix_spawn, binary, argv, dict(os.environ), setsid=True, file_actions=[
+                    (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+                    (os.POSIX_SPAWN_OPEN, 1, log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600),
+                    (os.POSIX_SPAWN_DUP2, 1, 2),
+                ]))
         finally:
             os.close(write_fd)
         # Wait for the ready byte on the loop itself (no thread left blocked in read() on a descriptor that is
@@ -476,9 +480,9 @@ class ContainerRuntime(Runtime):
         for name in ("root", "lower-map", "disk-map", "disk"):
             disks.unmount(vm_dir / name)
         if netns.exists(st.netns):
-            proc = _run_sync(["ip", "netns", "delete", st.netns])
-            if proc and netns.exists(st.netns):
-                raise RuntimeFailure(f"cannot delete network namespace {st.netns}: {proc}")
+            failed = _run_sync(["ip", "netns", "delete", st.netns])
+            if failed and netns.exists(st.netns):
+                raise RuntimeFailure(f"cannot delete network namespace {st.netns}: {failed}")
 
     @staticmethod
     def _wait_loop_released(disk: Path, timeout: float = 10.0) -> None:
@@ -587,19 +591,14 @@ class ContainerRuntime(Runtime):
             self.python, pid=st.pid or 0, uid=uid, gid=gid, groups=groups, cwd=home, env=env,
             cgroup_procs=self.cgroups.procs_files(vm_id), argv=argv,
         )
-        proc = await asyncio.create_subprocess_exec(
-            *full, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            start_new_session=True, cwd="/",
-        )
+        child = await proc.spawn(full, stdin=proc.PIPE, stdout=proc.PIPE, stderr=proc.PIPE,
+                                 start_new_session=True, cwd="/")
         try:
-            out, err = await asyncio.wait_for(proc.communicate(stdin), timeout)
+            out, err = await proc.communicate(child, stdin, timeout)
         except TimeoutError:
-            proc.kill()
-            await proc.wait()
             raise RuntimeFailure(f"command timed out after {timeout:.0f}s in VM {st.hostname}",
                                  evidence=shlex.join(argv)) from None
-        assert proc.returncode is not None
-        return ExecResult(exit_status=proc.returncode, stdout=out, stderr=err)
+        return ExecResult(exit_status=child.returncode, stdout=out, stderr=err)
 
     # --- disks ---------------------------------------------------------------------------------------------
 
