@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(
   bubblewrap qemu-system-x86 qemu-utils passt slirp4netns nftables mmdebstrap e2fsprogs
   iproute2 util-linux openssh-client openssh-server postgresql busybox-static linux-image-cloud-amd64
-  chromium wrk python3-venv ca-certificates lxcfs systemd
+  chromium wrk python3-venv ca-certificates lxcfs systemd swaks libnet-ssleay-perl
 )
 
 missing=()

@@ -54,6 +54,8 @@ class App:
         self.gateway: Gateway | None = None
         self.metadata: MetadataService | None = None
         self.gate: ForwardAuthServer | None = None
+        self.smtp: Any = None
+        self.smtp_port: int | None = None
         self.ssh_port: int | None = None
         self.http_port: int | None = None
         self.http_server: _AppServer | None = None
@@ -127,11 +129,30 @@ class App:
         await self.https.start(self.http_port, auth_port)  # routes from the DB, then Caddy (HTTPS entry)
         self.metadata = MetadataService(self.services)
         await self.metadata.start()
+        await self._start_mail()
         go.set()
         # What start-up made lives as long as the server: keep the collector's full passes off it (each one
         # holds the event loop for the time it takes to walk every object).
         gc.freeze()
         self.tasks.spawn(vms.watch(), "vm-watch")
+
+    async def _start_mail(self) -> None:
+        """Inbound SMTP and the outbox. A port that cannot be bound is logged: SSH and HTTPS keep running."""
+        assert self.services is not None
+        from ussycode.mail.smtp import SmtpServer
+        from ussycode.services.mail import MailService
+        from ussycode.services.outbox import Outbox
+
+        s = self.settings
+        self.services.outbox = Outbox(self.services)
+        self.services.mail = mail = MailService(self.services)
+        await mail.start()
+        self.smtp = SmtpServer(mail, s.smtp_addr, s.data_dir, s.domain)
+        try:
+            self.smtp_port = await self.smtp.start()
+            log.info("SMTP listening on %s (port %d)", s.smtp_addr, self.smtp_port)
+        except OSError as exc:
+            log.error("inbound mail is off: cannot listen on %s: %s", s.smtp_addr, exc)
 
     async def reattached(self) -> None:
         """Wait until every VM found at start-up is re-attached (or marked)."""
@@ -165,6 +186,10 @@ class App:
             await https.stop()  # stop Caddy first: no new HTTPS requests while we shut down
         if self.gate is not None:
             await self.gate.close()
+        if self.smtp is not None:
+            await self.smtp.close()
+        if self.services is not None and self.services.mail is not None:
+            await self.services.mail.close()
         if self.metadata is not None:
             await self.metadata.stop()
         if self.gateway is not None:

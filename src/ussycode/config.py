@@ -81,11 +81,29 @@ class Settings(BaseSettings):
     registrations_per_hour: int = Field(
         60, ge=1, le=1_000_000,
         description="New accounts per hour over the whole server, from all addresses together (same refill).")
+    smtp_relay: str = Field("", description="host:port of the SMTP relay for outgoing mail (verification codes, "
+                                            "mail from VMs); empty: no outgoing mail.")
+    smtp_relay_user: str = Field("", description="User name for the SMTP relay (with --smtp-relay-password).")
+    smtp_relay_password: str = Field("", description="Password for the SMTP relay.")
+    mail_from: str = Field("", description="From address of outgoing mail; default ussycode@<domain>.")
+    mail_per_hour: int = Field(100, ge=1, le=1_000_000, description="Inbound messages per hour per VM.")
+    mail_unread_limit: int = Field(
+        1000, ge=1, le=1_000_000,
+        description="Unread messages in a VM's ~/Maildir/new at which receiving switches itself off.")
 
     @field_validator("ssh_addr", "https_addr", "http_addr", "admin_addr", "smtp_addr")
     @classmethod
     def _valid_addr(cls, v: str) -> str:
         parse_addr(v)
+        return v
+
+    @field_validator("smtp_relay")
+    @classmethod
+    def _valid_relay(cls, v: str) -> str:
+        if v:
+            host, _ = parse_addr(v)
+            if not host:
+                raise ValueError("--smtp-relay needs host:port")
         return v
 
     @field_validator("domain")
@@ -139,6 +157,10 @@ class Settings(BaseSettings):
     @property
     def caddy_dir(self) -> Path:
         return self.data_dir / "caddy"
+
+    @property
+    def sender(self) -> str:
+        return self.mail_from or f"ussycode@{self.domain}"
 
     @property
     def public_scheme(self) -> str:

@@ -13,8 +13,10 @@ Every error a person can cause or see derives from :class:`UssyError`; each fron
     ├── QuotaExceeded         over a trust-tier limit (HTTP 403)
     ├── RateLimited           too many requests (HTTP 429, carries retry_after)
     ├── Unauthenticated       no or bad credentials (HTTP 401)
-    └── RuntimeFailure        a backend failed; carries evidence (command line, console tail)
-        └── ImageError        an image is missing, corrupt or could not be built
+    ├── RuntimeFailure        a backend failed; carries evidence (command line, console tail)
+    │   └── ImageError        an image is missing, corrupt or could not be built
+    ├── Unavailable           a part this needs is not configured or not running (HTTP 503)
+    └── UpstreamFailure       a server we depend on failed (HTTP 502)
 """
 
 from __future__ import annotations
@@ -110,3 +112,16 @@ class RuntimeFailure(UssyError):
 
 class ImageError(RuntimeFailure):
     reason = "image"
+
+
+class Unavailable(UssyError):
+    """A part of the server this needs is not configured or not running (``503``)."""
+
+    http_status = 503
+
+
+class UpstreamFailure(UssyError):
+    """A server we depend on (a mail relay, an LLM provider) failed or timed out (``502``)."""
+
+    http_status = 502
+

@@ -22,8 +22,13 @@ async def whoami(ctx: CommandContext, a: argparse.Namespace) -> int:
     if profile is None:
         raise NotFound("your account no longer exists")
     user, keys, count = profile
+    address, verified = (user.email, bool(user.email))
+    if ctx.services.outbox is not None:
+        address, verified = await ctx.services.outbox.address(user.id)
     data = {
         "handle": user.handle,
+        "email": address,
+        "email_verified": verified,
         "trust_level": str(user.trust_level),
         "fingerprints": [k.fingerprint for k in keys],
         "vm_count": count,
@@ -40,6 +45,8 @@ async def whoami(ctx: CommandContext, a: argparse.Namespace) -> int:
 
     ctx.out.print(f"handle:       {user.handle}")
     ctx.out.print(f"trust level:  {user.trust_level}")
+    if address:
+        ctx.out.print(f"email:        {address} ({'verified' if verified else 'waiting for: email verify <code>'})")
     ctx.out.print(f"VMs:          {count} of {lim(q.vms)}")
     ctx.out.print(f"per VM:       {lim(q.cpu)} vCPU, {lim(q.memory_mb, ' MB')} memory, {lim(q.disk_gb, ' GB')} disk")
     ctx.out.print(f"member since: {iso(user.created_at)}")

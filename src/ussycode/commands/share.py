@@ -25,8 +25,9 @@ SUBCOMMANDS = {
     "cname": "attach a custom domain (prints the DNS records to create)",
     "cname-verify": "check the DNS proof and route the custom domain",
     "cname-rm": "detach a custom domain",
+    "receive-email": "on|off: mail to <anything>@<vm>.<domain> lands in the VM's ~/Maildir/new",
 }
-_WITH_TARGET = {"add", "remove", "remove-link", "cname", "cname-verify", "cname-rm"}
+_WITH_TARGET = {"add", "remove", "remove-link", "cname", "cname-verify", "cname-rm", "receive-email"}
 
 
 def _shares(ctx: CommandContext) -> ShareService:
@@ -89,11 +90,17 @@ async def share(ctx: CommandContext, a: argparse.Namespace) -> int:
     if a.expires is not None and action != "add-link":
         raise UsageError("--expires goes with add-link only")
 
+    if action == "receive-email":
+        return await _receive_email(ctx, a.vm, a.target)
     if action == "show":
         info = await svc.show(ctx.actor, a.vm)
+        receiving, notice = (False, None)
+        if ctx.services.mail is not None:
+            vm = await ctx.services.vms.get(ctx.actor, a.vm)
+            receiving, notice = await ctx.services.mail.receive_state(vm.id)
         if a.json:
             ctx.out.json({"vm": info.vm, "public": info.public, "ports": info.ports, "users": info.users,
-                          "links": [_link_json(link) for link in info.links]})
+                          "links": [_link_json(link) for link in info.links], "receive_email": receiving})
             return 0
         url = ctx.services.vms.url(info.vm)
         ctx.out.print(f"{info.vm}: {url} is {'PUBLIC' if info.public else 'private'}")
@@ -105,6 +112,9 @@ async def share(ctx: CommandContext, a: argparse.Namespace) -> int:
             ctx.out.print(table(rows, ["link", "expires", "uses", "opens"]))
         for domain, verified in info.cnames:
             ctx.out.print(f"  custom domain {domain}: {'verified' if verified else 'waiting for verification'}")
+        domain = ctx.services.settings.domain
+        ctx.out.print(f"  mail to *@{info.vm}.{domain}: " + ("received" if receiving else "refused")
+                      + (f" ({notice})" if notice else ""))
         return 0
     if action in ("set-public", "set-private"):
         public = action == "set-public"
@@ -165,6 +175,19 @@ async def share(ctx: CommandContext, a: argparse.Namespace) -> int:
         ctx.out.print(f"{a.target} detached from {a.vm}")
         return 0
     raise UsageError(f"unknown share action {action!r}")  # pragma: no cover - argparse choices
+
+
+async def _receive_email(ctx: CommandContext, vm: str, switch: str) -> int:
+    if switch not in ("on", "off"):
+        raise UsageError("share receive-email takes on or off", usage="share receive-email <vm> on|off")
+    if ctx.services.mail is None:
+        raise RuntimeFailure("mail is not available on this server")
+    on = switch == "on"
+    changed = await ctx.services.mail.set_receive(ctx.actor, vm, on)
+    address = f"<anything>@{vm}.{ctx.services.settings.domain}"
+    state = "now " if changed else "already "
+    ctx.out.print(f"mail to {address} is {state}" + ("delivered to ~/Maildir/new in the VM" if on else "refused"))
+    return 0
 
 
 @command("browser", "print a one-time link that signs this browser in (5 minutes)", group="access")

@@ -40,9 +40,16 @@ async def ls(ctx: CommandContext, a: argparse.Namespace) -> int:
         return f"{v.status} ({pending})" if pending else str(v.status)
 
     if a.long:
+        mail = ctx.services.mail
+        states = await mail.receive_states([v.id for v in vms]) if mail is not None else {}
         rows = [[v.name, status(v), v.image, str(v.cpu), f"{v.memory_mb}MB", f"{v.disk_gb}GB",
-                 ctx.services.vms.url(v.name), ",".join(v.tags)] for v in vms]
-        ctx.out.print(table(rows, ["name", "status", "image", "cpu", "mem", "disk", "url", "tags"]))
+                 ctx.services.vms.url(v.name), "on" if states.get(v.id, (False, None))[0] else "off",
+                 ",".join(v.tags)] for v in vms]
+        ctx.out.print(table(rows, ["name", "status", "image", "cpu", "mem", "disk", "url", "mail", "tags"]))
+        for v in vms:
+            notice = states.get(v.id, (False, None))[1]
+            if notice:
+                ctx.out.print(f"{v.name}: {notice} (read them, then: share receive-email {v.name} on)")
     else:
         rows = [[v.name, status(v), v.image, ctx.services.vms.url(v.name)] for v in vms]
         ctx.out.print(table(rows, ["name", "status", "image", "url"]))

@@ -4,11 +4,12 @@ Each running VM gets its own listener, made by the runtime inside that VM's netw
 (:meth:`Runtime.open_listener`) and served by this process: who is asking is known from which listener took the
 connection, never from anything the guest sends, so a VM cannot read another VM's metadata.
 
-Endpoints (GET/HEAD, read-only, JSON unless noted): ``/`` (the VM: name, domain, URL, owner, image, sizes, env)
-and ``/hostname`` (plain text). It is a Starlette app served by uvicorn (the same stack as the app server), one
-uvicorn server per VM listener, which stamps the VM's id into every request it accepts. Requests are bounded in
-size (``MAX_REQUEST`` of headers; no bodies are read) and time (``REQUEST_TIMEOUT`` per connection, then it is
-closed whatever the guest does), and answered with ``Connection: close``.
+Endpoints (JSON unless noted): ``GET /`` (the VM: name, domain, URL, owner, image, sizes, env), ``GET /hostname``
+(plain text) and ``POST /gateway/email/send`` (mail to the owner or a sharee: :mod:`ussycode.services.outbox`).
+It is a Starlette app served by uvicorn (the same stack as the app server), one uvicorn server per VM listener,
+which stamps the VM's id into every request it accepts. Requests are bounded in size (``MAX_REQUEST`` of headers,
+``MAX_BODY`` of body) and time (``REQUEST_TIMEOUT`` per connection, then it is closed whatever the guest does), and
+answered with ``Connection: close``.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from ussycode.errors import RateLimited, UssyError
 from ussycode.runtime.netns import METADATA_V4
 from ussycode.services.container import Services
 from ussycode.services.events import VmEvent
@@ -42,6 +44,7 @@ from ussycode.types import VmStatus
 log = logging.getLogger(__name__)
 PORT = 80
 MAX_REQUEST = 16 * 1024
+MAX_BODY = 1024 * 1024
 REQUEST_TIMEOUT = 10.0
 VM_ID = "ussycode.vm_id"  # the scope key the per-VM server sets; nothing a guest sends can set it
 CLOSE = {"Connection": "close"}
@@ -98,14 +101,43 @@ def build_metadata_app(services: Services) -> Starlette:
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         if exc.status_code == 405:
-            return _json(405, {"error": "read-only: use GET"})
+            return _json(405, {"error": "method not allowed here (GET for metadata, POST for /gateway/email/send)"})
         if exc.status_code == 404:
             return _json(404, {"error": "not found; try / or /hostname"})
         return _json(exc.status_code, {"error": str(exc.detail)})
 
+    async def send_email(request: Request) -> Response:
+        if services.outbox is None:
+            return _json(503, {"error": "mail is not available on this server", "code": 503})
+        body = b""
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_BODY:
+                return _json(413, {"error": f"body over {MAX_BODY // 1024} KiB", "code": 413})
+        try:
+            doc = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            return _json(400, {"error": 'the body must be JSON: {"to","subject","body"[,"html"]}', "code": 400})
+        fields = ("to", "subject", "body")
+        if (not isinstance(doc, dict) or set(doc) - {*fields, "html"}
+                or not all(isinstance(doc.get(k), str) for k in fields)
+                or not isinstance(doc.get("html", ""), str)):
+            return _json(400, {"error": 'expected {"to","subject","body"[,"html"]}, all strings', "code": 400})
+        try:
+            to = await services.outbox.send_from_vm(request.scope[VM_ID], doc["to"], doc["subject"], doc["body"],
+                                                    doc.get("html"))
+        except UssyError as exc:
+            headers = dict(CLOSE)
+            if isinstance(exc, RateLimited):
+                headers["Retry-After"] = str(int(exc.retry_after))
+            return JSONResponse({"error": exc.user_message, "code": exc.http_status}, status_code=exc.http_status,
+                                headers=headers)
+        return _json(200, {"status": "sent", "to": to})
+
     methods = ["GET", "HEAD"]
     routes = [Route(path, info, methods=methods) for path in ("/", "/v1", "/v1/")]
     routes.append(Route("/hostname", hostname, methods=methods))
+    routes.append(Route("/gateway/email/send", send_email, methods=["POST"]))
     return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
 
 

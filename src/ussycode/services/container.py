@@ -14,6 +14,8 @@ from ussycode.services.vms import VmService
 from ussycode.store.db import Store
 
 if TYPE_CHECKING:
+    from ussycode.services.mail import MailService
+    from ussycode.services.outbox import Outbox
     from ussycode.services.routes import RouteService
     from ussycode.services.sessions import SessionService
     from ussycode.services.shares import ShareService
@@ -32,3 +34,6 @@ class Services:
     shares: ShareService | None = None
     sessions: SessionService | None = None
     routes: RouteService | None = None
+    # Mail: inbound into VMs, and outgoing through the relay (set by the app at start-up).
+    mail: MailService | None = None
+    outbox: Outbox | None = None

@@ -171,3 +171,27 @@ custom_domains = sa.Table(
     sa.Index("uq_custom_domains_verified", "domain", unique=True,
              sqlite_where=sa.text("verified_at IS NOT NULL"), postgresql_where=sa.text("verified_at IS NOT NULL")),
 )
+
+# --- Mail (migration 0005) ----------------------------------------------------------------------------------------
+
+vm_mail = sa.Table(
+    "vm_mail",
+    metadata,
+    # One row per VM that ever turned receiving on; no row = off.
+    sa.Column("vm_id", sa.String(32), sa.ForeignKey("vms.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("receive", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("notice", sa.String(200), nullable=True),  # why receiving switched itself off (shown by ls -l)
+    sa.Column("updated_at", sa.DateTime, nullable=False),
+)
+
+email_codes = sa.Table(
+    "email_codes",
+    metadata,
+    # A pending address change: the code is stored hashed; users.email holds verified addresses only.
+    sa.Column("user_id", sa.String(32), sa.ForeignKey("users.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("address", sa.String(254), nullable=False),
+    sa.Column("code_hash", sa.String(64), nullable=False),
+    sa.Column("created_at", sa.DateTime, nullable=False),
+    sa.Column("expires_at", sa.DateTime, nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+)

@@ -27,9 +27,8 @@ def empty_store(backend: str, tmp_path: Path) -> Store:
         pytest.skip("PostgreSQL not available: set USSYCODE_TEST_PG_URL (make test starts a local cluster)")
     s = Store(PG_URL)
     with s.engine.begin() as conn:
-        for table in ("custom_domains", "api_tokens", "login_tokens", "web_sessions", "share_links", "vm_shares",
-                      "vm_public_ports", "audit_log", "vm_tags", "vms", "ssh_keys", "users", "alembic_version"):
-            conn.exec_driver_sql(f"DROP TABLE IF EXISTS {table} CASCADE")
+        for table in sa.inspect(conn).get_table_names():  # every table, those of later migrations too
+            conn.exec_driver_sql(f'DROP TABLE IF EXISTS "{table}" CASCADE')
     return s
 
 

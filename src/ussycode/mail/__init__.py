@@ -1,0 +1,1 @@
+"""Mail frontends: the inbound SMTP server."""
