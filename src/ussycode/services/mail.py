@@ -60,7 +60,9 @@ for d in Maildir Maildir/tmp Maildir/new Maildir/cur; do
 done
 umask 077
 tar -x --no-same-owner -C Maildir/tmp -f -
-for f in "$@"; do mv -f "Maildir/tmp/$f" "Maildir/new/$f"; done
+cd Maildir/tmp
+mv -f -t ../new -- "$@"
+cd ../..
 ls -A Maildir/new | wc -l
 """
 
@@ -92,13 +94,18 @@ class MailService:
         self.per_hour = RateLimiter.per_hour(s.mail_per_hour)
         self.unread_limit = s.mail_unread_limit
         self.unread: dict[str, int] = {}  # VM id -> messages in new/ when last delivered to
+        self.spooled: dict[str, int] = {}  # VM id -> messages waiting in the spool (counted at start)
         self._locks: dict[str, asyncio.Lock] = {}
+        # VM name -> (store generation it was read at, what it names): any DB write drops it
+        self._targets: dict[str, tuple[int, mailq.MailTarget | None]] = {}
         self.tasks = TaskGroup("mail")
         self.delivered = 0
 
     # --- life ----------------------------------------------------------------------------------------------
     async def start(self) -> None:
         await asyncio.to_thread(self.spool.mkdir, parents=True, exist_ok=True, mode=0o700)
+        for vm_id in await asyncio.to_thread(self._spooled_vms):
+            self.spooled[vm_id] = await asyncio.to_thread(self._count, vm_id)
         self.services.events.subscribe(self._on_event)
         self.tasks.spawn(self._retry_forever(), "mail-retry")
 
@@ -110,6 +117,7 @@ class MailService:
             self.kick(event.vm_id)
         elif event.kind == "removed":
             self.unread.pop(event.vm_id, None)
+            self.spooled.pop(event.vm_id, None)
             await asyncio.to_thread(shutil.rmtree, self.spool / event.vm_id, True)
 
     async def _retry_forever(self) -> None:
@@ -156,7 +164,16 @@ class MailService:
     async def check_recipient(self, address: str) -> Recipient:
         """Whether ``address`` may receive mail now (without spending anything). :raise Refusal: 550 or 452."""
         _, name = self.parse_recipient(address)
-        target = await self.services.store.read(lambda c: mailq.target(c, name))
+        store = self.services.store
+        generation = store.generation
+        cached = self._targets.get(name)
+        if cached is not None and cached[0] == generation:
+            target = cached[1]
+        else:
+            target = await store.read(lambda c: mailq.target(c, name))
+            if len(self._targets) > 10_000:
+                self._targets.clear()
+            self._targets[name] = (generation, target)
         if target is None:
             raise Refusal(550, f"no such mailbox: there is no VM named {name}")
         if not target.receive:
@@ -166,8 +183,7 @@ class MailService:
             self.per_hour.check(target.vm_id)
         except RateLimited:
             raise Refusal(452, f"{name} has received too many messages this hour; try again later") from None
-        waiting = await asyncio.to_thread(self._count, target.vm_id)
-        if self.unread.get(target.vm_id, 0) + waiting >= self.unread_limit:
+        if self.unread.get(target.vm_id, 0) + self.spooled.get(target.vm_id, 0) >= self.unread_limit:
             await self._switch_off(target.vm_id, target.name)
             raise Refusal(452, f"{name} has {self.unread_limit} unread messages; it receives no more until "
                                "they are read and its owner turns receiving on again")
@@ -198,6 +214,7 @@ class MailService:
             head = (f"Return-Path: <{_header_safe(mail_from)}>\r\nDelivered-To: {_header_safe(r.address)}\r\n"
                     f"X-Ussycode-VM: {r.vm_name}\r\n").encode()
             await asyncio.to_thread(self._write_spool, vm_id, head + data)
+            self.spooled[vm_id] = self.spooled.get(vm_id, 0) + 1
             self.kick(vm_id)
 
     # --- the spool ------------------------------------------------------------------------------------------
@@ -255,6 +272,7 @@ class MailService:
                 for path, _ in batch:
                     with contextlib.suppress(FileNotFoundError):
                         path.unlink()
+                self.spooled[vm_id] = max(0, self.spooled.get(vm_id, 0) - len(batch))
 
     def _batch(self, vm_id: str) -> list[tuple[Path, bytes]]:
         batch: list[tuple[Path, bytes]] = []
