@@ -87,6 +87,7 @@ def build_metadata_app(services: Services) -> Starlette:
         data: dict[str, Any] = {
             "name": vm.name, "domain": services.settings.domain, "url": services.vms.url(vm.name),
             "ssh": services.vms.ssh_command(vm.name), "owner": owner.handle if owner else None,
+            "owner_email": owner.email if owner else None,  # verified only; the one mail from the VM may go to
             "image": vm.image, "cpu": vm.cpu, "memory_mb": vm.memory_mb, "disk_gb": vm.disk_gb,
             "tags": list(vm.tags), "created_at": iso(vm.created_at), "env": spec.env,
         }

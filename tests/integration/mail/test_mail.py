@@ -308,6 +308,8 @@ async def test_addresses_and_mail_from_a_vm(server_factory: Callable[..., Any], 
         status, _, body = r.stdout.partition("\n")
         return int(status), json.loads(body)
 
+    r = await server.ssh(alice, "cat ~/AGENTS.md; curl -s http://169.254.169.254/", user="mailer")
+    assert "gateway/email/send" in r.stdout and '"owner_email": "me@example.test"' in r.stdout, r
     status, doc = await post(json.dumps({"to": "me@example.test", "subject": "build done", "body": "all green"}))
     assert status == 200 and doc["status"] == "sent", doc
     await relay.wait(4)

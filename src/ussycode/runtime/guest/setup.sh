@@ -25,3 +25,5 @@ rm -f "$ROOT/usr/sbin/policy-rc.d"
 # Services are never started by package scripts inside a container VM (no systemd): say so.
 printf '#!/bin/sh\nexit 101\n' > "$ROOT/usr/sbin/policy-rc.d"
 chmod 0755 "$ROOT/usr/sbin/policy-rc.d"
+# What an agent (or a person) working in the VM should know about it.
+install -D -m 0644 -o 1000 -g 1000 "$GUEST/AGENTS.md" "$ROOT/home/ussycode/AGENTS.md"
