@@ -246,6 +246,29 @@ async def test_streams_survive_other_users_churn(web: Web, needs_vms: None) -> N
     assert caddy_reloads(caddy.base_dir) == 0  # Caddy's config never changed
 
 
+async def test_streamed_responses_are_not_buffered(web: Web, needs_vms: None) -> None:
+    """A chunked response (SSE, long downloads) flows through the managed Caddy chunk by chunk, both on a public
+    VM's fast path and on a private VM through forward-auth: the chunks arrive spread over the ~2 s the app takes
+    to write them, not all at once at the end."""
+    alice = await web.server.register("alice")
+    for vm in ("pubs", "privs"):
+        await new_vm(web, alice, vm)
+    assert (await web.cmd(alice, "share", "set-public", "pubs")).exit_status == 0
+    token = await token_of(web, alice)
+    async with httpx.AsyncClient(timeout=30) as client:
+        for host, headers in (("pubs.localhost", {}), ("privs.localhost", {"Authorization": f"Bearer {token}"})):
+            arrivals: list[float] = []
+            body = b""
+            async with client.stream("GET", f"http://127.0.0.1:{web.port}/slow/20",
+                                     headers={"Host": host, **headers}) as r:
+                assert r.status_code == 200, (host, r.status_code)
+                async for chunk in r.aiter_raw():
+                    arrivals.append(time.monotonic())
+                    body += chunk
+            assert body.splitlines() == [b"%d" % i for i in range(20)], host
+            assert len(arrivals) >= 10 and arrivals[-1] - arrivals[0] >= 1.5, (host, len(arrivals))
+
+
 async def test_caddy_killed_comes_back_within_10s(web: Web, needs_vms: None) -> None:
     alice = await web.server.register("alice")
     await new_vm(web, alice, "kbox")
