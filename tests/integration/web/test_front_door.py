@@ -169,9 +169,9 @@ async def test_readme_exec_example_over_https_with_curl(server_factory: Callable
 
 
 async def test_streams_survive_other_users_churn(web: Web, needs_vms: None) -> None:
-    """A WebSocket to A (public) and one to B (private, Bearer: through forward-auth), slow downloads from B and
-    >= 50 sequential curls to C all complete without error while another user runs 20 new/share set-public/
-    rename/rm commands."""
+    """A WebSocket to A (public) and two to B (private, through forward-auth: the owner's browser session and a
+    Bearer token), slow downloads from B and >= 50 sequential curls to C all complete without error while another
+    user runs 20 new/share set-public/rename/rm commands."""
     alice = await web.server.register("alice")
     bob = await web.server.register("bob")
     for vm in ("vma", "vmb", "vmc"):
@@ -238,11 +238,26 @@ async def test_streams_survive_other_users_churn(web: Web, needs_vms: None) -> N
             await asyncio.sleep(0.05)
         return n
 
+    # the owner's browser session for vmb (the sign-in flow), sent with a WebSocket as a browser sends it
+    async with browser_client() as browser:
+        r = await browser.get(web.url("vmb.localhost", "/"), headers={"Accept": "text/html"})
+        assert r.status_code == 302, r.text
+        r = await browser.get(r.headers["location"], headers={"Accept": "text/html"})
+        assert r.status_code == 200, r.text
+        r = await browser.get(await web.login_url(alice), headers={"Accept": "text/html"})
+        assert r.status_code == 303, r.text
+        r = await browser.get(r.headers["location"], headers={"Accept": "text/html"})
+        assert r.status_code in (302, 303), r.text
+        cookie = "; ".join(f"{c.name}={c.value}" for c in browser.cookies.jar if c.domain.startswith("vmb."))
+    assert cookie
     private_ws = websocket(b"vmb", b"Authorization: Bearer " + token.encode() + b"\r\n")
-    results = await asyncio.wait_for(asyncio.gather(churn(), websocket(b"vma"), private_ws, downloads(), curls()), 600)
-    _, ws_messages, private_ws_messages, slow_downloads, curl_count = results
+    session_ws = websocket(b"vmb", b"Cookie: " + cookie.encode() + b"\r\n")
+    results = await asyncio.wait_for(asyncio.gather(churn(), websocket(b"vma"), private_ws, session_ws, downloads(),
+                                                    curls()), 600)
+    _, ws_messages, private_ws_messages, session_ws_messages, slow_downloads, curl_count = results
     assert len(churn_log) == 20
-    assert ws_messages >= 5 and private_ws_messages >= 5 and slow_downloads >= 1 and curl_count >= 50
+    assert ws_messages >= 5 and private_ws_messages >= 5 and session_ws_messages >= 5
+    assert slow_downloads >= 1 and curl_count >= 50
     assert caddy_reloads(caddy.base_dir) == 0  # Caddy's config never changed
 
 
