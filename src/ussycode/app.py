@@ -36,6 +36,12 @@ from ussycode.tasks import TaskGroup
 log = logging.getLogger(__name__)
 
 
+# Idle keep-alive connections are kept longer than Caddy keeps its idle upstream connections (2 min): when the
+# server closed first (uvicorn's default is 5 s), a request Caddy or an HTTP client sent on a connection just as
+# it was closed was reset (a 502 through Caddy, a ReadError in httpx) instead of answered.
+APP_KEEP_ALIVE = 150
+
+
 class _AppServer(uvicorn.Server):
     """uvicorn without its own signal handling: the App owns SIGTERM/SIGINT and shuts everything down."""
 
@@ -164,7 +170,8 @@ class App:
         host, port = parse_addr(self.settings.http_addr)
         config = uvicorn.Config(build_app(self.services), host=host, port=port, log_level="warning",
                                 lifespan="off", access_log=False, server_header=False,
-                                timeout_graceful_shutdown=5, proxy_headers=False)
+                                timeout_graceful_shutdown=5, proxy_headers=False,
+                                timeout_keep_alive=APP_KEEP_ALIVE)
         self.http_server = _AppServer(config)
         self._http_task = self.tasks.spawn(self.http_server.serve(), "http")
         for _ in range(200):

@@ -278,6 +278,23 @@ async def test_burst_of_1000_is_rate_limited_and_shared_with_ssh(server_factory,
     assert len(await api.audit("token.refused")) == 0
 
 
+async def test_idle_keep_alive_connection_is_not_dropped_under_a_client(server) -> None:
+    """A connection left idle longer than uvicorn's default 5 s is still served: Caddy (and httpx) reuse idle
+    connections for minutes, and a server closing first resets a request sent at that moment."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.app.http_port)
+    request = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    for _ in range(2):
+        writer.write(request)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 200"), head
+        length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:"))
+        await reader.readexactly(length)
+        await asyncio.sleep(6.5)
+        assert not reader.at_eof()
+    writer.close()
+
+
 async def test_openapi_document(server, api) -> None:
     r = await api.client.get(f"{api.base}/openapi.json")
     assert r.status_code == 200

@@ -107,7 +107,8 @@ async def test_public_links_ports_and_json(web: Web, needs_vms: None) -> None:
 
     r = await web.cmd(alice, "share", "show", "site", "--json")
     assert r.exit_status == 0, r
-    assert json.loads(r.stdout) == {"vm": "site", "public": False, "ports": [], "users": [], "links": []}
+    assert json.loads(r.stdout) == {"vm": "site", "public": False, "ports": [], "users": [], "links": [],
+                                    "receive_email": False}
 
     async with browser_client() as anon:
         assert (await anon.get(web.url("site.localhost"))).status_code == 401

@@ -169,9 +169,9 @@ async def test_readme_exec_example_over_https_with_curl(server_factory: Callable
 
 
 async def test_streams_survive_other_users_churn(web: Web, needs_vms: None) -> None:
-    """A WebSocket to A (public) and one to B (private, Bearer: through forward-auth), slow downloads from B and
-    >= 50 sequential curls to C all complete without error while another user runs 20 new/share set-public/
-    rename/rm commands."""
+    """A WebSocket to A (public) and two to B (private, through forward-auth: the owner's browser session and a
+    Bearer token), slow downloads from B and >= 50 sequential curls to C all complete without error while another
+    user runs 20 new/share set-public/rename/rm commands."""
     alice = await web.server.register("alice")
     bob = await web.server.register("bob")
     for vm in ("vma", "vmb", "vmc"):
@@ -238,12 +238,50 @@ async def test_streams_survive_other_users_churn(web: Web, needs_vms: None) -> N
             await asyncio.sleep(0.05)
         return n
 
+    # the owner's browser session for vmb (the sign-in flow), sent with a WebSocket as a browser sends it
+    async with browser_client() as browser:
+        r = await browser.get(web.url("vmb.localhost", "/"), headers={"Accept": "text/html"})
+        assert r.status_code == 302, r.text
+        r = await browser.get(r.headers["location"], headers={"Accept": "text/html"})
+        assert r.status_code == 200, r.text
+        r = await browser.get(await web.login_url(alice), headers={"Accept": "text/html"})
+        assert r.status_code == 303, r.text
+        r = await browser.get(r.headers["location"], headers={"Accept": "text/html"})
+        assert r.status_code in (302, 303), r.text
+        cookie = "; ".join(f"{c.name}={c.value}" for c in browser.cookies.jar if c.domain.startswith("vmb."))
+    assert cookie
     private_ws = websocket(b"vmb", b"Authorization: Bearer " + token.encode() + b"\r\n")
-    results = await asyncio.wait_for(asyncio.gather(churn(), websocket(b"vma"), private_ws, downloads(), curls()), 600)
-    _, ws_messages, private_ws_messages, slow_downloads, curl_count = results
+    session_ws = websocket(b"vmb", b"Cookie: " + cookie.encode() + b"\r\n")
+    results = await asyncio.wait_for(asyncio.gather(churn(), websocket(b"vma"), private_ws, session_ws, downloads(),
+                                                    curls()), 600)
+    _, ws_messages, private_ws_messages, session_ws_messages, slow_downloads, curl_count = results
     assert len(churn_log) == 20
-    assert ws_messages >= 5 and private_ws_messages >= 5 and slow_downloads >= 1 and curl_count >= 50
+    assert ws_messages >= 5 and private_ws_messages >= 5 and session_ws_messages >= 5
+    assert slow_downloads >= 1 and curl_count >= 50
     assert caddy_reloads(caddy.base_dir) == 0  # Caddy's config never changed
+
+
+async def test_streamed_responses_are_not_buffered(web: Web, needs_vms: None) -> None:
+    """A chunked response (SSE, long downloads) flows through the managed Caddy chunk by chunk, both on a public
+    VM's fast path and on a private VM through forward-auth: the chunks arrive spread over the ~2 s the app takes
+    to write them, not all at once at the end."""
+    alice = await web.server.register("alice")
+    for vm in ("pubs", "privs"):
+        await new_vm(web, alice, vm)
+    assert (await web.cmd(alice, "share", "set-public", "pubs")).exit_status == 0
+    token = await token_of(web, alice)
+    async with httpx.AsyncClient(timeout=30) as client:
+        for host, headers in (("pubs.localhost", {}), ("privs.localhost", {"Authorization": f"Bearer {token}"})):
+            arrivals: list[float] = []
+            body = b""
+            async with client.stream("GET", f"http://127.0.0.1:{web.port}/slow/20",
+                                     headers={"Host": host, **headers}) as r:
+                assert r.status_code == 200, (host, r.status_code)
+                async for chunk in r.aiter_raw():
+                    arrivals.append(time.monotonic())
+                    body += chunk
+            assert body.splitlines() == [b"%d" % i for i in range(20)], host
+            assert len(arrivals) >= 10 and arrivals[-1] - arrivals[0] >= 1.5, (host, len(arrivals))
 
 
 async def test_caddy_killed_comes_back_within_10s(web: Web, needs_vms: None) -> None:
