@@ -39,9 +39,14 @@ async def spawn(argv: list[str], **popen: Any) -> subprocess.Popen[bytes]:
                     kill_group(child.pid)
                 with contextlib.suppress(ProcessLookupError):
                     child.kill()
-                _POOL.submit(child.wait)
+                _POOL.submit(_reap, child)
         started.add_done_callback(kill_when_started)
         raise
+
+
+def _reap(child: subprocess.Popen[bytes]) -> None:
+    with child:  # closes its pipes and waits for it
+        pass
 
 
 def _popen(argv: list[str], popen: dict[str, Any]) -> subprocess.Popen[bytes]:
@@ -78,7 +83,6 @@ async def communicate(child: subprocess.Popen[bytes], stdin: bytes | None, timeo
             await asyncio.wait_for(asyncio.shield(talked), 5)
         raise
     return out or b"", err or b""
-
 
 
 def kill_group(pid: int) -> None:
