@@ -430,7 +430,7 @@ async def test_copy_disk_is_independent(runtime: Runtime, make_vm: MakeVm) -> No
         await runtime.start(dst)
         assert await sh(runtime, dst, "cat ~/shared") == "original\n"
         await sh(runtime, dst, "echo changed > ~/shared; echo new > ~/only-in-copy")
-        assert await sh(runtime, src, "cat ~/shared; ls ~") == "original\nshared\n"
+        assert await sh(runtime, src, "cat ~/shared; ls ~") == "original\nAGENTS.md\nshared\n"
         assert await sh(runtime, dst, "cat /etc/ssh/ssh_host_ed25519_key.pub") != src_key
     finally:
         await runtime.destroy(dst.id)

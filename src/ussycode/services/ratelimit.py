@@ -23,7 +23,7 @@ class RateLimiter:
         self.rate = per_minute / 60.0
         self.burst = float(burst)
         self._buckets: dict[str, _Bucket] = {}
-        self._clock = clock
+        self.clock = clock
 
     @classmethod
     def per_hour(cls, count: int, *, clock: Callable[[], float] = time.monotonic) -> RateLimiter:
@@ -31,11 +31,11 @@ class RateLimiter:
         return cls(count / 60.0, count, clock=clock)
 
     def _refill(self, key: str) -> _Bucket:
-        now = self._clock()
+        now = self.clock()
         b = self._buckets.get(key)
         if b is None:
             b = self._buckets[key] = _Bucket(self.burst, now)
-        b.tokens = min(self.burst, b.tokens + (now - b.updated) * self.rate)
+        b.tokens = min(self.burst, b.tokens + max(0.0, now - b.updated) * self.rate)
         b.updated = now
         return b
 
