@@ -39,7 +39,6 @@ from ussycode.store import vms as vmq
 from ussycode.store.schema import iso
 from ussycode.store.users import by_id as user_by_id
 from ussycode.tasks import TaskGroup
-from ussycode.types import VmStatus
 
 log = logging.getLogger(__name__)
 PORT = 80
@@ -212,5 +211,5 @@ class MetadataService:
 
 
 def _running_vms(c: sa.Connection) -> list[str]:
-    return [vm.id for vm in vmq.all_vms(c) if vm.status is VmStatus.RUNNING]
+    return list(vmq.running_names(c))
 

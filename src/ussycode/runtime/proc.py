@@ -19,9 +19,20 @@ from dataclasses import dataclass
 from ussycode.errors import RuntimeFailure
 from ussycode.spawn import DEVNULL, PIPE, STDOUT, communicate, spawn, wait
 
-__all__ = ["DEVNULL", "PIPE", "STDOUT", "Completed", "communicate", "run", "run_sync", "spawn", "wait"]
+__all__ = ["DEVNULL", "PIPE", "STDOUT", "Completed", "as_guest_priority", "communicate", "run", "run_sync", "spawn",
+           "wait"]
 
 DEFAULT_TIMEOUT = 60.0
+# Every process of a VM (its init and all it starts, commands run in it, a VMM) runs at this niceness: on a busy
+# host the control plane (the server, Caddy, the forwarders) gets the CPU first, so the lobby and the front door
+# stay responsive while VMs boot or compute. VMs are equal among themselves; a guest cannot raise its priority
+# (that needs CAP_SYS_NICE in the host's user namespace).
+GUEST_NICENESS = 10
+
+
+def as_guest_priority(argv: list[str]) -> list[str]:
+    """``argv`` started at the VMs' niceness (coreutils ``nice``; its children inherit it)."""
+    return ["nice", "-n", str(GUEST_NICENESS), *argv]
 
 
 @dataclass(frozen=True)

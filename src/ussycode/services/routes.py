@@ -40,7 +40,6 @@ from ussycode.services.shares import MAIN_PORT, ShareService
 from ussycode.store import shares as shareq
 from ussycode.store import vms as vmq
 from ussycode.tasks import TaskGroup
-from ussycode.types import VmStatus
 
 log = logging.getLogger(__name__)
 
@@ -73,31 +72,28 @@ class RouteService:
         self.health: Callable[[], dict[str, Any]] | None = None  # the HTTPS entry's report, for /health
         self._lock = asyncio.Lock()
 
-    async def _state(self) -> tuple[list[Any], dict[str, set[int]], dict[str, list[str]]]:
-        def read(c: Any) -> tuple[list[Any], dict[str, set[int]], dict[str, list[str]]]:
-            return vmq.all_vms(c), shareq.public_ports_by_vm(c), shareq.verified_cnames_by_vm(c)
+    async def _state(self) -> tuple[dict[str, str], dict[str, set[int]], dict[str, list[str]]]:
+        def read(c: Any) -> tuple[dict[str, str], dict[str, set[int]], dict[str, list[str]]]:
+            return vmq.running_names(c), shareq.public_ports_by_vm(c), shareq.verified_cnames_by_vm(c)
 
         return await self.services.store.read(read)
 
     async def desired(self) -> tuple[set[tuple[str, int]], dict[str, tuple[str, int]]]:
         """(wanted forwarders, public host -> (VM id, port)) from the DB."""
         domain = self.settings.domain
-        vms, public, cnames = await self._state()
+        running, public, cnames = await self._state()
         wanted: set[tuple[str, int]] = set()
         hosts: dict[str, tuple[str, int]] = {}
-        running = {vm.id for vm in vms if vm.status is VmStatus.RUNNING}
-        for vm in vms:
-            if vm.id not in running:
-                continue
-            ports = public.get(vm.id, set())
-            wanted.add((vm.id, MAIN_PORT))
-            wanted.update((vm.id, p) for p in ports)
-            host = f"{vm.name}.{domain}"
+        for vm_id, name in running.items():
+            ports = public.get(vm_id, set())
+            wanted.add((vm_id, MAIN_PORT))
+            wanted.update((vm_id, p) for p in ports)
+            host = f"{name}.{domain}"
             for port in ports:
-                hosts[host if port == MAIN_PORT else f"{port}-{host}"] = (vm.id, port)
+                hosts[host if port == MAIN_PORT else f"{port}-{host}"] = (vm_id, port)
             if MAIN_PORT in ports:
-                for cname in cnames.get(vm.id, []):
-                    hosts[cname] = (vm.id, MAIN_PORT)
+                for cname in cnames.get(vm_id, []):
+                    hosts[cname] = (vm_id, MAIN_PORT)
         # Forwarders forward-auth started on demand stay while their VM runs.
         wanted.update(key for key in self.bridges.active() if key[0] in running)
         return wanted, hosts

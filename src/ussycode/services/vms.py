@@ -544,7 +544,7 @@ class VmService:
         except NotImplementedError:
             return []
         if known is None:
-            known = {vm.id for vm in await self.store.read(q.all_vms)}
+            known = {vm_id for vm_id, _, _ in await self.store.read(q.index)}
         stopped: builtins.list[str] = []
         for vm_id in sorted(set(present) - known):
             async with self.ops.lock(vm_id):
@@ -571,31 +571,30 @@ class VmService:
     async def watch_once(self, *, sweep: bool = True) -> None:
         """Notice VMs that died behind our back (the DB never claims a dead VM is running), and VMs that run
         without a row. Each correction is made under the VM's lock, after checking again."""
-        rows = await self.store.read(q.all_vms)
-        for n, vm in enumerate(rows):
+        rows = await self.store.read(q.index)
+        running = [(vm_id, name) for vm_id, name, status in rows if status is VmStatus.RUNNING]
+        for n, (vm_id, name) in enumerate(running):
             if n % 64 == 63:
                 await asyncio.sleep(0)  # thousands of rows: let the loop breathe
-            if vm.status is not VmStatus.RUNNING or self.ops.busy(vm.id):
+            if self.ops.busy(vm_id) or await self.runtime.status(vm_id) is VmStatus.RUNNING:
                 continue
-            if await self.runtime.status(vm.id) is VmStatus.RUNNING:
-                continue
-            async with self.ops.lock(vm.id):
-                now = await self.by_id(vm.id)
-                if now is None or now.status is not VmStatus.RUNNING or self.ops.pending(vm.id) is not None:
+            async with self.ops.lock(vm_id):
+                now = await self.by_id(vm_id)
+                if now is None or now.status is not VmStatus.RUNNING or self.ops.pending(vm_id) is not None:
                     continue
-                if await self.runtime.status(vm.id) is VmStatus.RUNNING:
+                if await self.runtime.status(vm_id) is VmStatus.RUNNING:
                     continue
-                log.warning("VM %s stopped unexpectedly", vm.name)
+                log.warning("VM %s stopped unexpectedly", name)
 
-                def tx(c: sa.Connection, vm: Vm = vm) -> None:
-                    q.update(c, vm.id, status=VmStatus.STOPPED, desired="stopped",
+                def tx(c: sa.Connection, vm_id: str = vm_id, name: str = name) -> None:
+                    q.update(c, vm_id, status=VmStatus.STOPPED, desired="stopped",
                              error="the VM stopped unexpectedly")
-                    audit.record(c, actor_id=None, source="system", action="vm.crashed", target=vm.name)
+                    audit.record(c, actor_id=None, source="system", action="vm.crashed", target=name)
 
                 await self.store.write(tx)
-            await self.events.publish(VmEvent("stopped", vm.id, vm.name))
+            await self.events.publish(VmEvent("stopped", vm_id, name))
         if sweep:
-            await self.sweep_orphans({vm.id for vm in rows})
+            await self.sweep_orphans({vm_id for vm_id, _, _ in rows})
 
     async def watch(self, interval: float = 3.0, sweep_every: int = 10) -> None:
         n = 0

@@ -90,6 +90,22 @@ def all_vms(conn: sa.Connection) -> list[Vm]:
     return _with_tags(conn, list(conn.execute(sa.select(vms).order_by(vms.c.name)).all()))
 
 
+_RUNNING_NAMES = sa.select(vms.c.id, vms.c.name).where(vms.c.status == VmStatus.RUNNING.value)
+
+
+def running_names(conn: sa.Connection) -> dict[str, str]:
+    """VM id -> name of every running VM (the routing table's read: two columns, no tags)."""
+    return {vm_id: name for vm_id, name in conn.execute(_RUNNING_NAMES)}
+
+
+_INDEX = sa.select(vms.c.id, vms.c.name, vms.c.status)
+
+
+def index(conn: sa.Connection) -> list[tuple[str, str, VmStatus]]:
+    """(id, name, status) of every VM: the watcher's periodic read (three columns, no tags)."""
+    return [(vm_id, name, VmStatus(status)) for vm_id, name, status in conn.execute(_INDEX)]
+
+
 def id_bases(conn: sa.Connection) -> list[int]:
     """Every id range base in use (a row exists while its VM or disk does)."""
     return [int(b) for b in conn.execute(sa.select(vms.c.id_base).where(vms.c.id_base.is_not(None))).scalars()]

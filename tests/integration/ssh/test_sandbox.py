@@ -86,6 +86,14 @@ async def test_private_id_ranges_keyrings_and_seccomp(server) -> None:
         owners = {int(line.split(":")[0]) for line in f if line.strip()}
     assert not {u for u in owners if a <= u < a + 65536 or b <= u < b + 65536}
 
+    # A VM runs below the control plane's priority, sessions and commands included; not even guest root can
+    # raise it.
+    assert (await _run(server, bob, "bob-box", "nice")).strip() == "10"
+    r = await server.ssh(bob, "sudo renice -n 0 -p $$", user="bob-box")
+    assert r.exit_status != 0 and "Permission denied" in r.stderr, r
+    init_pid = (await server.app.services.vms.by_name("bob-box")).runtime_state["pid"]
+    assert os.getpriority(os.PRIO_PROCESS, init_pid) == 10
+
     # A file guest root makes is owned by the VM's range on the host, not by host root.
     await _run(server, alice, "alice-box", "sudo touch /root-made && sudo chown 0:0 /root-made")
     vm = await server.app.services.vms.by_name("alice-box")

@@ -323,7 +323,7 @@ class ContainerRuntime(Runtime):
         )
         with open(self._console(st.vm_id), "wb") as console:  # noqa: ASYNC230 (local, instant)
             launcher = await proc.spawn(
-                argv, stdin=proc.DEVNULL, stdout=console, stderr=console,
+                proc.as_guest_priority(argv), stdin=proc.DEVNULL, stdout=console, stderr=console,
                 start_new_session=True, cwd="/", env={"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")},
             )
             try:
@@ -591,7 +591,7 @@ class ContainerRuntime(Runtime):
             self.python, pid=st.pid or 0, uid=uid, gid=gid, groups=groups, cwd=home, env=env,
             cgroup_procs=self.cgroups.procs_files(vm_id), argv=argv,
         )
-        child = await proc.spawn(full, stdin=proc.PIPE, stdout=proc.PIPE, stderr=proc.PIPE,
+        child = await proc.spawn(proc.as_guest_priority(full), stdin=proc.PIPE, stdout=proc.PIPE, stderr=proc.PIPE,
                                  start_new_session=True, cwd="/")
         try:
             out, err = await proc.communicate(child, stdin, timeout)

@@ -27,6 +27,7 @@ from ussycode.errors import NotFound, RuntimeFailure, StateError, UsageError
 from ussycode.runtime import kernel, kvm, rootfs
 from ussycode.runtime.base import ExecResult, HostCheck, Runtime
 from ussycode.runtime.firecracker import payloads
+from ussycode.runtime.proc import as_guest_priority
 from ussycode.runtime.qemu import network
 from ussycode.runtime.qemu.argv import GUEST_ADDR, GUEST_GW
 from ussycode.runtime.qemu.runtime import config_drive, qemu_alive
@@ -200,7 +201,7 @@ class FirecrackerRuntime(Runtime):
             if code != 0 and "File exists" not in out:
                 await self.vmm.cleanup_run(spec.id)
                 raise RuntimeFailure("could not create the VM's tap device", evidence=f"$ {argv}\n{out}")
-        argv = network.exec_prefix(ns) + payloads.firecracker_argv(self.binary, api_sock, spec.id)
+        argv = network.exec_prefix(ns) + as_guest_priority(payloads.firecracker_argv(self.binary, api_sock, spec.id))
         with p.console.open("wb") as console:
             proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=console, stderr=console, start_new_session=True

@@ -27,6 +27,7 @@ from qemu.qmp import QMPClient, QMPError
 from ussycode.errors import ImageError, NotFound, RuntimeFailure, StateError, UsageError
 from ussycode.runtime import kernel, kvm, netns, rootfs
 from ussycode.runtime.base import ExecResult, HostCheck, Runtime
+from ussycode.runtime.proc import as_guest_priority
 from ussycode.runtime.qemu import network
 from ussycode.runtime.qemu.argv import Accel, Machine, QemuConfig, build_argv, validate
 from ussycode.runtime.vmm import VmmHost, VmPaths, console_tail, evidence, exit_code, read_pid
@@ -228,7 +229,7 @@ class QemuRuntime(Runtime):
             pidfile=p.pidfile, machine=self.machine, accel=accel,
         )
         argv = build_argv(cfg)
-        full = network.exec_prefix(ns) + argv
+        full = network.exec_prefix(ns) + as_guest_priority(argv)
         proc = await asyncio.create_subprocess_exec(
             *full, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
         )
