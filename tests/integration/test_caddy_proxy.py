@@ -619,3 +619,35 @@ async def test_underscore_headers_and_share_parameter_are_dropped() -> None:
         assert "s3cret" not in json.dumps(seen)
         assert seen["path"] == "/q" and "a=1" in seen["query"] and "b=2" in seen["query"]
         assert "USSY_SHARE=theirs" in seen["query"]  # a different (case-sensitive) parameter: the app's
+
+
+async def test_a_caddy_left_by_a_killed_server_is_replaced() -> None:
+    """``kill -9`` of the server leaves its Caddy holding the port with an old config; the next start stops it."""
+    base = Path(tempfile.mkdtemp(prefix="uc", dir="/tmp"))
+    port = free_port()
+
+    def config(body: str) -> dict[str, Any]:
+        return {"apps": {"http": {"servers": {"s": {
+            "listen": [f"127.0.0.1:{port}"], "automatic_https": {"disable": True},
+            "routes": [{"handle": [{"handler": "static_response", "body": body}]}]}}}}}
+
+    first = ManagedCaddy(base / "caddy", config("old"))
+    await first.start()
+    old_pid = first.pid
+    assert old_pid is not None
+    try:
+        # A new server process: it knows nothing of the first Caddy but the files in its data dir.
+        second = ManagedCaddy(base / "caddy", config("new"))
+        await second.start()
+        try:
+            async with httpx.AsyncClient(timeout=5) as client:
+                assert (await client.get(f"http://127.0.0.1:{port}/")).text == "new"
+            assert first._proc is not None and await asyncio.wait_for(first._proc.wait(), 5) is not None
+            # A pid file naming someone else's process (a reused pid) is left alone.
+            (base / "caddy" / "caddy.pid").write_text(f"{os.getpid()}\n")
+            assert second._leftover_pid() is None
+        finally:
+            await second.stop()
+    finally:
+        await first.stop()
+        shutil.rmtree(base, ignore_errors=True)

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import enum
 import json
+import logging
 import os
 import re
 import shutil
@@ -23,6 +24,8 @@ from pathlib import Path
 from ussycode.errors import RuntimeFailure, StateError
 from ussycode.proxy.caddy import CaddyAdmin
 from ussycode.proxy.routes import JSON
+
+log = logging.getLogger(__name__)
 
 MAX_UNIX_PATH = 107
 
@@ -74,6 +77,7 @@ class ManagedCaddy:
         self.state = CaddyState.NEW
         self.config_path = self.base_dir / "config.json"
         self.log_path = self.base_dir / "caddy.log"
+        self.pid_path = self.base_dir / "caddy.pid"
         self.admin_socket = self.base_dir / "admin.sock"
         self.storage_dir = self.base_dir / "data" / "caddy"
         self.config = json.loads(json.dumps(config))
@@ -125,6 +129,7 @@ class ManagedCaddy:
         self.storage_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         with contextlib.suppress(FileNotFoundError):
             self.admin_socket.unlink()
+        await self._stop_leftover()
         self.config_path.write_text(json.dumps(self.config, indent=1))
         env = dict(os.environ)
         env["XDG_DATA_HOME"] = str(self.base_dir / "data")
@@ -140,6 +145,7 @@ class ManagedCaddy:
                 cwd=self.cwd,
                 start_new_session=True,  # a terminal's Ctrl-C reaches us, and we stop Caddy in order
             )
+        self.pid_path.write_text(f"{self._proc.pid}\n")
         self.admin = CaddyAdmin(self.admin_address)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.ready_timeout
@@ -161,6 +167,31 @@ class ManagedCaddy:
             raise self._failure(f"Caddy exited at start-up with status {self._proc.returncode}")
         self.state = CaddyState.RUNNING
         return self.admin
+
+    def _leftover_pid(self) -> int | None:
+        """The Caddy a previous run of this server started on this config and left running (the server was
+        killed with ``kill -9`` or lost power): it still holds our ports with an old config."""
+        try:
+            pid = int(self.pid_path.read_text().split()[0])
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            return None
+        if pid == os.getpid() or str(self.config_path).encode() not in cmdline:
+            return None  # the pid was reused by someone else
+        return pid
+
+    async def _stop_leftover(self, grace: float = 5.0) -> None:
+        pid = self._leftover_pid()
+        if pid is None:
+            return
+        log.warning("stopping the Caddy (pid %d) a previous run of the server left running", pid)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+            for _ in range(int(grace / 0.05)):
+                if self._leftover_pid() != pid:
+                    return
+                await asyncio.sleep(0.05)
 
     def _listen_addresses(self) -> list[tuple[str, int]]:
         result = []
@@ -200,6 +231,8 @@ class ManagedCaddy:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
                 await proc.wait()
+        with contextlib.suppress(OSError):
+            self.pid_path.unlink()
         if self.state is not CaddyState.FAILED:
             self.state = CaddyState.STOPPED
 
