@@ -9,10 +9,11 @@ import logging
 import os
 import signal
 from collections.abc import Iterator
-from typing import Any
+from typing import IO, Any
 
 import uvicorn
 
+from ussycode.admin import panel
 from ussycode.api import web
 from ussycode.api.app import build_app
 from ussycode.api.gate import ForwardAuthServer
@@ -21,6 +22,7 @@ from ussycode.commands.token import canonical_command
 from ussycode.config import Settings, parse_addr
 from ussycode.metadata.server import MetadataService
 from ussycode.runtime.base import Runtime
+from ussycode.services.admin import AdminService
 from ussycode.services.container import Services
 from ussycode.services.events import EventBus
 from ussycode.services.operations import Operation
@@ -30,6 +32,7 @@ from ussycode.services.tokens import TokenService
 from ussycode.services.users import UserService
 from ussycode.services.vms import VmService
 from ussycode.ssh.server import Gateway
+from ussycode.store.backup import hold_server_lock
 from ussycode.store.db import Store
 from ussycode.tasks import TaskGroup
 
@@ -66,6 +69,7 @@ class App:
         self.http_port: int | None = None
         self.http_server: _AppServer | None = None
         self._stopped = asyncio.Event()
+        self._lock: IO[bytes] | None = None  # run/server.lock, held while serving
         self._store: Store | None = None
         self.reattaching: list[Operation] = []
 
@@ -99,6 +103,10 @@ class App:
     async def _start(self) -> None:
         s = self.settings
         self._prepare_dirs()
+        # Held while we run: `ussycode restore` refuses to replace the database under a running server.
+        self._lock = hold_server_lock(s.run_dir)
+        if self._lock is None:
+            log.warning("another process holds %s/server.lock (another server on this data dir?)", s.run_dir)
         store = Store(s.db_url)
         self._store = store
         backup = await asyncio.to_thread(store.migrate)
@@ -115,6 +123,7 @@ class App:
         self.services = Services(settings=s, store=store, events=events, users=users, vms=vms,
                                  limiter=RateLimiter(s.rate_per_minute, s.rate_burst),
                                  tokens=TokenService(store, resolve_command=canonical_command))
+        self.services.admin = AdminService(store, users, vms, self.services.tokens, data_dir=str(s.data_dir))
         # --- HTTPS entry (Caddy, port bridges, routes, sharing, browser sessions) ---------------------------------
         from ussycode.services.routes import HttpsEntry
 
@@ -168,7 +177,7 @@ class App:
     async def _start_http(self) -> None:
         assert self.services is not None
         host, port = parse_addr(self.settings.http_addr)
-        config = uvicorn.Config(build_app(self.services), host=host, port=port, log_level="warning",
+        config = uvicorn.Config(build_app(self.services, panel.routes()), host=host, port=port, log_level="warning",
                                 lifespan="off", access_log=False, server_header=False,
                                 timeout_graceful_shutdown=5, proxy_headers=False,
                                 timeout_keep_alive=APP_KEEP_ALIVE)
@@ -212,6 +221,9 @@ class App:
             await self._runtime.close()
         if self._store is not None:
             await asyncio.to_thread(self._store.close)  # joins its threads
+        lock, self._lock = getattr(self, "_lock", None), None
+        if lock is not None:
+            lock.close()
         self._stopped.set()
 
     async def run_forever(self) -> None:

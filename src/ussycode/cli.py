@@ -1,4 +1,4 @@
-"""``ussycode`` command line: serve, doctor, image build/list, migrate."""
+"""``ussycode`` command line: serve, doctor, image build/list, migrate, admin promote/list, backup, restore."""
 
 from __future__ import annotations
 
@@ -47,7 +47,61 @@ def build_parser() -> argparse.ArgumentParser:
     _add_setting_flags(lst, ("data_dir", "images_dir"))
     migrate = sub.add_parser("migrate", help="bring the database schema up to date")
     _add_setting_flags(migrate, ("data_dir", "database_url"))
+    admin = sub.add_parser("admin", help="host-side bootstrap and recovery (works while the server runs)")
+    asub = admin.add_subparsers(dest="admin_cmd", required=True)
+    promote = asub.add_parser("promote", help="make a user admin (or --tier=operator)")
+    promote.add_argument("handle")
+    promote.add_argument("--tier", default="admin", choices=["admin", "operator", "citizen", "newbie"])
+    _add_setting_flags(promote, ("data_dir", "database_url"))
+    alist = asub.add_parser("list", help="list operators and admins")
+    alist.add_argument("--json", action="store_true")
+    _add_setting_flags(alist, ("data_dir", "database_url"))
+    backup = sub.add_parser("backup", help="a consistent copy of the database, taken while the server runs")
+    backup.add_argument("--to", required=True, type=Path, help="the backup file to write")
+    _add_setting_flags(backup, ("data_dir", "database_url"))
+    restore = sub.add_parser("restore", help="bring a backup back (stop the server first)")
+    restore.add_argument("file", type=Path)
+    _add_setting_flags(restore, ("data_dir", "database_url"))
     return parser
+
+
+def _host_admin(ns: argparse.Namespace) -> int:
+    import json
+
+    from ussycode.errors import UssyError
+    from ussycode.services.admin import promote, staff
+    from ussycode.store import backup as bk
+    from ussycode.store.db import Store
+    from ussycode.types import TrustLevel
+
+    settings = _settings(ns, ("data_dir", "database_url"))
+    try:
+        if ns.cmd == "backup":
+            print(bk.backup(settings.db_url, ns.to))
+            return 0
+        if ns.cmd == "restore":
+            print(bk.restore(settings.db_url, ns.file, settings.run_dir))
+            return 0
+        store = Store(settings.db_url)
+        try:
+            store.migrate()
+            if ns.admin_cmd == "promote":
+                user = promote(store, ns.handle, TrustLevel(ns.tier))
+                print(f"{user.handle} is now {user.trust_level} (their next command or login has it)")
+                return 0
+            people = staff(store)
+            if ns.json:
+                print(json.dumps([{"handle": u.handle, "trust_level": str(u.trust_level), "suspended": u.suspended}
+                                  for u in people]))
+            else:
+                for u in people:
+                    print(f"{u.handle:<20} {u.trust_level}{'  (suspended)' if u.suspended else ''}")
+            return 0
+        finally:
+            store.close()
+    except UssyError as exc:
+        print(f"error: {exc.user_message}", file=sys.stderr)
+        return 1
 
 
 def _settings(ns: argparse.Namespace, names: tuple[str, ...]) -> Settings:
@@ -67,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
             return code
         if ns.cmd == "image":
             return _image(ns)
+        if ns.cmd in ("admin", "backup", "restore"):
+            return _host_admin(ns)
         if ns.cmd == "migrate":
             from ussycode.store.db import Store
 

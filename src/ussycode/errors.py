@@ -80,6 +80,16 @@ class QuotaExceeded(Forbidden):
     reason = "quota"
 
 
+class Suspended(Forbidden):
+    """The account is suspended: it can do nothing until an operator unsuspends it."""
+
+    reason = "suspended"
+
+    def __init__(self, why: str = "", **kw: str) -> None:
+        text = "your account is suspended" + (f" ({why})" if why else "")
+        super().__init__(text + "; contact the operator of this server", **kw)
+
+
 class Unauthenticated(UssyError):
     http_status = 401
     reason = "unauthenticated"

@@ -1,12 +1,15 @@
+import datetime as dt
+
 import pytest
 
 from ussycode.commands.registry import REGISTRY, load_all, lookup, split
 from ussycode.errors import QuotaExceeded, RateLimited, StateError, UsageError
-from ussycode.services.quotas import check_count, check_size
+from ussycode.services.quotas import check_count, check_size, effective_limits
 from ussycode.services.ratelimit import RateLimiter
 from ussycode.services.users import validate_handle
 from ussycode.services.vms import parse_env, validate_vm_name
-from ussycode.types import TrustLevel, VmStatus, check_transition
+from ussycode.store.users import User
+from ussycode.types import Limits, TrustLevel, VmStatus, check_transition
 
 
 def test_split_is_posix() -> None:
@@ -71,19 +74,34 @@ def test_env_parsing() -> None:
         parse_env([f"K{i}=v" for i in range(65)])
 
 
+def _person(level: TrustLevel, quota: Limits | None = None) -> User:
+    return User("u1", "someone", None, level, dt.datetime(2026, 1, 1), quota=quota)
+
+
 def test_quotas_name_the_limit() -> None:
-    check_size(TrustLevel.NEWBIE, 1, 2048, 5)
+    check_size(_person(TrustLevel.NEWBIE), 1, 2048, 5)
     with pytest.raises(QuotaExceeded, match="vCPU limit"):
-        check_size(TrustLevel.NEWBIE, 2, 1024, 5)
+        check_size(_person(TrustLevel.NEWBIE), 2, 1024, 5)
     with pytest.raises(QuotaExceeded, match="memory limit"):
-        check_size(TrustLevel.NEWBIE, 1, 4096, 5)
+        check_size(_person(TrustLevel.NEWBIE), 1, 4096, 5)
     with pytest.raises(QuotaExceeded, match="disk limit"):
-        check_size(TrustLevel.CITIZEN, 1, 1024, 26)
-    check_size(TrustLevel.ADMIN, 64, 262144, 2048)
-    check_count(TrustLevel.NEWBIE, 2)
+        check_size(_person(TrustLevel.CITIZEN), 1, 1024, 26)
+    check_size(_person(TrustLevel.ADMIN), 64, 262144, 2048)
+    check_count(_person(TrustLevel.NEWBIE), 2)
     with pytest.raises(QuotaExceeded, match="VM limit reached: you have 3 of 3"):
-        check_count(TrustLevel.NEWBIE, 3)
-    check_count(TrustLevel.ADMIN, 10_000)
+        check_count(_person(TrustLevel.NEWBIE), 3)
+
+
+def test_a_quota_override_replaces_only_the_keys_it_names() -> None:
+    raised = _person(TrustLevel.NEWBIE, Limits(5, None, None, 10))
+    assert effective_limits(raised) == Limits(5, 1, 2048, 10)
+    check_count(raised, 4)
+    check_size(raised, 1, 2048, 10)
+    with pytest.raises(QuotaExceeded, match="6 VMs|5 of 5 VMs allowed for your quota"):
+        check_count(raised, 5)
+    with pytest.raises(QuotaExceeded, match="your quota allows 1 per VM"):
+        check_size(raised, 2, 1024, 5)
+    check_count(_person(TrustLevel.ADMIN), 10_000)
 
 
 def test_rate_limiter() -> None:

@@ -30,7 +30,7 @@ from starlette.types import Receive, Scope, Send
 from ussycode.api.web import client_address
 from ussycode.commands.context import CommandContext, Output
 from ussycode.commands.registry import dispatch, render_error, split_async
-from ussycode.errors import CommandNotPermitted, RateLimited, Unauthenticated, UsageError
+from ussycode.errors import CommandNotPermitted, Forbidden, RateLimited, Unauthenticated, UsageError
 from ussycode.services.container import Services
 
 log = logging.getLogger(__name__)
@@ -155,6 +155,8 @@ class ExecEndpoint:
             raise _Reject(401, exc.user_message, {"WWW-Authenticate": 'Bearer realm="ussycode"'}) from None
         except RateLimited as exc:  # too many refused tokens from this address
             raise _Reject(429, exc.user_message, {"Retry-After": str(math.ceil(exc.retry_after))}) from None
+        except Forbidden as exc:  # a suspended account
+            raise _Reject(403, exc.user_message) from None
         kind = _content_kind(request)
         line = command_line(kind, await read_body(request))
         try:

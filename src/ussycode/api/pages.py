@@ -7,7 +7,8 @@ never shown to a stranger):
 - VM being created or started -> 503 ``vm_starting`` with ``Retry-After``;
 - VM in an error state (it failed to start, or its runtime lost it) -> 503 ``vm_failed``;
 - running VM with nothing on the port -> 502 ``no_listener`` (Caddy's error routes, ``proxy/front.py``);
-- unknown VM or host -> 404 ``unknown_vm`` (``decide``).
+- unknown VM or host -> 404 ``unknown_vm`` (``decide``);
+- a VM whose owner is suspended -> 403 ``suspended``, to every visitor, before any access decision.
 """
 
 from __future__ import annotations
@@ -61,6 +62,13 @@ def vm_state_page(vm_name: str, status: VmStatus, *, accept: str = "", method: s
                    f"The VM <b>{name}</b> failed (it could not start, or stopped unexpectedly). Its owner can "
                    f"see it with <code>ls</code> and retry with <code>restart {name}</code>.",
                    f"VM {vm_name} is in an error state; its owner can retry with 'restart {vm_name}'")
+
+
+def suspended_page(vm_name: str, *, accept: str = "", method: str = "GET") -> Page:
+    """The owner's account is suspended: its VMs, shares and links answer this until it is unsuspended."""
+    return _render(wants_html(accept, method), 403, "suspended", f"{vm_name} is suspended",
+                   f"The account that owns <b>{escape(vm_name)}</b> is suspended by the operators of this server.",
+                   f"VM {vm_name} belongs to a suspended account")
 
 
 def forwarder_failed_page(vm_name: str, *, accept: str = "", method: str = "GET") -> Page:

@@ -50,7 +50,7 @@ from ussycode.api.forward_auth import (
     parse_target,
     tls_ask,
 )
-from ussycode.api.pages import forwarder_failed_page, vm_state_page
+from ussycode.api.pages import forwarder_failed_page, suspended_page, vm_state_page
 from ussycode.config import Settings, TlsMode, parse_addr
 from ussycode.errors import RateLimited, UssyError
 from ussycode.proxy.front import UPSTREAM_HEADER
@@ -59,7 +59,7 @@ from ussycode.services.accesscache import GenerationCache
 from ussycode.services.container import Services
 from ussycode.services.ratelimit import RateLimiter
 from ussycode.services.routes import ASK_PATH, AUTH_PATH
-from ussycode.services.sessions import SessionService, WebSession, session_row
+from ussycode.services.sessions import SessionService, WebSession, cookie_name, session_row
 from ussycode.services.shares import AccessRecord, ShareService, access_record, link_token_hash
 
 log = logging.getLogger(__name__)
@@ -98,10 +98,6 @@ def _parts(request: Request) -> tuple[Settings, ShareService, SessionService]:
     if s.shares is None or s.sessions is None:
         raise RuntimeError("the HTTPS entry is not set up")
     return s.settings, s.shares, s.sessions
-
-
-def cookie_name(settings: Settings) -> str:
-    return "ussy_session" if settings.tls is TlsMode.OFF else "__Host-ussy_session"
 
 
 def _cookie(settings: Settings, name: str, value: str, max_age: int) -> str:
@@ -224,6 +220,10 @@ async def forward_auth(request: Request) -> Response:
         cache.put(key, generation, cached, _session_deadline(cached[1]))
     record, session = cached
 
+    if record is not None and record.owner_suspended:
+        gone = suspended_page(record.name, accept=areq.accept, method=areq.method)
+        return Response(gone.body, status_code=gone.status, media_type=gone.content_type,
+                        headers={"Cache-Control": "no-store"})
     now = dt.datetime.now(dt.UTC)
     vm = shares_view = None
     if record is not None:
@@ -384,6 +384,12 @@ async def _vm_next(request: Request, next_url: str) -> _Next | None:
     return _Next(target.host, path, target.port, record)
 
 
+def _apex_next(value: str) -> str:
+    """A page of the apex to return to after signing in: the admin panel's paths only, else home."""
+    path = _safe_path(value) if value else "/"
+    return path if path == "/admin" or path.startswith("/admin/") else "/"
+
+
 async def _handoff_redirect(request: Request, session: WebSession, target: _Next) -> Response:
     """Hand the session to a VM host the user may open (public, owner, shared); anything else goes home."""
     settings, _, sessions = _parts(request)
@@ -418,11 +424,12 @@ async def login(request: Request) -> Response:
         secret, new_session = result
         cookie = _cookie(settings, cookie_name(settings), secret,
                          int((new_session.expires_at - dt.datetime.now(dt.UTC).replace(tzinfo=None)).total_seconds()))
-        target = await _vm_next(request, unquote(request.cookies.get(NEXT_COOKIE, "")))
+        remembered = unquote(request.cookies.get(NEXT_COOKIE, ""))
+        target = await _vm_next(request, remembered)
         if target is not None:
             response = await _handoff_redirect(request, new_session, target)
         else:
-            response = RedirectResponse("/", 303, headers=SECURITY_HEADERS)
+            response = RedirectResponse(_apex_next(remembered), 303, headers=SECURITY_HEADERS)
         response.headers.append("Set-Cookie", cookie)
         response.headers.append("Set-Cookie", _cookie(settings, NEXT_COOKIE, "", 0))
         return response
@@ -431,9 +438,12 @@ async def login(request: Request) -> Response:
     if session is not None:
         if target is not None:
             return await _handoff_redirect(request, session, target)
-        return RedirectResponse("/", 303, headers=SECURITY_HEADERS)
+        return RedirectResponse(_apex_next(next_url), 303, headers=SECURITY_HEADERS)
     extra: dict[str, str] = {}
     where = ""
+    if target is None and _apex_next(next_url) != "/":
+        # A page of the apex itself (the admin panel): back there after signing in.
+        extra["Set-Cookie"] = _cookie(settings, NEXT_COOKIE, quote(_apex_next(next_url), safe=""), 900)
     if target is not None:
         # Remember where the browser wanted to go; the sign-in link brings it back there.
         extra["Set-Cookie"] = _cookie(settings, NEXT_COOKIE, quote(next_url, safe=""), 900)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import shlex
 from collections.abc import Awaitable, Callable
@@ -17,7 +18,15 @@ from typing import NoReturn
 
 from ussycode.auth.policy import Action, can
 from ussycode.commands.context import CommandContext
-from ussycode.errors import CommandNotPermitted, Forbidden, RuntimeFailure, UsageError, UssyError
+from ussycode.errors import (
+    CommandNotPermitted,
+    Forbidden,
+    NotFound,
+    RuntimeFailure,
+    Suspended,
+    UsageError,
+    UssyError,
+)
 
 log = logging.getLogger(__name__)
 MAX_LINE = 64 * 1024
@@ -128,6 +137,15 @@ async def dispatch(ctx: CommandContext, argv: list[str]) -> int:
     cmd = lookup(argv[0])
     if cmd is None:
         raise UsageError(f"unknown command: {argv[0][:40]!r}; type 'help' for commands")
+    if ctx.actor.token_id is None:
+        # A lobby session lives long: the account as it is now, so a tier change or a suspension applies to its
+        # next command. (A token's actor was read at most seconds ago; suspension drops it from that cache.)
+        fresh = await ctx.services.users.by_id(ctx.actor.id)
+        if fresh is None:
+            raise NotFound("your account no longer exists")
+        ctx.actor = dataclasses.replace(ctx.actor, user=fresh)
+    if ctx.actor.user.suspended:
+        raise Suspended(ctx.actor.user.suspend_reason)
     actor = ctx.actor
     if actor.allowed_commands is not None and cmd.name not in actor.allowed_commands:
         allowed = ", ".join(sorted(actor.allowed_commands)) or "none"

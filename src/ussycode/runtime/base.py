@@ -118,5 +118,9 @@ class Runtime(abc.ABC):
         """Bytes the VM's disk really occupies on the host (sparse-aware). Optional."""
         return 0
 
+    def console_log(self, vm_id: str) -> Path | None:
+        """The file the guest's console (boot and init output) goes to, if this runtime keeps one."""
+        return None
+
     async def close(self) -> None:  # noqa: B027 - optional hook, a no-op unless a runtime holds host resources
         """Release host resources held by the server process (not the VMs: they keep running)."""

@@ -14,6 +14,7 @@ from ussycode.services.vms import VmService
 from ussycode.store.db import Store
 
 if TYPE_CHECKING:
+    from ussycode.services.admin import AdminService
     from ussycode.services.mail import MailService
     from ussycode.services.outbox import Outbox
     from ussycode.services.routes import RouteService
@@ -37,3 +38,5 @@ class Services:
     # Mail: inbound into VMs, and outgoing through the relay (set by the app at start-up).
     mail: MailService | None = None
     outbox: Outbox | None = None
+    # Operating: the admin commands and panel.
+    admin: AdminService | None = None

@@ -29,6 +29,7 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from ussycode.auth.identity import Actor
+from ussycode.config import Settings, TlsMode
 from ussycode.store import audit
 from ussycode.store import sessions as sessq
 from ussycode.store.db import Store
@@ -212,6 +213,11 @@ class SessionService:
         cutoff = utcnow() - dt.timedelta(days=1)
 
         await self.store.write(lambda c: sessq.purge(c, cutoff))
+
+
+def cookie_name(settings: Settings) -> str:
+    """The apex session cookie: ``__Host-`` prefixed (Secure, host-only, path /) unless --tls off."""
+    return "ussy_session" if settings.tls is TlsMode.OFF else "__Host-ussy_session"
 
 
 def session_row(c: sa.Connection, secret: str | None, host: str, vm_id: str | None = None) -> WebSession | None:

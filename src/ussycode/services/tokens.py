@@ -31,7 +31,7 @@ import sqlalchemy as sa
 
 from ussycode.auth import tokens as tk
 from ussycode.auth.identity import Actor
-from ussycode.errors import Conflict, Forbidden, NotFound, RateLimited, Unauthenticated, UsageError
+from ussycode.errors import Conflict, Forbidden, NotFound, RateLimited, Suspended, Unauthenticated, UsageError
 from ussycode.services.ratelimit import RateLimiter
 from ussycode.store import audit
 from ussycode.store import tokens as q
@@ -200,6 +200,12 @@ class TokenService:
             self._revocations += 1
             self._cache.pop(token_id, None)
 
+    def forget_user(self, user_id: str) -> None:
+        """Drop every remembered verification of this user's tokens (suspension, tier change): the next request
+        reads the account again."""
+        self._revocations += 1
+        self._cache = {k: v for k, v in self._cache.items() if v.actor.id != user_id}
+
     # Authentication ---------------------------------------------------------------------------------------------
     async def _refuse(self, source: str, reason: str, message: str, *, user_id: str | None = None,
                       target: str = "") -> Unauthenticated:
@@ -237,9 +243,12 @@ class TokenService:
             self._failures.check(client)
         token = _client.set(client)
         try:
-            return await self._authenticate(bearer, source)
+            actor = await self._authenticate(bearer, source)
         finally:
             _client.reset(token)
+        if actor.user.suspended:
+            raise Suspended(actor.user.suspend_reason)
+        return actor
 
     async def _authenticate(self, bearer: str, source: str) -> Actor:
         if not bearer:
@@ -352,7 +361,7 @@ class TokenService:
         """
         try:
             actor = await self.authenticate(bearer, source="proxy", client=client)
-        except Unauthenticated:
+        except (Unauthenticated, Forbidden):
             return None
         token = _client.set(client)
         if actor.vm_scope is not None:

@@ -39,6 +39,9 @@ class UserService:
     async def by_fingerprint(self, fingerprint: str) -> User | None:
         return await self.store.read(lambda c: q.by_fingerprint(c, fingerprint))
 
+    async def by_id(self, user_id: str) -> User | None:
+        return await self.store.read(lambda c: q.by_id(c, user_id))
+
     async def by_handle(self, handle: str) -> User | None:
         return await self.store.read(lambda c: q.by_handle(c, handle))
 

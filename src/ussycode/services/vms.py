@@ -19,7 +19,16 @@ import sqlalchemy as sa
 
 from ussycode.auth.identity import Actor
 from ussycode.config import Settings, parse_addr
-from ussycode.errors import Conflict, Forbidden, NotFound, RuntimeFailure, StateError, UsageError, UssyError
+from ussycode.errors import (
+    Conflict,
+    Forbidden,
+    NotFound,
+    RuntimeFailure,
+    StateError,
+    Suspended,
+    UsageError,
+    UssyError,
+)
 from ussycode.runtime import idmap
 from ussycode.runtime.base import Runtime
 from ussycode.services import quotas
@@ -29,9 +38,9 @@ from ussycode.store import audit
 from ussycode.store import users as userq
 from ussycode.store import vms as q
 from ussycode.store.db import Store
-from ussycode.store.users import new_id
+from ussycode.store.users import User, new_id
 from ussycode.store.vms import Vm
-from ussycode.types import RESERVED_NAMES, VM_NAME_RE, TrustLevel, VmSpec, VmStatus, check_transition
+from ussycode.types import RESERVED_NAMES, VM_NAME_RE, VmSpec, VmStatus, check_transition
 from ussycode.validate import printable_text
 
 log = logging.getLogger(__name__)
@@ -186,8 +195,10 @@ class VmService:
             user = userq.by_id(c, actor.id)
             if user is None:
                 raise NotFound("your account no longer exists")
-            quotas.check_size(user.trust_level, cpu, memory_mb, disk_gb)
-            quotas.check_count(user.trust_level, q.count_of_owner(c, actor.id))
+            if user.suspended:
+                raise Suspended(user.suspend_reason)
+            quotas.check_size(user, cpu, memory_mb, disk_gb)
+            quotas.check_count(user, q.count_of_owner(c, actor.id))
             if q.by_name(c, name) is not None:
                 raise Conflict(f"the name {name!r} is taken; pick another")
             q.insert(c, id=vm_id, name=name, owner_id=actor.id, image=image, cpu=cpu, memory_mb=memory_mb,
@@ -299,15 +310,20 @@ class VmService:
             raise NotFound(f"{vm.name} was removed")
         return now
 
-    async def _owner_level(self, actor: Actor) -> TrustLevel:
+    async def _owner(self, actor: Actor) -> User:
+        """The acting owner as the database has it now (tier, quota, suspension may have changed)."""
         owner = await self.store.read(lambda c: userq.by_id(c, actor.id))
-        return owner.trust_level if owner is not None else actor.user.trust_level
+        if owner is None:
+            raise NotFound("your account no longer exists")
+        if owner.suspended:
+            raise Suspended(owner.suspend_reason)
+        return owner
 
     async def start(self, actor: Actor, name: str) -> Vm:
         vm = await self.get(actor, name)
         if vm.status is VmStatus.RUNNING and self.pending(vm.id) is None:
             raise StateError(f"{name} is already running")
-        quotas.check_size(await self._owner_level(actor), vm.cpu, vm.memory_mb, vm.disk_gb)
+        quotas.check_size(await self._owner(actor), vm.cpu, vm.memory_mb, vm.disk_gb)
 
         async def work() -> Vm:
             now = await self._current(vm)
@@ -370,7 +386,7 @@ class VmService:
 
     async def restart(self, actor: Actor, name: str) -> Vm:
         vm = await self.get(actor, name)
-        quotas.check_size(await self._owner_level(actor), vm.cpu, vm.memory_mb, vm.disk_gb)
+        quotas.check_size(await self._owner(actor), vm.cpu, vm.memory_mb, vm.disk_gb)
 
         async def work() -> Vm:
             now = await self._current(vm)

@@ -12,7 +12,7 @@ from asyncssh.process import SSHServerProcess
 from ussycode.auth.identity import Actor
 from ussycode.commands.context import CommandContext, Output
 from ussycode.commands.registry import dispatch, render_error, split_async
-from ussycode.errors import Forbidden, RateLimited, UsageError, UssyError
+from ussycode.errors import Forbidden, RateLimited, Suspended, UsageError, UssyError
 from ussycode.ssh.passthrough import connect_to_vm, forward
 
 if TYPE_CHECKING:
@@ -83,6 +83,11 @@ class Lobby:
                 return await self._register_oneshot(process, process.command)
             if not await self._register_interactive(process):
                 return 1
+        user = self.state.user
+        if user is not None and user.suspended:
+            # Says so and offers nothing else (no prompt, no command, no VM).
+            self._err(process, f"error: {Suspended(user.suspend_reason).user_message}\n")
+            return 1
         if process.command is not None:
             return await self.run_line(process, process.command, interactive=False)
         return await self._repl(process)

@@ -105,7 +105,7 @@ class GatewayConnection(asyncssh.SSHServer):
         self.state.key = described
         self.state.user = await self.gateway.services.users.by_fingerprint(described.fingerprint)
         self.state.vm = None
-        if self.state.user is not None and username:
+        if self.state.user is not None and username and not self.state.user.suspended:
             vm = await self.gateway.services.vms.by_name(username)
             if vm is not None and vm.owner_id == self.state.user.id:
                 self.state.vm = vm

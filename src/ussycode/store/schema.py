@@ -26,6 +26,11 @@ users = sa.Table(
     sa.Column("email", sa.String(254), nullable=True, unique=True),
     sa.Column("trust_level", sa.String(16), nullable=False),
     sa.Column("created_at", sa.DateTime, nullable=False),
+    # Operating (migration 0006): a suspended account keeps its data but can do nothing; quota overrides the
+    # tier's limits key by key ({"vms": 5, "cpu": 2, ...}; a missing key keeps the tier's value).
+    sa.Column("suspended_at", sa.DateTime, nullable=True),
+    sa.Column("suspend_reason", sa.String(200), nullable=False, server_default=""),
+    sa.Column("quota", sa.JSON, nullable=True),
 )
 
 ssh_keys = sa.Table(
@@ -63,6 +68,7 @@ vms = sa.Table(
     # allocated when the VM is made and freed only with its row, i.e. when the VM and its disk are gone.
     sa.Column("id_base", sa.BigInteger, nullable=True),
     sa.Index("uq_vms_id_base", "id_base", unique=True),
+    sa.Index("ix_vms_status", "status"),
 )
 
 vm_tags = sa.Table(
@@ -82,6 +88,8 @@ audit_log = sa.Table(
     sa.Column("action", sa.String(64), nullable=False),
     sa.Column("target", sa.String(200), nullable=False, server_default=""),
     sa.Column("detail", sa.JSON, nullable=False),
+    sa.Index("ix_audit_log_action_id", "action", "id"),
+    sa.Index("ix_audit_log_target_id", "target", "id"),
 )
 
 # --- Sharing, browser sessions, API tokens, custom domains (migration 0002) ---------------------------------

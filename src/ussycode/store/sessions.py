@@ -67,7 +67,7 @@ def purge(c: sa.Connection, cutoff: dt.datetime) -> None:
     c.execute(web_sessions.delete().where(web_sessions.c.expires_at < cutoff))
 
 
-_Q_SESSION = (sa.select(web_sessions, users.c.handle, users.c.email)
+_Q_SESSION = (sa.select(web_sessions, users.c.handle, users.c.email, users.c.suspended_at)
               .select_from(web_sessions.join(users, users.c.id == web_sessions.c.user_id))
               .where(web_sessions.c.id_hash == sa.bindparam("id_hash")))
 
@@ -77,5 +77,14 @@ def session(c: sa.Connection, id_hash: str) -> SessionRow | None:
     r = c.execute(_Q_SESSION, {"id_hash": id_hash}).first()
     if r is None:
         return None
+    # A suspended account's sessions were revoked with it; one made since (a stale login link) is refused too.
+    revoked = r.revoked_at if r.suspended_at is None else (r.revoked_at or r.suspended_at)
     return SessionRow(r.id_hash, r.user_id, r.handle, r.email, r.host, r.parent_hash, r.vm_id, r.expires_at,
-                      r.revoked_at)
+                      revoked)
+
+
+def revoke_user(c: sa.Connection, user_id: str, now: dt.datetime) -> int:
+    """Revoke every live browser session of a user (suspension)."""
+    return int(c.execute(web_sessions.update()
+                         .where(web_sessions.c.user_id == user_id, web_sessions.c.revoked_at.is_(None))
+                         .values(revoked_at=now)).rowcount)

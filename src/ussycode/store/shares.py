@@ -38,6 +38,7 @@ class AccessRecord:
     user_ids: frozenset[str]
     emails: frozenset[str]
     links: tuple[LinkRow, ...]
+    owner_suspended: bool = False
 
 
 @dataclass(frozen=True)
@@ -206,9 +207,11 @@ def vm_names(c: sa.Connection) -> frozenset[str]:
 
 # --- forward-auth's read (hot path: statements built once) -----------------------------------------------------------
 
-_VM_COLS = (vms.c.id, vms.c.name, vms.c.owner_id, vms.c.status)
-_Q_VM_BY_NAME = sa.select(*_VM_COLS).where(vms.c.name == sa.bindparam("name"))
-_Q_VM_BY_CNAME = (sa.select(*_VM_COLS).select_from(vms.join(custom_domains, custom_domains.c.vm_id == vms.c.id))
+_VM_COLS = (vms.c.id, vms.c.name, vms.c.owner_id, vms.c.status, users.c.suspended_at)
+_VM_AND_OWNER = vms.join(users, users.c.id == vms.c.owner_id)
+_Q_VM_BY_NAME = sa.select(*_VM_COLS).select_from(_VM_AND_OWNER).where(vms.c.name == sa.bindparam("name"))
+_Q_VM_BY_CNAME = (sa.select(*_VM_COLS).select_from(_VM_AND_OWNER.join(custom_domains,
+                                                                      custom_domains.c.vm_id == vms.c.id))
                   .where(custom_domains.c.domain == sa.bindparam("domain"), custom_domains.c.verified_at.is_not(None)))
 _Q_PORTS = sa.select(vm_public_ports.c.port).where(vm_public_ports.c.vm_id == sa.bindparam("vm_id"))
 _Q_CNAMES = sa.select(custom_domains.c.domain).where(custom_domains.c.vm_id == sa.bindparam("vm_id"),
@@ -249,5 +252,5 @@ def access_record(c: sa.Connection, *, vm_name: str | None = None, cname: str | 
     return AccessRecord(
         row.id, row.name, row.owner_id, VmStatus(row.status), ports, cnames,
         frozenset(s.user_id for s in shares if s.user_id),
-        frozenset(s.email.lower() for s in shares if s.email), links,
+        frozenset(s.email.lower() for s in shares if s.email), links, row.suspended_at is not None,
     )

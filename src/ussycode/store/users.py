@@ -9,7 +9,9 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 
 from ussycode.store.schema import ssh_keys, users, utcnow
-from ussycode.types import TrustLevel
+from ussycode.types import Limits, TrustLevel
+
+QUOTA_KEYS = ("vms", "cpu", "memory_mb", "disk_gb")
 
 
 @dataclass(frozen=True)
@@ -19,6 +21,20 @@ class User:
     email: str | None
     trust_level: TrustLevel
     created_at: dt.datetime
+    suspended_at: dt.datetime | None = None
+    suspend_reason: str = ""
+    # Per-user overrides of the tier's limits; a None field keeps the tier's value.
+    quota: Limits | None = None
+
+    @property
+    def suspended(self) -> bool:
+        return self.suspended_at is not None
+
+
+def quota_from_json(value: object) -> Limits | None:
+    if not isinstance(value, dict) or not any(isinstance(value.get(k), int) for k in QUOTA_KEYS):
+        return None
+    return Limits(*(value.get(k) if isinstance(value.get(k), int) else None for k in QUOTA_KEYS))
 
 
 @dataclass(frozen=True)
@@ -38,7 +54,8 @@ def new_id() -> str:
 
 def _user(row: sa.Row[tuple[object, ...]]) -> User:
     m = row._mapping
-    return User(m["id"], m["handle"], m["email"], TrustLevel(m["trust_level"]), m["created_at"])
+    return User(m["id"], m["handle"], m["email"], TrustLevel(m["trust_level"]), m["created_at"],
+                m["suspended_at"], m["suspend_reason"] or "", quota_from_json(m["quota"]))
 
 
 def _key(row: sa.Row[tuple[object, ...]]) -> SshKey:
@@ -87,6 +104,24 @@ def by_fingerprint(conn: sa.Connection, fingerprint: str) -> User | None:
 
 def set_trust(conn: sa.Connection, user_id: str, level: TrustLevel) -> None:
     conn.execute(users.update().where(users.c.id == user_id).values(trust_level=level))
+
+
+def set_suspended(conn: sa.Connection, user_id: str, at: dt.datetime | None, reason: str = "") -> None:
+    conn.execute(users.update().where(users.c.id == user_id).values(suspended_at=at, suspend_reason=reason))
+
+
+def set_quota(conn: sa.Connection, user_id: str, quota: Limits | None) -> None:
+    value = None if quota is None else {k: v for k, v in quota.as_json().items() if v is not None} or None
+    conn.execute(users.update().where(users.c.id == user_id).values(quota=value))
+
+
+def delete(conn: sa.Connection, user_id: str) -> None:
+    conn.execute(users.delete().where(users.c.id == user_id))
+
+
+def count_admins(conn: sa.Connection) -> int:
+    return int(conn.execute(sa.select(sa.func.count()).select_from(users).where(
+        users.c.trust_level == TrustLevel.ADMIN, users.c.suspended_at.is_(None))).scalar_one())
 
 
 def add_key(conn: sa.Connection, user_id: str, key_type: str, public_key: str, fingerprint: str,

@@ -172,6 +172,9 @@ class ContainerRuntime(Runtime):
     def _console(self, vm_id: str) -> Path:
         return self._vm_dir(vm_id) / "console.log"
 
+    def console_log(self, vm_id: str) -> Path | None:
+        return self._console(vm_id)
+
     @property
     def cgroups(self) -> Cgroups:
         if self._cgroups is None:

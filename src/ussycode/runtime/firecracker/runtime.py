@@ -117,6 +117,9 @@ class FirecrackerRuntime(Runtime):
         return FirecrackerApi(self.paths(vm_id).run_dir / "api.sock")
 
     # --- what the VmmHost knows --------------------------------------------------------------------------
+    def console_log(self, vm_id: str) -> Path | None:
+        return self.paths(vm_id).console
+
     def paths(self, vm_id: str) -> VmPaths:
         return self.vmm.paths(vm_id)
 

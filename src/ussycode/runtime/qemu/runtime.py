@@ -157,6 +157,9 @@ class QemuRuntime(Runtime):
 
     # --- paths and state --------------------------------------------------------------------------------
 
+    def console_log(self, vm_id: str) -> Path | None:
+        return self.paths(vm_id).console
+
     def paths(self, vm_id: str) -> VmPaths:
         return self.vmm.paths(vm_id)
 

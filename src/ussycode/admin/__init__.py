@@ -1,0 +1,1 @@
+"""The operator's frontend: the admin panel (``panel``) and its CSV exports (``exports``)."""

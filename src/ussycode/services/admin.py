@@ -1,0 +1,424 @@
+"""Operating an instance: what operators and admins may see and do to other accounts and their VMs.
+
+The lobby's ``admin`` commands and the admin panel both call this service; the role rules are
+:mod:`ussycode.auth.policy`, checked here against the acting user *as the database has it now* (a demoted
+operator's open session loses its powers at once). Every change is audited with the actor; a check and the
+change it allows run in one write transaction, so two admins cannot demote each other below one admin.
+
+Suspension: the account's browser sessions are revoked and its tokens' cached verifications dropped, its running
+VMs are stopped, and from then on every frontend refuses it (lobby login, ``/exec``, forward-auth answers
+"suspended" for its VMs). Unsuspending restores access; the VMs stay stopped until someone starts them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+
+from ussycode.auth.identity import Actor
+from ussycode.auth.policy import Action, can, refusal
+from ussycode.errors import Conflict, Forbidden, NotFound, StateError, UsageError
+from ussycode.services.quotas import effective_limits
+from ussycode.services.tokens import TokenService
+from ussycode.services.users import UserService
+from ussycode.services.vms import VmService
+from ussycode.store import admin as aq
+from ussycode.store import audit
+from ussycode.store import sessions as sessq
+from ussycode.store import tokens as tokq
+from ussycode.store import users as userq
+from ussycode.store import vms as vmq
+from ussycode.store.db import Store
+from ussycode.store.schema import users, utcnow
+from ussycode.store.users import User
+from ussycode.types import Limits, TrustLevel, VmStatus
+from ussycode.validate import printable_text
+
+log = logging.getLogger(__name__)
+
+MAX_QUOTA = {"vms": 10_000, "cpu": 256, "memory_mb": 1_048_576, "disk_gb": 65_536}
+
+
+@dataclass(frozen=True)
+class UserDetail:
+    user: User
+    limits: Limits
+    keys: list[userq.SshKey]
+    vms: list[vmq.Vm]
+    tokens: list[tokq.ApiToken]
+    shares: dict[str, list[dict[str, Any]]]
+    audit: list[dict[str, Any]]
+
+
+def _staff_only(actor: Actor, action: Action = Action.ADMIN_VIEW) -> None:
+    if not can(actor, action):
+        raise Forbidden("only operators and admins can do that" if action is not Action.VM_REMOVE_ANY
+                        else "only an admin can remove other users' VMs")
+
+
+def host_usage(path: str) -> dict[str, float]:
+    """Load, memory and disk of the host (for the dashboard); best effort."""
+    out: dict[str, float] = {"cpus": float(os.cpu_count() or 1)}
+    try:
+        out["load1"], out["load5"], out["load15"] = os.getloadavg()
+    except OSError:
+        pass
+    try:
+        info = dict(line.split(":", 1) for line in open("/proc/meminfo", encoding="ascii").read().splitlines())
+        out["mem_total_mb"] = int(info["MemTotal"].split()[0]) / 1024
+        out["mem_available_mb"] = int(info["MemAvailable"].split()[0]) / 1024
+    except (OSError, KeyError, ValueError):
+        pass
+    try:
+        du = shutil.disk_usage(path)
+        out["disk_total_gb"], out["disk_free_gb"] = du.total / 2**30, du.free / 2**30
+    except OSError:
+        pass
+    return out
+
+
+class AdminService:
+    def __init__(self, store: Store, users: UserService, vms: VmService, tokens: TokenService | None = None,
+                 data_dir: str = "/") -> None:
+        self.store = store
+        self.users = users
+        self.vms = vms
+        self.tokens = tokens
+        self.data_dir = data_dir
+
+    # --- reads --------------------------------------------------------------------------------------------------
+    async def stats(self, actor: Actor) -> dict[str, Any]:
+        _staff_only(actor)
+        since = utcnow().replace(hour=0, minute=0, second=0)
+
+        def read(c: sa.Connection) -> dict[str, Any]:
+            data = aq.stats(c)
+            data["mail_today"] = aq.actions_since(c, "mail.", since)
+            data["errors"] = aq.vms_page(c, status=VmStatus.ERROR.value, limit=10).rows
+            data["recent"] = aq.audit_page(c, limit=10).rows
+            return data
+
+        data = await self.store.read(read)
+        data["host"] = host_usage(self.data_dir)
+        return data
+
+    async def list_users(self, actor: Actor, *, search: str = "", tier: str = "", suspended: bool | None = None,
+                         offset: int = 0, limit: int = 50) -> aq.Page:
+        _staff_only(actor)
+        if tier and tier not in TrustLevel.__members__.values():
+            raise UsageError(f"unknown tier {tier!r}: use newbie, citizen, operator or admin")
+        search = printable_text(search, "search", max_len=100)
+        return await self.store.read(lambda c: aq.users_page(c, search=search, tier=tier, suspended=suspended,
+                                                             offset=offset, limit=limit))
+
+    async def user(self, actor: Actor, handle: str) -> UserDetail:
+        _staff_only(actor)
+
+        def read(c: sa.Connection) -> UserDetail:
+            user = userq.by_handle(c, handle.strip().lower()[:64])
+            if user is None:
+                raise NotFound(f"no user {handle[:40]!r}")
+            return UserDetail(user, effective_limits(user), userq.keys_of(c, user.id), vmq.of_owner(c, user.id),
+                              tokq.of_user(c, user.id), aq.shares_of(c, owner_id=user.id),
+                              aq.audit_page(c, actor_id=user.id, limit=20).rows)
+
+        return await self.store.read(read)
+
+    async def list_vms(self, actor: Actor, *, owner: str = "", status: str = "", search: str = "", offset: int = 0,
+                       limit: int = 50) -> aq.Page:
+        _staff_only(actor)
+        if status and status not in VmStatus.__members__.values():
+            raise UsageError(f"unknown status {status!r}")
+        search = printable_text(search, "search", max_len=100)
+
+        def read(c: sa.Connection) -> aq.Page:
+            owner_id = ""
+            if owner:
+                user = userq.by_handle(c, owner.strip().lower()[:64])
+                if user is None:
+                    raise NotFound(f"no user {owner[:40]!r}")
+                owner_id = user.id
+            return aq.vms_page(c, owner_id=owner_id, status=status, search=search, offset=offset, limit=limit)
+
+        return await self.store.read(read)
+
+    async def list_tokens(self, actor: Actor, *, active_only: bool = True, offset: int = 0,
+                          limit: int = 50) -> aq.Page:
+        _staff_only(actor)
+        return await self.store.read(lambda c: aq.tokens_page(c, active_at=utcnow() if active_only else None,
+                                                              offset=offset, limit=limit))
+
+    async def list_shares(self, actor: Actor) -> dict[str, list[dict[str, Any]]]:
+        _staff_only(actor)
+        return await self.store.read(lambda c: aq.shares_of(c))
+
+    async def audit(self, actor: Actor, *, actor_handle: str = "", action: str = "", target: str = "",
+                    since: dt.datetime | None = None, until: dt.datetime | None = None, before: int | None = None,
+                    limit: int = 50) -> aq.Page:
+        _staff_only(actor)
+        action = printable_text(action, "action", max_len=64)
+        target = printable_text(target, "target", max_len=200)
+
+        def read(c: sa.Connection) -> aq.Page:
+            actor_id = ""
+            if actor_handle:
+                who = userq.by_handle(c, actor_handle.strip().lower()[:64])
+                if who is None:
+                    return aq.Page([], None)
+                actor_id = who.id
+            return aq.audit_page(c, actor_id=actor_id, action=action, target=target, since=since, until=until,
+                                 before=before, limit=limit)
+
+        return await self.store.read(read)
+
+    # --- changes to accounts ------------------------------------------------------------------------------------
+    async def _change(self, actor: Actor, handle: str, action: Action, apply: Any, *,
+                      new_level: TrustLevel | None = None, detail: dict[str, Any] | None = None) -> User:
+        """Check the rule against the database as it is now and apply, in one transaction; audit it."""
+
+        def tx(c: sa.Connection) -> User:
+            me = userq.by_id(c, actor.id)
+            if me is None:
+                raise Forbidden("your account no longer exists")
+            target = userq.by_handle(c, handle.strip().lower()[:64])
+            if target is None:
+                if me.trust_level not in (TrustLevel.OPERATOR, TrustLevel.ADMIN) or me.suspended:
+                    raise Forbidden("only operators and admins can do that")
+                raise NotFound(f"no user {handle[:40]!r}")
+            why = refusal(me, target, action, new_level=new_level, active_admins=userq.count_admins(c))
+            if why is not None:
+                audit.record(c, actor_id=me.id, source=actor.source, action="admin.refused", target=target.handle,
+                             attempted=str(action), reason=why)
+                raise Forbidden(why)
+            apply(c, target)
+            audit.record(c, actor_id=me.id, source=actor.source, action=f"admin.{action.value.split('.')[1]}",
+                         target=target.handle, **(detail or {}))
+            changed = userq.by_id(c, target.id)
+            assert changed is not None
+            return changed
+
+        try:
+            return await self.store.write(tx)
+        except Forbidden as exc:
+            if "only operators" not in exc.user_message:
+                log.info("admin refused: %s %s %s: %s", actor.handle, action, handle[:40], exc.user_message)
+            raise
+
+    def _forget(self, user: User) -> None:
+        if self.tokens is not None:
+            self.tokens.forget_user(user.id)
+
+    async def set_trust(self, actor: Actor, handle: str, tier: str) -> User:
+        try:
+            level = TrustLevel(tier.strip().lower())
+        except ValueError:
+            raise UsageError(f"unknown tier {tier[:20]!r}: use newbie, citizen, operator or admin") from None
+        def apply(c: sa.Connection, target: User) -> None:
+            userq.set_trust(c, target.id, level)
+
+        user = await self._change(actor, handle, Action.USER_SET_TRUST, apply, new_level=level,
+                                  detail={"to": str(level)})
+        self._forget(user)
+        return user
+
+    async def set_quota(self, actor: Actor, handle: str, *, reset: bool = False, **values: int | None) -> User:
+        unknown = set(values) - set(MAX_QUOTA)
+        if unknown:
+            raise UsageError(f"unknown quota keys: {', '.join(sorted(unknown))}")
+        for key, value in values.items():
+            if value is not None and not 0 <= value <= MAX_QUOTA[key]:
+                raise UsageError(f"--{key.replace('_', '-')} must be between 0 and {MAX_QUOTA[key]}")
+        if not reset and all(v is None for v in values.values()):
+            raise UsageError("give at least one of --vms, --cpu, --memory, --disk (or --reset)")
+
+        def apply(c: sa.Connection, target: User) -> None:
+            if reset:
+                userq.set_quota(c, target.id, None)
+                return
+            old = target.quota.as_json() if target.quota else {}
+            merged = {k: values.get(k) if values.get(k) is not None else old.get(k) for k in MAX_QUOTA}
+            userq.set_quota(c, target.id, Limits(**merged))
+
+        shown = {k: v for k, v in values.items() if v is not None}
+        user = await self._change(actor, handle, Action.USER_QUOTA, apply, detail={"reset": reset, **shown})
+        self._forget(user)
+        return user
+
+    async def suspend(self, actor: Actor, handle: str, reason: str = "") -> User:
+        reason = printable_text(reason.strip(), "reason", max_len=200)
+
+        def apply(c: sa.Connection, target: User) -> None:
+            if target.suspended:
+                raise StateError(f"{target.handle} is already suspended")
+            now = utcnow()
+            userq.set_suspended(c, target.id, now, reason)
+            sessq.revoke_user(c, target.id, now)
+
+        user = await self._change(actor, handle, Action.USER_SUSPEND, apply, detail={"reason": reason})
+        self._forget(user)
+        await self._stop_all(user)
+        return user
+
+    async def _stop_all(self, user: User) -> None:
+        owner = Actor(user=user, source="admin")
+        for vm in await self.store.read(lambda c: vmq.of_owner(c, user.id)):
+            if vm.status is VmStatus.STOPPED and self.vms.pending(vm.id) is None:
+                continue
+            try:
+                await self.vms.stop(owner, vm.name)
+            except (StateError, NotFound):
+                pass
+            except Exception:  # keep stopping the others; the watcher and the owner's refusals still hold
+                log.exception("could not stop %s of suspended %s", vm.name, user.handle)
+
+    async def unsuspend(self, actor: Actor, handle: str) -> User:
+        def apply(c: sa.Connection, target: User) -> None:
+            if not target.suspended:
+                raise StateError(f"{target.handle} is not suspended")
+            userq.set_suspended(c, target.id, None, "")
+
+        user = await self._change(actor, handle, Action.USER_UNSUSPEND, apply)
+        self._forget(user)
+        return user
+
+    async def delete_user(self, actor: Actor, handle: str, confirm: str) -> None:
+        """Remove an account with its VMs (disks included), keys, tokens, sessions and shares."""
+        if confirm.strip().lower() != handle.strip().lower():
+            raise UsageError("type the handle to confirm the deletion")
+
+        def check(c: sa.Connection, target: User) -> None:
+            if target.suspended_at is None:
+                # Stop the account first, so nothing of it runs or logs in while its VMs are removed.
+                userq.set_suspended(c, target.id, utcnow(), "being deleted")
+            sessq.revoke_user(c, target.id, utcnow())
+
+        user = await self._change(actor, handle, Action.USER_DELETE, check)
+        self._forget(user)
+        owner = Actor(user=user, source="admin")
+        for vm in await self.store.read(lambda c: vmq.of_owner(c, user.id)):
+            await self.vms.remove(owner, vm.name)
+
+        def tx(c: sa.Connection) -> None:
+            if vmq.count_of_owner(c, user.id):
+                raise Conflict(f"{user.handle} still has VMs; run the deletion again")
+            userq.delete(c, user.id)
+            audit.record(c, actor_id=actor.id, source=actor.source, action="admin.user_deleted", target=user.handle)
+
+        await self.store.write(tx)
+
+    # --- any user's VMs and tokens ------------------------------------------------------------------------------
+    async def _vm_and_owner(self, name: str) -> tuple[vmq.Vm, User]:
+        def read(c: sa.Connection) -> tuple[vmq.Vm, User]:
+            vm = vmq.by_name(c, name.strip().lower()[:40])
+            if vm is None:
+                raise NotFound(f"no VM {name[:40]!r}")
+            owner = userq.by_id(c, vm.owner_id)
+            assert owner is not None
+            return vm, owner
+
+        return await self.store.read(read)
+
+    async def vm_power(self, actor: Actor, name: str, op: str) -> vmq.Vm:
+        """stop / start / restart anyone's VM (operators and admins)."""
+        me = await self.users.by_id(actor.id)
+        if me is None or not can(Actor(user=me, source=actor.source), Action.VM_POWER_ANY):
+            raise Forbidden("only operators and admins can do that")
+        vm, owner = await self._vm_and_owner(name)
+        if op in ("start", "restart") and owner.suspended:
+            raise StateError(f"{owner.handle} is suspended; unsuspend them before starting their VMs")
+        await self.store.write(lambda c: audit.record(c, actor_id=me.id, source=actor.source,
+                                                      action=f"admin.vm_{op}", target=vm.name, owner=owner.handle))
+        as_owner = Actor(user=owner, source="admin")
+        if op == "stop":
+            return await self.vms.stop(as_owner, vm.name)
+        if op == "start":
+            return await self.vms.start(as_owner, vm.name)
+        if op == "restart":
+            return await self.vms.restart(as_owner, vm.name)
+        raise UsageError(f"unknown VM operation {op[:20]!r}")
+
+    async def vm_remove(self, actor: Actor, name: str, confirm: str) -> None:
+        me = await self.users.by_id(actor.id)
+        if me is None or not can(Actor(user=me, source=actor.source), Action.VM_REMOVE_ANY):
+            raise Forbidden("only an admin can remove other users' VMs")
+        if confirm.strip().lower() != name.strip().lower():
+            raise UsageError("type the VM's name to confirm the removal")
+        vm, owner = await self._vm_and_owner(name)
+        await self.store.write(lambda c: audit.record(c, actor_id=me.id, source=actor.source,
+                                                      action="admin.vm_remove", target=vm.name, owner=owner.handle))
+        await self.vms.remove(Actor(user=owner, source="admin"), vm.name)
+
+    async def console_tail(self, actor: Actor, name: str, max_bytes: int = 16_384) -> str:
+        """The end of a VM's console log (boot and init output), printable characters only."""
+        _staff_only(actor)
+        vm, _ = await self._vm_and_owner(name)
+        path = self.vms.runtime.console_log(vm.id)
+        if path is None:
+            return "(this runtime keeps no console log)"
+
+        def tail() -> str:
+            try:
+                with open(path, "rb") as f:
+                    f.seek(0, os.SEEK_END)
+                    f.seek(max(0, f.tell() - max_bytes))
+                    data = f.read(max_bytes)
+            except FileNotFoundError:
+                return "(no console output yet)"
+            text = data.decode("utf-8", errors="replace")
+            return "".join(ch if ch.isprintable() or ch in "\n\t" else "\ufffd" for ch in text)
+
+        return await asyncio.to_thread(tail)
+
+    async def revoke_token(self, actor: Actor, token_id: str) -> bool:
+        me = await self.users.by_id(actor.id)
+        if me is None or not can(Actor(user=me, source=actor.source), Action.TOKEN_REVOKE_ANY):
+            raise Forbidden("only operators and admins can do that")
+
+        def tx(c: sa.Connection) -> tuple[bool, str]:
+            row = tokq.by_prefix(c, token_id[:40])
+            if row is None:
+                raise NotFound(f"no token {token_id[:40]!r}")
+            if row.revoked_at is not None:
+                return False, row.user_id
+            tokq.revoke(c, row.id, utcnow())
+            audit.record(c, actor_id=me.id, source=actor.source, action="admin.token_revoke", target=row.id)
+            return True, row.user_id
+
+        done, owner_id = await self.store.write(tx)
+        if self.tokens is not None:
+            self.tokens.forget_user(owner_id)
+        return done
+
+
+def promote(store: Store, handle: str, tier: TrustLevel = TrustLevel.ADMIN) -> User:
+    """Host-side bootstrap and recovery (``ussycode admin promote``): set a tier with no role check (whoever runs
+    it owns the host and the database). Synchronous; works while the server runs (the change shows at the
+    user's next command or login)."""
+    with store.engine.begin() as c:
+        user = userq.by_handle(c, handle.strip().lower())
+        if user is None:
+            raise NotFound(f"no user {handle[:40]!r}")
+        userq.set_trust(c, user.id, tier)
+        audit.record(c, actor_id=None, source="host", action="admin.promote", target=user.handle, to=str(tier))
+        changed = userq.by_id(c, user.id)
+        assert changed is not None
+        return changed
+
+
+def staff(store: Store) -> list[User]:
+    """Every operator and admin (``ussycode admin list``)."""
+    with store.engine.begin() as c:
+        rows = c.execute(sa.select(users.c.handle).where(
+            users.c.trust_level.in_([TrustLevel.ADMIN.value, TrustLevel.OPERATOR.value])).order_by(users.c.handle))
+        found = [userq.by_handle(c, h) for (h,) in rows]
+    return [u for u in found if u is not None]
+
+
+__all__ = ["AdminService", "UserDetail", "host_usage", "promote", "staff"]
