@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _host_admin(ns: argparse.Namespace) -> int:
     import json
 
-    from ussycode.errors import UssyError
+    from ussycode.errors import RuntimeFailure, UssyError
     from ussycode.services.admin import promote, staff
     from ussycode.store import backup as bk
     from ussycode.store.db import Store
@@ -101,7 +101,9 @@ def _host_admin(ns: argparse.Namespace) -> int:
             store.close()
     except UssyError as exc:
         print(f"error: {exc.user_message}", file=sys.stderr)
-        return 1
+        if isinstance(exc, RuntimeFailure) and exc.evidence:
+            print(exc.evidence, file=sys.stderr)
+        return exc.exit_code
 
 
 def _settings(ns: argparse.Namespace, names: tuple[str, ...]) -> Settings:

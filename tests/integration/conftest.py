@@ -193,14 +193,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def make_app(data_dir: Path, **overrides: Any) -> App:
+def make_app(data_dir: Path, runtime: Any = None, **overrides: Any) -> App:
     images_dir = Path(os.environ.get("USSYCODE_TEST_IMAGES_DIR", "/var/tmp/ussycode-test-images"))
     values: dict[str, Any] = {"data_dir": str(data_dir), "images_dir": str(images_dir), "ssh_addr": "127.0.0.1:0",
                               "http_addr": "127.0.0.1:0", "smtp_addr": "127.0.0.1:0",
                               "https_addr": f"127.0.0.1:{free_port()}", "tls": "off",
                               "runtime": "container", "default_image": "ussyuntu-mini"}
     settings = load_settings(**{**values, **overrides})
-    return App(settings)
+    return App(settings, runtime=runtime)
 
 
 @pytest.fixture
@@ -209,11 +209,13 @@ async def server_factory(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
     keys_dir = tmp_path / "keys"
     keys_dir.mkdir()
 
-    async def start(data_dir: Path | None = None, *, reattached: bool = True, **overrides: Any) -> Server:
-        """A server on ``data_dir``; with ``reattached`` (the default), once its VMs are back."""
+    async def start(data_dir: Path | None = None, *, reattached: bool = True, runtime: Any = None,
+                    **overrides: Any) -> Server:
+        """A server on ``data_dir``; with ``reattached`` (the default), once its VMs are back. ``runtime``: a
+        Runtime object to use instead of the one the settings name (the fake one, for control-plane tests)."""
         if shutil.which("ssh") is None:
             pytest.skip("OpenSSH client not installed (apt-get install openssh-client)")
-        app = make_app(data_dir or tmp_path / "data", **overrides)
+        app = make_app(data_dir or tmp_path / "data", runtime, **overrides)
         await app.start()
         apps.append(app)
         if reattached:

@@ -11,7 +11,7 @@ from ussycode.auth.policy import Action, can, refusal
 from ussycode.store.users import User
 from ussycode.types import TrustLevel
 
-N, C, O, A = TrustLevel.NEWBIE, TrustLevel.CITIZEN, TrustLevel.OPERATOR, TrustLevel.ADMIN
+N, C, OP, A = TrustLevel.NEWBIE, TrustLevel.CITIZEN, TrustLevel.OPERATOR, TrustLevel.ADMIN
 T0 = dt.datetime(2026, 1, 1)
 
 
@@ -21,7 +21,7 @@ def person(uid: str, level: TrustLevel, suspended: bool = False) -> User:
 
 @pytest.mark.parametrize("level", list(TrustLevel))
 def test_what_each_tier_may_do_at_all(level: TrustLevel) -> None:
-    staff = level in (O, A)
+    staff = level in (OP, A)
     actor = Actor(person("me", level), "ssh")
     assert can(actor, Action.ADMIN_COMMANDS) is staff
     assert can(actor, Action.ADMIN_VIEW) is staff
@@ -39,31 +39,31 @@ def test_a_suspended_admin_may_do_nothing() -> None:
 
 
 @pytest.mark.parametrize(("target", "new", "allowed"), [
-    (N, C, True), (C, N, True), (N, O, False), (N, A, False), (O, N, False), (A, C, False), (O, A, False),
+    (N, C, True), (C, N, True), (N, OP, False), (N, A, False), (OP, N, False), (A, C, False), (OP, A, False),
 ])
 def test_an_operator_re_tiers_only_newbies_and_citizens_within_their_tiers(
         target: TrustLevel, new: TrustLevel, allowed: bool) -> None:
-    why = refusal(person("op", O), person("t", target), Action.USER_SET_TRUST, new_level=new, active_admins=2)
+    why = refusal(person("op", OP), person("t", target), Action.USER_SET_TRUST, new_level=new, active_admins=2)
     assert (why is None) is allowed, why
 
 
 @pytest.mark.parametrize("action", [Action.USER_SUSPEND, Action.USER_UNSUSPEND, Action.USER_QUOTA])
 def test_an_operator_acts_on_newbies_and_citizens_only(action: Action) -> None:
-    op = person("op", O)
+    op = person("op", OP)
     assert refusal(op, person("n", N), action, active_admins=1) is None
     assert refusal(op, person("c", C), action, active_admins=1) is None
-    assert "only an admin" in (refusal(op, person("o", O), action, active_admins=1) or "")
+    assert "only an admin" in (refusal(op, person("o", OP), action, active_admins=1) or "")
     assert "only an admin" in (refusal(op, person("a", A), action, active_admins=2) or "")
 
 
 def test_only_admins_delete_accounts() -> None:
-    assert refusal(person("op", O), person("n", N), Action.USER_DELETE, active_admins=1) is not None
+    assert refusal(person("op", OP), person("n", N), Action.USER_DELETE, active_admins=1) is not None
     assert refusal(person("ad", A), person("n", N), Action.USER_DELETE, active_admins=1) is None
 
 
 @pytest.mark.parametrize("action", [Action.USER_SET_TRUST, Action.USER_SUSPEND, Action.USER_QUOTA,
                                     Action.USER_DELETE])
-@pytest.mark.parametrize("level", [O, A])
+@pytest.mark.parametrize("level", [OP, A])
 def test_nobody_changes_their_own_account(action: Action, level: TrustLevel) -> None:
     me = person("me", level)
     why = refusal(me, me, action, new_level=A, active_admins=5)
@@ -74,8 +74,8 @@ def test_nobody_changes_their_own_account(action: Action, level: TrustLevel) -> 
 
 def test_an_admin_grants_and_revokes_any_tier() -> None:
     admin = person("ad", A)
-    for target in (N, C, O, A):
-        for new in (N, C, O, A):
+    for target in (N, C, OP, A):
+        for new in (N, C, OP, A):
             assert refusal(admin, person("t", target), Action.USER_SET_TRUST, new_level=new, active_admins=2) is None
 
 

@@ -8,7 +8,7 @@ from ussycode.commands.context import CommandContext
 from ussycode.commands.output import table
 from ussycode.commands.registry import _Parser, command
 from ussycode.errors import NotFound
-from ussycode.services.quotas import limits_for
+from ussycode.services.quotas import effective_limits
 from ussycode.store.schema import iso
 
 
@@ -32,13 +32,13 @@ async def whoami(ctx: CommandContext, a: argparse.Namespace) -> int:
         "trust_level": str(user.trust_level),
         "fingerprints": [k.fingerprint for k in keys],
         "vm_count": count,
-        "quota": limits_for(user.trust_level).as_json(),
+        "quota": effective_limits(user).as_json(),
         "created_at": iso(user.created_at),
     }
     if a.json:
         ctx.out.json(data)
         return 0
-    q = limits_for(user.trust_level)
+    q = effective_limits(user)
 
     def lim(v: int | None, unit: str = "") -> str:
         return "unlimited" if v is None else f"{v}{unit}"

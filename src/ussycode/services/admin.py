@@ -183,7 +183,7 @@ class AdminService:
                       new_level: TrustLevel | None = None, detail: dict[str, Any] | None = None) -> User:
         """Check the rule against the database as it is now and apply, in one transaction; audit it."""
 
-        def tx(c: sa.Connection) -> User:
+        def tx(c: sa.Connection) -> User | tuple[str, str]:
             me = userq.by_id(c, actor.id)
             if me is None:
                 raise Forbidden("your account no longer exists")
@@ -194,9 +194,7 @@ class AdminService:
                 raise NotFound(f"no user {handle[:40]!r}")
             why = refusal(me, target, action, new_level=new_level, active_admins=userq.count_admins(c))
             if why is not None:
-                audit.record(c, actor_id=me.id, source=actor.source, action="admin.refused", target=target.handle,
-                             attempted=str(action), reason=why)
-                raise Forbidden(why)
+                return why, target.handle  # nothing changed; the refusal is audited in its own transaction
             apply(c, target)
             audit.record(c, actor_id=me.id, source=actor.source, action=f"admin.{action.value.split('.')[1]}",
                          target=target.handle, **(detail or {}))
@@ -204,12 +202,15 @@ class AdminService:
             assert changed is not None
             return changed
 
-        try:
-            return await self.store.write(tx)
-        except Forbidden as exc:
-            if "only operators" not in exc.user_message:
-                log.info("admin refused: %s %s %s: %s", actor.handle, action, handle[:40], exc.user_message)
-            raise
+        result = await self.store.write(tx)
+        if isinstance(result, User):
+            return result
+        why, target_handle = result
+        log.info("admin refused: %s %s %s: %s", actor.handle, action, target_handle, why)
+        await self.store.write(lambda c: audit.record(c, actor_id=actor.id, source=actor.source,
+                                                      action="admin.refused", target=target_handle,
+                                                      attempted=str(action), reason=why))
+        raise Forbidden(why)
 
     def _forget(self, user: User) -> None:
         if self.tokens is not None:

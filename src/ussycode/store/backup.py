@@ -51,8 +51,12 @@ def _tool(name: str) -> str:
 
 def integrity(path: Path) -> str:
     """``ok``, or what SQLite's integrity check found."""
-    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
-        rows = conn.execute("PRAGMA integrity_check").fetchall()
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
+            rows = conn.execute("PRAGMA integrity_check").fetchall()
+            conn.execute("SELECT version_num FROM alembic_version").fetchall()
+    except sqlite3.Error as exc:
+        return str(exc)
     return "; ".join(str(r[0]) for r in rows)
 
 
