@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
@@ -71,7 +72,8 @@ def host_usage(path: str) -> dict[str, float]:
     except OSError:
         pass
     try:
-        info = dict(line.split(":", 1) for line in open("/proc/meminfo", encoding="ascii").read().splitlines())
+        lines = Path("/proc/meminfo").read_text(encoding="ascii").splitlines()
+        info = dict(line.split(":", 1) for line in lines)
         out["mem_total_mb"] = int(info["MemTotal"].split()[0]) / 1024
         out["mem_available_mb"] = int(info["MemAvailable"].split()[0]) / 1024
     except (OSError, KeyError, ValueError):
