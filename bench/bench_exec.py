@@ -103,6 +103,7 @@ async def main(duration: float, connections: int, tool: str, command: str = "who
     logging.basicConfig(level=logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="ussy-bench-exec-") as tmp:
         settings = load_settings(data_dir=tmp, ssh_addr="127.0.0.1:0", http_addr="127.0.0.1:0", smtp_addr="127.0.0.1:0",
+                                 admin_addr="127.0.0.1:0",
                                  https_addr=f"127.0.0.1:{free_port()}", tls="off", runtime="container",
                                  rate_per_minute=10**9, rate_burst=10**9)
         app = App(settings)

@@ -137,7 +137,8 @@ async def main(duration: float, connections: int) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="ub-", dir="/var/tmp"))
     https_port = free_port()
     settings = load_settings(data_dir=str(tmp / "d"), images_dir=str(IMAGES), ssh_addr="127.0.0.1:0",
-                             smtp_addr="127.0.0.1:0", http_addr="127.0.0.1:0", https_addr=f"127.0.0.1:{https_port}",
+                             smtp_addr="127.0.0.1:0", admin_addr="127.0.0.1:0",
+                             http_addr="127.0.0.1:0", https_addr=f"127.0.0.1:{https_port}",
                              tls="off",
                              runtime="container", default_image="ussyuntu-mini", rate_per_minute=10**9,
                              rate_burst=10**9, log_level="WARNING")

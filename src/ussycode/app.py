@@ -14,6 +14,7 @@ from typing import IO, Any
 import uvicorn
 
 from ussycode.admin import panel
+from ussycode.admin.metrics import ops_app
 from ussycode.api import web
 from ussycode.api.app import build_app
 from ussycode.api.gate import ForwardAuthServer
@@ -68,6 +69,8 @@ class App:
         self.ssh_port: int | None = None
         self.http_port: int | None = None
         self.http_server: _AppServer | None = None
+        self.ops_server: _AppServer | None = None  # /metrics on --admin-addr
+        self.ops_port: int | None = None
         self._stopped = asyncio.Event()
         self._lock: IO[bytes] | None = None  # run/server.lock, held while serving
         self._store: Store | None = None
@@ -145,6 +148,7 @@ class App:
         self.metadata = MetadataService(self.services)
         await self.metadata.start()
         await self._start_mail()
+        await self._start_ops()
         go.set()
         # What start-up made lives as long as the server: keep the collector's full passes off it (each one
         # holds the event loop for the time it takes to walk every object).
@@ -174,24 +178,38 @@ class App:
         if self.reattaching:
             await asyncio.wait([op.task for op in self.reattaching])
 
-    async def _start_http(self) -> None:
-        assert self.services is not None
-        host, port = parse_addr(self.settings.http_addr)
-        config = uvicorn.Config(build_app(self.services, panel.routes()), host=host, port=port, log_level="warning",
-                                lifespan="off", access_log=False, server_header=False,
-                                timeout_graceful_shutdown=5, proxy_headers=False,
+    async def _serve(self, asgi: Any, addr: str, name: str) -> tuple[_AppServer, asyncio.Task[None], int]:
+        """An ASGI app on uvicorn at ``addr``; returns once it listens (RuntimeError if it cannot)."""
+        host, port = parse_addr(addr)
+        config = uvicorn.Config(asgi, host=host, port=port, log_level="warning", lifespan="off", access_log=False,
+                                server_header=False, timeout_graceful_shutdown=5, proxy_headers=False,
                                 timeout_keep_alive=APP_KEEP_ALIVE)
-        self.http_server = _AppServer(config)
-        self._http_task = self.tasks.spawn(self.http_server.serve(), "http")
+        server = _AppServer(config)
+        task = self.tasks.spawn(server.serve(), name)
         for _ in range(200):
-            if self.http_server.started:
+            if server.started or task.done():
                 break
             await asyncio.sleep(0.025)
-        if not self.http_server.started:
-            raise RuntimeError(f"the app server could not listen on {self.settings.http_addr}")
-        sock = self.http_server.servers[0].sockets[0]
-        self.http_port = int(sock.getsockname()[1])
-        log.info("app server listening on %s:%d", host, self.http_port)
+        if not server.started:
+            server.should_exit = True
+            raise RuntimeError(f"the {name} server could not listen on {addr}")
+        bound = int(server.servers[0].sockets[0].getsockname()[1])
+        log.info("%s server listening on %s:%d", name, host, bound)
+        return server, task, bound
+
+    async def _start_http(self) -> None:
+        assert self.services is not None
+        self.http_server, self._http_task, self.http_port = await self._serve(
+            build_app(self.services, panel.routes()), self.settings.http_addr, "app")
+
+    async def _start_ops(self) -> None:
+        """/metrics and /health for operators on --admin-addr. A port that cannot be bound is logged."""
+        assert self.services is not None
+        try:
+            self.ops_server, self._ops_task, self.ops_port = await self._serve(
+                ops_app(self.services), self.settings.admin_addr, "metrics")
+        except RuntimeError as exc:
+            log.error("metrics are off: %s", exc)
 
     async def stop(self) -> None:
         """Stop accepting, close sessions, stop background work. VMs keep running (and are re-attached)."""
@@ -213,6 +231,9 @@ class App:
                 await self.gateway.close(timeout=10)
             except TimeoutError:
                 log.warning("some SSH sessions did not close in time")
+        if self.ops_server is not None:
+            self.ops_server.should_exit = True
+            await asyncio.wait([self._ops_task], timeout=10)
         if self.http_server is not None:
             self.http_server.should_exit = True
             await asyncio.wait([self._http_task], timeout=10)

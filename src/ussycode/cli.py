@@ -16,7 +16,7 @@ from ussycode.config import Settings, load_settings
 # Flags of `serve`, named like the settings they set (CONTRACT §2).
 SERVE_FLAGS = ("data_dir", "images_dir", "domain", "ssh_addr", "https_addr", "http_addr", "admin_addr",
                "smtp_addr", "runtime", "tls", "acme_email", "caddy_admin", "database_url", "default_image",
-               "log_level", "registration", "registrations_per_address", "registrations_per_hour",
+               "log_level", "log_format", "registration", "registrations_per_address", "registrations_per_hour",
                "smtp_relay", "smtp_relay_user", "smtp_relay_password", "mail_from", "mail_per_hour",
                "mail_unread_limit")
 
@@ -144,11 +144,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve(settings: Settings) -> int:
-    from ussycode import log
+    from ussycode import log, telemetry
     from ussycode.app import App
 
-    log.setup(settings.log_level)
-    asyncio.run(App(settings).run_forever())
+    log.setup(settings.log_level, settings.log_format)
+    telemetry.setup_tracing()  # only when OTEL_EXPORTER_OTLP_ENDPOINT is set
+    try:
+        asyncio.run(App(settings).run_forever())
+    finally:
+        telemetry.shutdown_tracing()  # sends what is batched
     return 0
 
 

@@ -20,6 +20,11 @@ from pydantic_settings import (
 )
 
 
+class LogFormat(enum.StrEnum):
+    TEXT = "text"
+    JSON = "json"
+
+
 class TlsMode(enum.StrEnum):
     INTERNAL = "internal"
     ACME = "acme"
@@ -56,7 +61,8 @@ class Settings(BaseSettings):
     ssh_addr: str = Field(":2222", description="SSH gateway address (lobby and direct VM access).")
     https_addr: str = Field(":8443", description="Public HTTPS entry (Caddy) for VM URLs, the API and login.")
     http_addr: str = Field("127.0.0.1:8080", description="App server behind Caddy (API, auth, forward-auth).")
-    admin_addr: str = Field("127.0.0.1:9090", description="Admin panel address.")
+    admin_addr: str = Field("127.0.0.1:9090", description="Operators' address: Prometheus /metrics and /health "
+                                                          "(the admin panel itself is https://<domain>/admin/).")
     smtp_addr: str = Field(":2525", description="Inbound mail (SMTP) address.")
     runtime: RuntimeName = Field(RuntimeName.AUTO, description="VM runtime: auto, container, qemu, firecracker.")
     tls: TlsMode = Field(TlsMode.INTERNAL, description="internal (Caddy's local CA), acme, or off (plain HTTP).")
@@ -65,6 +71,7 @@ class Settings(BaseSettings):
     database_url: str = Field("", description="SQLAlchemy URL; default SQLite at <data-dir>/ussycode.db.")
     default_image: str = Field("ussyuntu", description="Image used by `new` when --image is not given.")
     log_level: str = Field("INFO", description="Log level: DEBUG, INFO, WARNING, ERROR.")
+    log_format: LogFormat = Field(LogFormat.TEXT, description="Logs as text lines or one JSON object per line.")
     rate_per_minute: int = Field(120, description="Commands per minute per user (SSH one-shot and API).")
     rate_burst: int = Field(30, description="Burst size of the per-user command rate limit.")
     max_sessions_per_key: int = Field(20, description="Concurrent SSH sessions allowed per public key.")

@@ -196,7 +196,7 @@ def free_port() -> int:
 def make_app(data_dir: Path, runtime: Any = None, **overrides: Any) -> App:
     images_dir = Path(os.environ.get("USSYCODE_TEST_IMAGES_DIR", "/var/tmp/ussycode-test-images"))
     values: dict[str, Any] = {"data_dir": str(data_dir), "images_dir": str(images_dir), "ssh_addr": "127.0.0.1:0",
-                              "http_addr": "127.0.0.1:0", "smtp_addr": "127.0.0.1:0",
+                              "http_addr": "127.0.0.1:0", "smtp_addr": "127.0.0.1:0", "admin_addr": "127.0.0.1:0",
                               "https_addr": f"127.0.0.1:{free_port()}", "tls": "off",
                               "runtime": "container", "default_image": "ussyuntu-mini"}
     settings = load_settings(**{**values, **overrides})

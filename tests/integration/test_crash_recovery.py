@@ -51,7 +51,7 @@ class Serve:
         images = os.environ.get("USSYCODE_TEST_IMAGES_DIR", "/var/tmp/ussycode-test-images")
         self.env = {**os.environ, "USSYCODE_DATA_DIR": str(data), "USSYCODE_IMAGES_DIR": images,
                     "USSYCODE_SSH_ADDR": f"127.0.0.1:{self.ssh_port}", "USSYCODE_HTTP_ADDR": "127.0.0.1:0",
-                    "USSYCODE_SMTP_ADDR": "127.0.0.1:0",
+                    "USSYCODE_SMTP_ADDR": "127.0.0.1:0", "USSYCODE_ADMIN_ADDR": "127.0.0.1:0",
                     "USSYCODE_HTTPS_ADDR": f"127.0.0.1:{_free_port()}", "USSYCODE_TLS": "off",
                     "USSYCODE_RUNTIME": "container", "USSYCODE_DEFAULT_IMAGE": "ussyuntu-mini",
                     "USSYCODE_RATE_PER_MINUTE": "10000", "USSYCODE_RATE_BURST": "1000"}

@@ -30,6 +30,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 
+from ussycode import telemetry
 from ussycode.api.forward_auth import SHARE_PARAM
 from ussycode.services.container import Services
 from ussycode.tasks import TaskGroup
@@ -185,6 +186,7 @@ class ForwardAuthServer:
         if replay.generation != self.services.store.generation or replay.until <= time.monotonic() or not alive:
             del self.replays[key]
             return None, key
+        telemetry.FORWARD_AUTH.labels("replayed").inc()
         return raw, key
 
     def remember(self, key: tuple[bytes, ...], response: Response, raw: bytes) -> None:

@@ -33,6 +33,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from ussycode import telemetry
 from ussycode.api.forward_auth import (
     SHARE_COOKIE_PREFIX,
     SHARE_PARAM,
@@ -128,7 +129,7 @@ def client_address(request: Request) -> str:
 def _limiter(request: Request) -> RateLimiter:
     limiter: RateLimiter | None = getattr(request.app.state, "login_limiter", None)
     if limiter is None:
-        limiter = request.app.state.login_limiter = RateLimiter(30, 10)
+        limiter = request.app.state.login_limiter = RateLimiter(30, 10, name="sign_in")
     return limiter
 
 
@@ -221,6 +222,7 @@ async def forward_auth(request: Request) -> Response:
     record, session = cached
 
     if record is not None and record.owner_suspended:
+        telemetry.FORWARD_AUTH.labels("suspended").inc()
         gone = suspended_page(record.name, accept=areq.accept, method=areq.method)
         return Response(gone.body, status_code=gone.status, media_type=gone.content_type,
                         headers={"Cache-Control": "no-store"})
@@ -236,6 +238,7 @@ async def forward_auth(request: Request) -> Response:
                             headers={"Retry-After": str(int(exc.retry_after) + 1), "Cache-Control": "no-store"})
     decision = decide(areq, domain=settings.domain, vm=vm, shares=shares_view or ShareView(), session=identity,
                       bearer=bearer, now=now, login_url=settings.public_url(settings.domain) + LOGIN_PATH)
+    telemetry.FORWARD_AUTH.labels(decision.outcome.value).inc()
     if decision.reason == "share_link_set" and record is not None:
         token = next((v for k, v in _query_pairs(areq.query) if k == "ussy_share"), "")
         if token:
@@ -530,7 +533,7 @@ def _unknown_name_cert(request: Request, host: str, settings: Settings) -> bool:
     limiter: RateLimiter | None = getattr(request.app.state, "unknown_cert_limiter", None)
     if limiter is None:
         limiter = request.app.state.unknown_cert_limiter = RateLimiter(UNKNOWN_NAME_CERTS_PER_MINUTE,
-                                                                       UNKNOWN_NAME_CERTS_BURST)
+                                                                       UNKNOWN_NAME_CERTS_BURST, name="tls_ask")
     try:
         limiter.take("unknown-names")
     except RateLimited:

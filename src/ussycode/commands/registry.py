@@ -12,10 +12,12 @@ import asyncio
 import dataclasses
 import logging
 import shlex
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import NoReturn
 
+from ussycode import telemetry
 from ussycode.auth.policy import Action, can
 from ussycode.commands.context import CommandContext
 from ussycode.errors import (
@@ -161,6 +163,13 @@ async def dispatch(ctx: CommandContext, argv: list[str]) -> int:
     if ns.help:
         ctx.out.print(cmd.parser.format_help().rstrip())
         return 0
-    return await cmd.handler(ctx, ns)
+    started, outcome = time.monotonic(), "error"
+    try:
+        with telemetry.span(f"command {cmd.name}", command=cmd.name, source=actor.source):
+            status = await cmd.handler(ctx, ns)
+        outcome = "ok" if status == 0 else "failed"
+        return status
+    finally:
+        telemetry.COMMANDS.labels(cmd.name, actor.source, outcome).observe(time.monotonic() - started)
 
 

@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from ussycode import telemetry
 from ussycode.config import parse_addr
 from ussycode.services.mail import MAX_BYTES, MailService, Recipient, Refusal
 
@@ -44,6 +45,7 @@ class _Handler:
         try:
             recipient = await self.mail.check_recipient(address)
         except Refusal as refusal:
+            telemetry.MAIL.labels("in", "refused").inc()
             return str(refusal)
         found.append(recipient)
         envelope.ussycode_rcpts = found  # type: ignore[attr-defined]

@@ -111,6 +111,10 @@ class AdminService:
         data["host"] = host_usage(self.data_dir)
         return data
 
+    async def instance_stats(self) -> dict[str, Any]:
+        """Counts for ``/metrics`` (no actor: the metrics address is the operator's, on loopback by default)."""
+        return await self.store.read(aq.stats)
+
     async def list_users(self, actor: Actor, *, search: str = "", tier: str = "", suspended: bool | None = None,
                          offset: int = 0, limit: int = 50) -> aq.Page:
         _staff_only(actor)

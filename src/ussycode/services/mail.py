@@ -31,6 +31,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
+from ussycode import telemetry
 from ussycode.auth.identity import Actor
 from ussycode.errors import RateLimited
 from ussycode.services.container import Services
@@ -91,7 +92,7 @@ class MailService:
         s = services.settings
         self.domain = s.domain
         self.spool = s.data_dir / "mail" / "spool"
-        self.per_hour = RateLimiter.per_hour(s.mail_per_hour)
+        self.per_hour = RateLimiter.per_hour(s.mail_per_hour, name="mail_in")
         self.unread_limit = s.mail_unread_limit
         self.unread: dict[str, int] = {}  # VM id -> messages in new/ when last delivered to
         self.spooled: dict[str, int] = {}  # VM id -> messages waiting in the spool (counted at start)
@@ -209,12 +210,14 @@ class MailService:
             try:
                 self.per_hour.take(vm_id)
             except RateLimited:
+                telemetry.MAIL.labels("in", "refused").inc()
                 raise Refusal(452, f"{by_vm[vm_id].vm_name} has received too many messages this hour") from None
         for vm_id, r in by_vm.items():
             head = (f"Return-Path: <{_header_safe(mail_from)}>\r\nDelivered-To: {_header_safe(r.address)}\r\n"
                     f"X-Ussycode-VM: {r.vm_name}\r\n").encode()
             await asyncio.to_thread(self._write_spool, vm_id, head + data)
             self.spooled[vm_id] = self.spooled.get(vm_id, 0) + 1
+            telemetry.MAIL.labels("in", "accepted").inc()
             self.kick(vm_id)
 
     # --- the spool ------------------------------------------------------------------------------------------
@@ -266,9 +269,11 @@ class MailService:
                     unread = await self._push(vm_id, vm.name, batch)
                 except Exception as exc:  # noqa: BLE001 - the mail stays spooled; the retry tries again
                     log.warning("mail for %s stays queued: %s", vm.name, exc)
+                    telemetry.MAIL.labels("in", "deferred").inc(len(batch))
                     return
                 self.unread[vm_id] = unread
                 self.delivered += len(batch)
+                telemetry.MAIL.labels("in", "delivered").inc(len(batch))
                 for path, _ in batch:
                     with contextlib.suppress(FileNotFoundError):
                         path.unlink()

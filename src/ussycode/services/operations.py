@@ -16,10 +16,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from ussycode import telemetry
 from ussycode.errors import StateError
 from ussycode.tasks import TaskGroup
 
@@ -123,11 +125,23 @@ class Operations:
         """Start ``work`` now as the operation of these VMs (the caller checked that none is in flight)."""
         ids = sorted(kinds)
 
+        verb = label.split(" ", 1)[0]
+
         async def body() -> T:
-            async with contextlib.AsyncExitStack() as stack:
-                for vm_id in ids:  # in a fixed order: two multi-VM operations never deadlock
-                    await stack.enter_async_context(self.lock(vm_id))
-                return await work()
+            started, outcome = time.monotonic(), "error"
+            try:
+                with telemetry.span(f"vm {verb}", op=verb, vms=len(ids)):
+                    async with contextlib.AsyncExitStack() as stack:
+                        for vm_id in ids:  # in a fixed order: two multi-VM operations never deadlock
+                            await stack.enter_async_context(self.lock(vm_id))
+                        result = await work()
+                outcome = "ok"
+                return result
+            except asyncio.CancelledError:
+                outcome = "cancelled"
+                raise
+            finally:
+                telemetry.VM_OPERATIONS.labels(verb, outcome).observe(time.monotonic() - started)
 
         task = self._tasks.spawn(body(), f"{next(iter(kinds.values()))} {label}")
         op = Operation(dict(kinds), label, task)

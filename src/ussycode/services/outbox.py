@@ -22,6 +22,7 @@ from email.utils import formatdate, make_msgid
 import aiosmtplib
 import sqlalchemy as sa
 
+from ussycode import telemetry
 from ussycode.auth.identity import Actor
 from ussycode.config import parse_addr
 from ussycode.errors import Conflict, Forbidden, RateLimited, Unavailable, UpstreamFailure, UsageError
@@ -49,8 +50,8 @@ class Outbox:
     def __init__(self, services: Services) -> None:
         self.services = services
         self.settings = services.settings
-        self.vm_limit = RateLimiter.per_hour(SEND_PER_HOUR)
-        self.code_limit = RateLimiter.per_hour(CODES_PER_HOUR)
+        self.vm_limit = RateLimiter.per_hour(SEND_PER_HOUR, name="mail_out")
+        self.code_limit = RateLimiter.per_hour(CODES_PER_HOUR, name="email_codes")
 
     # --- the relay ------------------------------------------------------------------------------------------
     def _relay(self) -> tuple[str, int]:
@@ -181,6 +182,7 @@ class Outbox:
                               retry_after=exc.retry_after) from None
         msg = self._message(address, subject, body, html, {"X-Ussycode-VM": vm.name})
         await self._send(msg)
+        telemetry.MAIL.labels("out", "sent").inc()
 
         def tx(c: sa.Connection) -> None:
             audit.record(c, actor_id=vm.owner_id, source="vm", action="mail.send", target=vm.name,
@@ -190,6 +192,7 @@ class Outbox:
         return address
 
     async def _audit_refusal(self, vm_name: str, to: str, subject: str, why: str) -> None:
+        telemetry.MAIL.labels("out", "refused").inc()
         def tx(c: sa.Connection) -> None:
             audit.record(c, actor_id=None, source="vm", action="mail.refused", target=vm_name,
                          to=to[:254], subject=subject[:MAX_SUBJECT], reason=why)

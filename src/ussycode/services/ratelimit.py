@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ussycode import telemetry
 from ussycode.errors import RateLimited
 
 
@@ -19,16 +20,19 @@ class RateLimiter:
     """``burst`` tokens per key, refilled at ``per_minute`` tokens a minute. ``clock`` (monotonic seconds) is
     injectable so tests move time instead of sleeping."""
 
-    def __init__(self, per_minute: float, burst: int, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, per_minute: float, burst: int, *, clock: Callable[[], float] = time.monotonic,
+                 name: str = "commands") -> None:
+        self.name = name  # the ``limiter`` label of ussycode_rate_limited_total
         self.rate = per_minute / 60.0
         self.burst = float(burst)
         self._buckets: dict[str, _Bucket] = {}
         self.clock = clock
 
     @classmethod
-    def per_hour(cls, count: int, *, clock: Callable[[], float] = time.monotonic) -> RateLimiter:
+    def per_hour(cls, count: int, *, clock: Callable[[], float] = time.monotonic,
+                 name: str = "commands") -> RateLimiter:
         """At most ``count`` in a row per key, then one more every ``3600 / count`` seconds."""
-        return cls(count / 60.0, count, clock=clock)
+        return cls(count / 60.0, count, clock=clock, name=name)
 
     def _refill(self, key: str) -> _Bucket:
         now = self.clock()
@@ -40,6 +44,7 @@ class RateLimiter:
         return b
 
     def _refuse(self, b: _Bucket) -> RateLimited:
+        telemetry.RATE_LIMITED.labels(self.name).inc()
         wait = (1.0 - b.tokens) / self.rate if self.rate > 0 else 60.0
         return RateLimited(f"rate limit exceeded; retry in {wait:.0f}s", retry_after=max(1.0, wait))
 

@@ -44,8 +44,9 @@ class RegistrationGate:
 
     def __init__(self, settings: Settings, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.mode = settings.registration
-        self.per_address = RateLimiter.per_hour(settings.registrations_per_address, clock=clock)
-        self.overall = RateLimiter.per_hour(settings.registrations_per_hour, clock=clock)
+        self.per_address = RateLimiter.per_hour(settings.registrations_per_address, clock=clock,
+                                                name="registration_address")
+        self.overall = RateLimiter.per_hour(settings.registrations_per_hour, clock=clock, name="registration")
 
     @property
     def closed(self) -> bool:

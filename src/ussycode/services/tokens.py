@@ -123,7 +123,7 @@ class TokenService:
         self._resolve: CommandResolver = resolve_command or (lambda name: name)
         self._cache: dict[str, _CachedAuth] = {}
         self._revocations = 0  # a read that raced a revocation must not be cached
-        self._failures = RateLimiter(BAD_TOKEN_PER_MINUTE, BAD_TOKEN_BURST)
+        self._failures = RateLimiter(BAD_TOKEN_PER_MINUTE, BAD_TOKEN_BURST, name="bad_tokens")
         self._refusals: dict[tuple[str, str, str, str], list[Any]] = {}
 
     # Management -------------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 import sqlalchemy as sa
 
+from ussycode import telemetry
 from ussycode.auth.identity import Actor
 from ussycode.config import Settings, parse_addr
 from ussycode.errors import (
@@ -295,6 +296,7 @@ class VmService:
     async def _mark_error(self, vm: Vm, exc: BaseException | str) -> None:
         message = exc if isinstance(exc, str) else exc.user_message if isinstance(exc, UssyError) else str(exc)
         log.error("VM %s (%s) failed: %s", vm.name, vm.id, getattr(exc, "log_message", exc))
+        telemetry.RUNTIME_ERRORS.labels(self.runtime.name).inc()
         await self.store.write(lambda c: q.update(c, vm.id, status=VmStatus.ERROR, error=message[:2000]))
 
     @staticmethod

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import asyncssh
 from asyncssh.process import SSHServerProcess
 
+from ussycode import telemetry
 from ussycode.auth.identity import Actor
 from ussycode.commands.context import CommandContext, Output
 from ussycode.commands.registry import dispatch, render_error, split_async
@@ -61,12 +62,14 @@ class Lobby:
             process.exit(1)
             return
         self.gateway.live.add(process)
+        telemetry.SSH_SESSIONS.labels("lobby").inc()
         try:
             status = await self._run(process)
         except (asyncssh.Error, ConnectionError, BrokenPipeError):
             status = 255
         finally:
             self.gateway.live.discard(process)
+            telemetry.SSH_SESSIONS.labels("lobby").dec()
             self.gateway.sessions.release(key.fingerprint)
         try:
             process.exit(status)
@@ -199,6 +202,7 @@ class Lobby:
 
         ctx = CommandContext(actor=self._actor(), services=self.services, out=out, interactive=interactive,
                              prompt=prompt, attach=attach)
+        telemetry.request_id.set(telemetry.new_request_id())  # this command's log lines share it
         try:
             argv = await split_async(line)
             if argv and argv[0] == "register":

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import asyncssh
 from asyncssh.process import SSHServerProcess
 
+from ussycode import telemetry
 from ussycode.errors import RuntimeFailure, StateError
 from ussycode.types import VmStatus
 
@@ -90,6 +91,7 @@ class VmPassthrough:
             process.exit(1)
             return
         self.gateway.live.add(process)
+        telemetry.SSH_SESSIONS.labels("vm").inc()
         try:
             try:
                 conn = await self.upstream()
@@ -101,6 +103,7 @@ class VmPassthrough:
             process.exit(status)
         finally:
             self.gateway.live.discard(process)
+            telemetry.SSH_SESSIONS.labels("vm").dec()
             self.gateway.sessions.release(key.fingerprint)
 
 
