@@ -17,6 +17,7 @@ import datetime as dt
 import logging
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,8 @@ from ussycode.validate import printable_text
 
 log = logging.getLogger(__name__)
 
+MAIL_ACTIONS = ("mail.send", "mail.refused", "mail.receive")
+STATS_MAX_AGE = 30.0  # /metrics re-reads the counts after any write here, or after this many seconds
 MAX_QUOTA = {"vms": 10_000, "cpu": 256, "memory_mb": 1_048_576, "disk_gb": 65_536}
 
 
@@ -94,6 +97,7 @@ class AdminService:
         self.vms = vms
         self.tokens = tokens
         self.data_dir = data_dir
+        self._stats: tuple[int, float, dict[str, Any]] | None = None
 
     # --- reads --------------------------------------------------------------------------------------------------
     async def stats(self, actor: Actor) -> dict[str, Any]:
@@ -102,7 +106,7 @@ class AdminService:
 
         def read(c: sa.Connection) -> dict[str, Any]:
             data = aq.stats(c)
-            data["mail_today"] = aq.actions_since(c, "mail.", since)
+            data["mail_today"] = aq.actions_since(c, MAIL_ACTIONS, since)
             data["errors"] = aq.vms_page(c, status=VmStatus.ERROR.value, limit=10).rows
             data["recent"] = aq.audit_page(c, limit=10).rows
             return data
@@ -112,8 +116,17 @@ class AdminService:
         return data
 
     async def instance_stats(self) -> dict[str, Any]:
-        """Counts for ``/metrics`` (no actor: the metrics address is the operator's, on loopback by default)."""
-        return await self.store.read(aq.stats)
+        """Counts for ``/metrics`` (no actor: the metrics address is the operator's, on loopback by default).
+
+        Read again only when this server wrote to the database since (the store's generation) or after
+        :data:`STATS_MAX_AGE` seconds (a change made by another process, such as ``ussycode admin promote``)."""
+        generation, now = self.store.generation, time.monotonic()
+        cached = self._stats
+        if cached is not None and cached[0] == generation and now - cached[1] < STATS_MAX_AGE:
+            return cached[2]
+        stats = await self.store.read(aq.stats)
+        self._stats = (generation, now, stats)
+        return stats
 
     async def list_users(self, actor: Actor, *, search: str = "", tier: str = "", suspended: bool | None = None,
                          offset: int = 0, limit: int = 50) -> aq.Page:

@@ -71,6 +71,9 @@ class RouteService:
         self.proxy_key = secrets.token_urlsafe(24)
         self.health: Callable[[], dict[str, Any]] | None = None  # the HTTPS entry's report, for /health
         self._lock = asyncio.Lock()
+        # Coalescing: each request to reconcile takes a number; a pass that began after a request covers it.
+        self._requested = 0
+        self._covered = 0
 
     async def _state(self) -> tuple[dict[str, str], dict[str, set[int]], dict[str, list[str]]]:
         def read(c: Any) -> tuple[dict[str, str], dict[str, set[int]], dict[str, list[str]]]:
@@ -99,10 +102,19 @@ class RouteService:
         return wanted, hosts
 
     async def reconcile(self) -> None:
+        """Make forwarders and public hosts match the DB. Returns once a pass that began after this call has
+        finished; a burst of calls (20 VMs starting at once) shares passes instead of running one each, since a
+        pass reads the whole routing table anyway."""
+        self._requested += 1
+        mine = self._requested
         async with self._lock:
+            if self._covered >= mine:
+                return  # a pass that started after our request has finished meanwhile
+            covers = self._requested
             wanted, hosts = await self.desired()
             await self.bridges.sync(wanted)
             self.hosts.sync({host: self.bridges.socket_path(*key) for host, key in hosts.items()})
+            self._covered = covers
 
     async def ensure_bridge(self, vm_id: str, port: int) -> str:
         """Start the VM port's forwarder if needed; its Caddy dial address."""

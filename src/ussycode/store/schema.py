@@ -68,7 +68,7 @@ vms = sa.Table(
     # allocated when the VM is made and freed only with its row, i.e. when the VM and its disk are gone.
     sa.Column("id_base", sa.BigInteger, nullable=True),
     sa.Index("uq_vms_id_base", "id_base", unique=True),
-    sa.Index("ix_vms_status", "status"),
+    sa.Index("ix_vms_status_runtime", "status", "runtime"),
 )
 
 vm_tags = sa.Table(

@@ -42,7 +42,13 @@ def _vm(row: sa.Row[tuple[object, ...]], tags: tuple[str, ...] = ()) -> Vm:
     )
 
 
+_TAGS_OF = sa.select(vm_tags.c.tag).where(vm_tags.c.vm_id == sa.bindparam("vm_id")).order_by(vm_tags.c.tag)
+
+
 def _with_tags(conn: sa.Connection, rows: list[sa.Row[tuple[object, ...]]]) -> list[Vm]:
+    if len(rows) == 1:  # one VM (by id, by name): a statement built once, not an IN list
+        vm_id = rows[0]._mapping["id"]
+        return [_vm(rows[0], tuple(conn.execute(_TAGS_OF, {"vm_id": vm_id}).scalars()))]
     ids = [r._mapping["id"] for r in rows]
     tags: dict[str, list[str]] = {i: [] for i in ids}
     if ids:
@@ -75,8 +81,11 @@ def by_name(conn: sa.Connection, name: str) -> Vm | None:
     return _with_tags(conn, [row])[0] if row else None
 
 
+_BY_ID = sa.select(vms).where(vms.c.id == sa.bindparam("vm_id"))
+
+
 def by_id(conn: sa.Connection, vm_id: str) -> Vm | None:
-    row = conn.execute(sa.select(vms).where(vms.c.id == vm_id)).first()
+    row = conn.execute(_BY_ID, {"vm_id": vm_id}).first()
     return _with_tags(conn, [row])[0] if row else None
 
 

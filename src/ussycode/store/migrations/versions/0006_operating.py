@@ -20,11 +20,11 @@ def upgrade() -> None:
         batch.add_column(sa.Column("quota", sa.JSON, nullable=True))
     op.create_index("ix_audit_log_action_id", "audit_log", ["action", "id"])
     op.create_index("ix_audit_log_target_id", "audit_log", ["target", "id"])
-    op.create_index("ix_vms_status", "vms", ["status"])
+    op.create_index("ix_vms_status_runtime", "vms", ["status", "runtime"])
 
 
 def downgrade() -> None:
-    op.drop_index("ix_vms_status", "vms")
+    op.drop_index("ix_vms_status_runtime", "vms")
     op.drop_index("ix_audit_log_target_id", "audit_log")
     op.drop_index("ix_audit_log_action_id", "audit_log")
     with op.batch_alter_table("users") as batch:
