@@ -33,6 +33,7 @@ from ussycode.config import load_settings
 from ussycode.runtime.fake import FakeRuntime
 from ussycode.store.db import Store
 
+EXEC_ROUNDS = 5
 PAGES = ["/admin/", "/admin/users", "/admin/users?page=100", "/admin/users?q=user0042", "/admin/users/user00077",
          "/admin/vms", "/admin/vms?status=error&page=20", "/admin/tokens", "/admin/shares", "/admin/audit",
          "/admin/audit?action=vm.stop", "/admin/audit?actor=user00077", "/admin/audit?before=500000"]
@@ -104,15 +105,16 @@ async def main(n_users: int, n_vms: int, n_audit: int, rounds: int) -> dict[str,
                             pass
 
             quiet, scraped = [], []
-            for _ in range(3):  # interleaved rounds, medians reported
+            for _ in range(EXEC_ROUNDS):  # interleaved rounds, medians reported
                 quiet.append(await run_wrk(*exec_args))
                 stop = asyncio.Event()
                 scraper = asyncio.ensure_future(scrape(stop))
                 scraped.append(await run_wrk(*exec_args))
                 stop.set()
                 await scraper
-            results["exec_quiet"] = sorted(quiet, key=lambda r: r["rps"])[1]
-            results["exec_scraped"] = sorted(scraped, key=lambda r: r["rps"])[1]
+            results["exec_quiet"] = sorted(quiet, key=lambda r: r["rps"])[EXEC_ROUNDS // 2]
+            results["exec_scraped"] = sorted(scraped, key=lambda r: r["rps"])[EXEC_ROUNDS // 2]
+            results["exec_rounds"] = {"quiet": [r["rps"] for r in quiet], "scraped": [r["rps"] for r in scraped]}
             results["scrape_ms"] = scrapes
             async with httpx.AsyncClient(timeout=30) as c:
                 results["metrics_bytes"] = len((await c.get(metrics_url)).content)
@@ -139,8 +141,9 @@ def report(res: dict[str, Any], n_users: int, n_vms: int, n_audit: int, rounds: 
     notes = [f"generated {n_users} users, {n_vms} VMs, {n_audit} audit rows in {res['generate_s']:.1f} s (SQLite)",
              f"{rounds} sequential requests per page with an admin session, app server port, after a warm-up; "
              f"worst page p99 {worst:.1f} ms",
-             f"/exec whoami: wrk -t1 -c8 5 s, 3 interleaved rounds (median); quiet {q['rps']} req/s, "
-             f"scraped every second {sc['rps']} req/s; /metrics is {res['metrics_bytes']} bytes"]
+             f"/exec whoami: wrk -t1 -c8 5 s, {EXEC_ROUNDS} interleaved rounds (median); quiet {q['rps']} req/s, "
+             f"scraped every second {sc['rps']} req/s; /metrics is {res['metrics_bytes']} bytes; rounds: "
+             f"quiet {res['exec_rounds']['quiet']}, scraped {res['exec_rounds']['scraped']}"]
     write("admin", rows, notes)
 
 
