@@ -38,7 +38,8 @@ PREFIX = "/admin"
 PAGE = 50
 MAX_FORM = 16_384
 NAV = [(f"{PREFIX}/", "dashboard"), (f"{PREFIX}/users", "users"), (f"{PREFIX}/vms", "VMs"),
-       (f"{PREFIX}/shares", "shares"), (f"{PREFIX}/tokens", "tokens"), (f"{PREFIX}/audit", "audit log")]
+       (f"{PREFIX}/shares", "shares"), (f"{PREFIX}/tokens", "tokens"), (f"{PREFIX}/audit?action=mail.", "mail"),
+       (f"{PREFIX}/audit", "audit log")]
 HEADERS = {
     "Referrer-Policy": "same-origin",
     "X-Frame-Options": "DENY",
@@ -268,7 +269,9 @@ async def audit(request: Request, actor: Actor, session: WebSession) -> Response
                                          before=_int(before, hi=2**62) if before else None, limit=PAGE)
     params = {k: v for k, v in request.query_params.items() if k not in ("before", "ok", "error")}
     next_url = f"{PREFIX}/audit?{urlencode({**params, 'before': result.next_before})}" if result.next_before else ""
-    return render(request, "audit.html", actor, session, "Audit log", "audit log", page=result, f=f,
+    mail = f["action"] == "mail."
+    return render(request, "audit.html", actor, session, "Mail" if mail else "Audit log",
+                  "mail" if mail else "audit log", page=result, f=f,
                   csv_url=f"{PREFIX}/audit.csv?{urlencode(params)}", pg=1, total=None,
                   prev_url=f"{PREFIX}/audit?{urlencode(params)}" if before else "", next_url=next_url)
 

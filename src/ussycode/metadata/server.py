@@ -31,6 +31,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from ussycode import telemetry
 from ussycode.errors import RateLimited, UssyError
 from ussycode.runtime.netns import METADATA_V4
 from ussycode.services.container import Services
@@ -145,7 +146,8 @@ def _for_vm(app: ASGIApp, vm_id: str) -> ASGIApp:
     async def stamped(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return  # no lifespan, no websockets
-        await app({**scope, VM_ID: vm_id}, receive, send)
+        with telemetry.span("metadata request", path=str(scope.get("path", ""))[:64]):
+            await app({**scope, VM_ID: vm_id}, receive, send)
 
     return stamped
 

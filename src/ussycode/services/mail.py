@@ -266,7 +266,8 @@ class MailService:
                 if vm is None or vm.status is not VmStatus.RUNNING or self.services.vms.pending(vm_id) is not None:
                     return  # delivered when it (re)starts, or by the periodic retry
                 try:
-                    unread = await self._push(vm_id, vm.name, batch)
+                    with telemetry.span("mail deliver", messages=len(batch)):
+                        unread = await self._push(vm_id, vm.name, batch)
                 except Exception as exc:  # noqa: BLE001 - the mail stays spooled; the retry tries again
                     log.warning("mail for %s stays queued: %s", vm.name, exc)
                     telemetry.MAIL.labels("in", "deferred").inc(len(batch))

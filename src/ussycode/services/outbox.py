@@ -181,7 +181,8 @@ class Outbox:
             raise RateLimited(f"{vm.name} may send {SEND_PER_HOUR} messages an hour; {exc.user_message}",
                               retry_after=exc.retry_after) from None
         msg = self._message(address, subject, body, html, {"X-Ussycode-VM": vm.name})
-        await self._send(msg)
+        with telemetry.span("mail send"):
+            await self._send(msg)
         telemetry.MAIL.labels("out", "sent").inc()
 
         def tx(c: sa.Connection) -> None:

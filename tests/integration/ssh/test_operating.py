@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
 from ussycode.runtime.fake import FakeRuntime
@@ -129,3 +130,31 @@ async def test_backup_during_concurrent_news_restores_to_a_sound_database(server
     assert r.returncode == 2 and r.stderr.startswith("error:") and "not a sound SQLite database" in r.stderr
     third = await server_factory(server.data_dir, runtime=FakeRuntime(fake.host))
     assert len(json.loads((await third.ssh(admin, "ls", "--json")).stdout)) == copied
+
+
+async def test_the_same_rules_hold_through_exec(server) -> None:
+    """The API obeys the policy the lobby does: an operator's token cannot grant admin; a newbie's cannot list."""
+    admin = await server.register("root1")
+    op = await server.register("oper")
+    newbie = await server.register("nina")
+    assert (await server.ssh(admin, "admin", "set-trust", "oper", "operator")).exit_status == 0
+    tokens = {}
+    for name, key in (("oper", op), ("nina", newbie)):
+        tokens[name] = json.loads((await server.ssh(key, "token", "create", "--json")).stdout)["token"]
+    base = f"http://127.0.0.1:{server.app.http_port}/exec"
+    async with httpx.AsyncClient(timeout=30) as c:
+        async def run(who: str, line: str) -> dict[str, object]:
+            r = await c.post(base, content=line, headers={"Authorization": f"Bearer {tokens[who]}"})
+            assert r.status_code == 200, r.text
+            return dict(r.json())
+
+        out = await run("oper", "admin set-trust nina admin")
+        assert out["exit_code"] == 1 and "only an admin can grant admin" in str(out["error"])
+        out = await run("oper", "admin set-trust nina citizen --json")
+        assert out["exit_code"] == 0 and json.loads(str(out["output"]))["trust_level"] == "citizen"
+        out = await run("nina", "admin users --json")
+        assert out["exit_code"] == 1 and "admin" in str(out["error"])
+        # suspension applies to the suspended user's token at once (no cache outlives it)
+        assert (await server.ssh(admin, "admin", "suspend", "nina")).exit_status == 0
+        r = await c.post(base, content="whoami", headers={"Authorization": f"Bearer {tokens['nina']}"})
+        assert r.status_code == 403 and "suspended" in r.json()["error"]
