@@ -26,6 +26,7 @@ from ussycode.runtime.base import Runtime
 from ussycode.services.admin import AdminService
 from ussycode.services.container import Services
 from ussycode.services.events import EventBus
+from ussycode.services.llm import LlmService
 from ussycode.services.operations import Operation
 from ussycode.services.ratelimit import RateLimiter
 from ussycode.services.registration import RegistrationGate
@@ -126,6 +127,7 @@ class App:
         self.services = Services(settings=s, store=store, events=events, users=users, vms=vms,
                                  limiter=RateLimiter(s.rate_per_minute, s.rate_burst),
                                  tokens=TokenService(store, resolve_command=canonical_command))
+        self.services.llm = LlmService(store, s)
         self.services.admin = AdminService(store, users, vms, self.services.tokens, data_dir=str(s.data_dir))
         # --- HTTPS entry (Caddy, port bridges, routes, sharing, browser sessions) ---------------------------------
         from ussycode.services.routes import HttpsEntry

@@ -8,16 +8,84 @@ from ``data_dir``.
 from __future__ import annotations
 
 import enum
+import re
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+
+
+class LlmProvider(BaseModel):
+    """One LLM provider of the gateway (TOML ``[llm.providers.<name>]``). ``api_key``: the operator's platform key
+    (used when the VM's owner has none of their own); ``api_format``: ``openai`` or ``anthropic`` (how requests are
+    authenticated and usage is read)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    base_url: str
+    api_key: str = ""
+    api_format: str = "openai"
+    needs_key: bool = True
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")) or any(c.isspace() for c in v):
+            raise ValueError(f"base_url must be an http(s) URL, got {v!r}")
+        return v.rstrip("/")
+
+    @field_validator("api_format")
+    @classmethod
+    def _format(cls, v: str) -> str:
+        if v not in ("openai", "anthropic"):
+            raise ValueError("api_format must be 'openai' or 'anthropic'")
+        return v
+
+
+BUILTIN_PROVIDERS: dict[str, LlmProvider] = {
+    "openai": LlmProvider(base_url="https://api.openai.com"),
+    "anthropic": LlmProvider(base_url="https://api.anthropic.com", api_format="anthropic"),
+    "fireworks": LlmProvider(base_url="https://api.fireworks.ai/inference"),
+    "ollama": LlmProvider(base_url="http://127.0.0.1:11434", needs_key=False),
+    "vllm": LlmProvider(base_url="http://127.0.0.1:8000", needs_key=False),
+}
+
+
+class LlmSettings(BaseModel):
+    """TOML ``[llm]``: providers (built-in ones can be overridden key by key), daily token budgets per tier (a
+    missing tier or ``-1`` is unlimited), and the per-user request rate."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    providers: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    budgets: dict[str, int] = Field(default_factory=lambda: {"newbie": 200_000, "citizen": 2_000_000,
+                                                              "operator": 10_000_000, "admin": -1})
+    requests_per_minute: int = Field(120, ge=1, le=100_000)
+
+    @field_validator("providers")
+    @classmethod
+    def _names(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for name, spec in v.items():
+            if not re.fullmatch(r"[a-z][a-z0-9-]{0,30}", name):
+                raise ValueError(f"provider name {name!r}: use lower-case letters, digits and '-'")
+            merged = {**BUILTIN_PROVIDERS[name].model_dump(), **spec} if name in BUILTIN_PROVIDERS else spec
+            LlmProvider(**merged)  # refuse a bad one at start-up
+        return v
+
+    def provider(self, name: str) -> LlmProvider | None:
+        base = BUILTIN_PROVIDERS.get(name)
+        spec = self.providers.get(name)
+        if spec is None:
+            return base
+        return LlmProvider(**({**base.model_dump(), **spec} if base else spec))
+
+    def budget(self, tier: str) -> int | None:
+        value = self.budgets.get(tier, -1)
+        return None if value < 0 else value
 
 
 class LogFormat(enum.StrEnum):
@@ -94,6 +162,10 @@ class Settings(BaseSettings):
     smtp_relay_password: str = Field("", description="Password for the SMTP relay.")
     mail_from: str = Field("", description="From address of outgoing mail; default ussycode@<domain>.")
     mail_per_hour: int = Field(100, ge=1, le=1_000_000, description="Inbound messages per hour per VM.")
+    llm_secret_file: Path | None = Field(None, description="The key that encrypts stored LLM keys (created 0600); "
+                                                            "default <data-dir>/llm.key.")
+    llm: LlmSettings = Field(default_factory=lambda: LlmSettings.model_validate({}),
+                             description="TOML [llm]: providers, budgets.")
     mail_unread_limit: int = Field(
         1000, ge=1, le=1_000_000,
         description="Unread messages in a VM's ~/Maildir/new at which receiving switches itself off.")
@@ -136,6 +208,10 @@ class Settings(BaseSettings):
         return tuple(sources)
 
     # Derived paths -------------------------------------------------------------------------------------------
+    @property
+    def llm_secret_path(self) -> Path:
+        return self.llm_secret_file or self.data_dir / "llm.key"
+
     @property
     def images_path(self) -> Path:
         return self.images_dir or self.data_dir / "images"

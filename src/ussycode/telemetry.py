@@ -48,6 +48,10 @@ FORWARD_AUTH = Counter("ussycode_forward_auth_decisions_total", "Access decision
 RATE_LIMITED = Counter("ussycode_rate_limited_total", "Requests refused by a rate limit", ["limiter"],
                        registry=REGISTRY)
 MAIL = Counter("ussycode_mail_total", "Mail by direction and outcome", ["direction", "outcome"], registry=REGISTRY)
+LLM_TOKENS = Counter("ussycode_llm_tokens_total", "Tokens the LLM upstreams reported", ["provider", "kind"],
+                     registry=REGISTRY)
+LLM_REQUESTS = Counter("ussycode_llm_requests_total", "LLM gateway requests by outcome", ["provider", "outcome"],
+                       registry=REGISTRY)
 RUNTIME_ERRORS = Counter("ussycode_runtime_errors_total", "VMs that failed in their runtime", ["runtime"],
                          registry=REGISTRY)
 

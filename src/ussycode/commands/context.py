@@ -53,6 +53,7 @@ class Output:
 
 Prompt = Callable[[str], Awaitable[str | None]]
 Attach = Callable[[str, str | None], Awaitable[int]]
+SecretReader = Callable[[str], Awaitable[str | None]]
 
 
 @dataclass
@@ -63,6 +64,14 @@ class CommandContext:
     interactive: bool = False
     prompt: Prompt | None = None
     attach: Attach | None = None
+    # A secret from the person without echo (interactive), or the first line of stdin (ssh host cmd < file).
+    read_secret: SecretReader | None = None
+
+    async def secret(self, question: str) -> str | None:
+        """A secret the person types (not echoed) or pipes on stdin; ``None`` when there is no way to get one."""
+        if self.read_secret is None:
+            return None
+        return await self.read_secret(question)
 
     async def ask(self, question: str) -> str | None:
         """Ask the person; ``None`` when nobody can answer (non-interactive) or they hung up."""

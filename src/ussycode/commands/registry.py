@@ -128,7 +128,7 @@ def render_error(exc: BaseException) -> tuple[str, int]:
 
 def load_all() -> None:
     """Import every command module so that they register (idempotent)."""
-    from ussycode.commands import account, admin, email, help, share, token, vm  # noqa: F401
+    from ussycode.commands import account, admin, email, help, llm, share, token, vm  # noqa: F401
 
 
 async def dispatch(ctx: CommandContext, argv: list[str]) -> int:
@@ -154,7 +154,7 @@ async def dispatch(ctx: CommandContext, argv: list[str]) -> int:
         raise CommandNotPermitted(f"command {cmd.name!r} is not permitted by this token (it allows: {allowed})",
                                   command=cmd.name)
     if cmd.admin_only and not can(actor, Action.ADMIN_COMMANDS):
-        raise Forbidden(f"{cmd.name} is for admins only")
+        raise Forbidden(f"{cmd.name} is for the operators and admins of this server")
     if cmd.interactive_only and not ctx.interactive:
         raise UsageError(f"{cmd.name} needs an interactive terminal; run it in the lobby over ssh")
     if not ctx.interactive:

@@ -33,6 +33,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ussycode import telemetry
 from ussycode.errors import RateLimited, UssyError
+from ussycode.metadata.llm import KEEP_OPEN, gateway
 from ussycode.runtime.netns import METADATA_V4
 from ussycode.services.container import Services
 from ussycode.services.events import VmEvent
@@ -57,6 +58,17 @@ class _BoundedH11(H11Protocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._deadline = self.loop.call_later(REQUEST_TIMEOUT, transport.close)
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        # A request whose headers arrived in time may ask for longer (an LLM answer streams for minutes): the
+        # scope carries the way to do it; the guest can set nothing in it.
+        if self.scope is not None and KEEP_OPEN not in self.scope:
+            self.scope[KEEP_OPEN] = self._keep_open  # type: ignore[literal-required]
+
+    def _keep_open(self, seconds: float) -> None:
+        self._deadline.cancel()
+        self._deadline = self.loop.call_later(seconds, self.transport.close)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._deadline.cancel()
@@ -92,6 +104,17 @@ def build_metadata_app(services: Services) -> Starlette:
             "tags": list(vm.tags), "created_at": iso(vm.created_at), "env": spec.env,
         }
         return Response(json.dumps(data, indent=2) + "\n", media_type="application/json", headers=CLOSE)
+
+    async def env(request: Request) -> Response:
+        """KEY=VALUE lines for shells and agents: the VM's USSYCODE_* values and the gateway's base URLs (the
+        placeholder keys are not secrets: the gateway ignores them and adds the owner's)."""
+        vm = await services.vms.by_id(request.scope[VM_ID])
+        if vm is None:
+            return _json(404, {"error": "this VM no longer exists"})
+        values = {k: v for k, v in services.vms.spec(vm).env.items() if k.startswith("USSYCODE_")}
+        values.update(agent_env())
+        text = "".join(f"{k}={v}\n" for k, v in sorted(values.items()))
+        return PlainTextResponse(text, headers=CLOSE)
 
     async def hostname(request: Request) -> Response:
         vm = await services.vms.by_id(request.scope[VM_ID])
@@ -139,7 +162,18 @@ def build_metadata_app(services: Services) -> Starlette:
     routes = [Route(path, info, methods=methods) for path in ("/", "/v1", "/v1/")]
     routes.append(Route("/hostname", hostname, methods=methods))
     routes.append(Route("/gateway/email/send", send_email, methods=["POST"]))
+    routes.append(Route("/env", env, methods=methods))
+    routes.append(Route("/gateway/llm/{provider}/{path:path}", gateway(services, VM_ID),
+                        methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]))
     return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+
+
+def agent_env(host: str = METADATA_V4) -> dict[str, str]:
+    """What SDKs and agents need to use the gateway; no real key."""
+    base = f"http://{host}/gateway/llm"
+    return {"OPENAI_BASE_URL": f"{base}/openai/v1", "ANTHROPIC_BASE_URL": f"{base}/anthropic",
+            "OPENAI_API_KEY": "ussycode-gateway", "ANTHROPIC_API_KEY": "ussycode-gateway",
+            "USSYCODE_LLM_GATEWAY": base}
 
 
 def _for_vm(app: ASGIApp, vm_id: str) -> ASGIApp:

@@ -15,6 +15,7 @@ from ussycode.store.db import Store
 
 if TYPE_CHECKING:
     from ussycode.services.admin import AdminService
+    from ussycode.services.llm import LlmService
     from ussycode.services.mail import MailService
     from ussycode.services.outbox import Outbox
     from ussycode.services.routes import RouteService
@@ -40,3 +41,5 @@ class Services:
     outbox: Outbox | None = None
     # Operating: the admin commands and panel.
     admin: AdminService | None = None
+    # The LLM gateway's keys, budgets and usage.
+    llm: LlmService | None = None

@@ -200,8 +200,25 @@ class Lobby:
                     chan.set_line_mode(True)
                     chan.set_echo(True)
 
+        async def read_secret(question: str) -> str | None:
+            """Interactive: prompt with echo off. Otherwise the first line of stdin (at most 8 KiB, 30 s)."""
+            if interactive:
+                chan: Any = process.channel
+                self._out(process, question)
+                chan.set_echo(False)
+                try:
+                    return await self._readline(process)
+                finally:
+                    chan.set_echo(True)
+                    self._out(process, "\n")
+            try:
+                line = await asyncio.wait_for(process.stdin.readline(), 30)
+            except (TimeoutError, asyncssh.Error, ConnectionError, asyncio.IncompleteReadError):
+                return None
+            return str(line)[:8192].rstrip("\r\n") if line else None
+
         ctx = CommandContext(actor=self._actor(), services=self.services, out=out, interactive=interactive,
-                             prompt=prompt, attach=attach)
+                             prompt=prompt, attach=attach, read_secret=read_secret)
         telemetry.request_id.set(telemetry.new_request_id())  # this command's log lines share it
         try:
             argv = await split_async(line)

@@ -203,3 +203,30 @@ email_codes = sa.Table(
     sa.Column("expires_at", sa.DateTime, nullable=False),
     sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
 )
+
+# --- LLM gateway (migration 0007) -----------------------------------------------------------------------------------
+
+llm_keys = sa.Table(
+    "llm_keys",
+    metadata,
+    # A user's own key for a provider, encrypted (AES-GCM, the server's data key; associated data user:provider).
+    sa.Column("user_id", sa.String(32), sa.ForeignKey("users.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("provider", sa.String(32), primary_key=True),
+    sa.Column("sealed", sa.LargeBinary, nullable=False),  # nonce (12 bytes) + ciphertext
+    sa.Column("hint", sa.String(8), nullable=False),  # the last four characters, for `llm-key list`
+    sa.Column("created_at", sa.DateTime, nullable=False),
+    sa.Column("last_used_at", sa.DateTime, nullable=True),
+)
+
+llm_usage = sa.Table(
+    "llm_usage",
+    metadata,
+    # Tokens as the upstream reported them, per user, UTC day and provider.
+    sa.Column("user_id", sa.String(32), sa.ForeignKey("users.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("day", sa.Date, primary_key=True),
+    sa.Column("provider", sa.String(32), primary_key=True),
+    sa.Column("input_tokens", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("output_tokens", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("requests", sa.Integer, nullable=False, server_default="0"),
+    sa.Index("ix_llm_usage_day", "day"),
+)
