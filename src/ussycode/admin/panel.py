@@ -38,7 +38,8 @@ PREFIX = "/admin"
 PAGE = 50
 MAX_FORM = 16_384
 NAV = [(f"{PREFIX}/", "dashboard"), (f"{PREFIX}/users", "users"), (f"{PREFIX}/vms", "VMs"),
-       (f"{PREFIX}/shares", "shares"), (f"{PREFIX}/tokens", "tokens"), (f"{PREFIX}/audit?action=mail.", "mail"),
+       (f"{PREFIX}/shares", "shares"), (f"{PREFIX}/tokens", "tokens"), (f"{PREFIX}/llm", "LLM"),
+       (f"{PREFIX}/audit?action=mail.", "mail"),
        (f"{PREFIX}/audit", "audit log")]
 HEADERS = {
     "Referrer-Policy": "same-origin",
@@ -277,6 +278,13 @@ async def audit(request: Request, actor: Actor, session: WebSession) -> Response
 
 
 @page
+async def llm_usage(request: Request, actor: Actor, session: WebSession) -> Response:
+    days = _int(request.query_params.get("days"), default=7, hi=366)
+    rows = await _admin(request).llm_usage(actor, days)
+    return render(request, "llm.html", actor, session, f"LLM usage, last {days} days", "LLM", rows=rows, days=days)
+
+
+@page
 async def audit_csv(request: Request, actor: Actor, session: WebSession) -> Response:
     return await exports.audit_csv(_admin(request), actor, request.query_params)
 
@@ -365,6 +373,7 @@ def routes() -> list[BaseRoute]:
         Route(f"{PREFIX}/shares", shares, methods=get),
         Route(f"{PREFIX}/tokens", tokens, methods=get),
         Route(f"{PREFIX}/tokens/{{token_id}}/revoke", revoke_token, methods=post),
+        Route(f"{PREFIX}/llm", llm_usage, methods=get),
         Route(f"{PREFIX}/audit", audit, methods=get),
         Route(f"{PREFIX}/audit.csv", audit_csv, methods=get),
     ]

@@ -33,6 +33,7 @@ from ussycode.services.users import UserService
 from ussycode.services.vms import VmService
 from ussycode.store import admin as aq
 from ussycode.store import audit
+from ussycode.store import llm as llmq
 from ussycode.store import sessions as sessq
 from ussycode.store import tokens as tokq
 from ussycode.store import users as userq
@@ -107,6 +108,7 @@ class AdminService:
         def read(c: sa.Connection) -> dict[str, Any]:
             data = aq.stats(c)
             data["mail_today"] = aq.actions_since(c, MAIL_ACTIONS, since)
+            data["llm_tokens_today"] = llmq.tokens_on(c, since.date())
             data["errors"] = aq.vms_page(c, status=VmStatus.ERROR.value, limit=10).rows
             data["recent"] = aq.audit_page(c, limit=10).rows
             return data
@@ -173,6 +175,12 @@ class AdminService:
         _staff_only(actor)
         return await self.store.read(lambda c: aq.tokens_page(c, active_at=utcnow() if active_only else None,
                                                               offset=offset, limit=limit))
+
+    async def llm_usage(self, actor: Actor, days: int = 7) -> list[dict[str, Any]]:
+        """Every user's LLM usage per provider and day, the last ``days`` days, largest first."""
+        _staff_only(actor)
+        since = utcnow().date() - dt.timedelta(days=max(0, min(days, 366)) - 1)
+        return await self.store.read(lambda c: llmq.usage_page(c, since, limit=500))
 
     async def list_shares(self, actor: Actor) -> dict[str, list[dict[str, Any]]]:
         _staff_only(actor)

@@ -20,9 +20,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from ussycode.auth.identity import Actor
 from ussycode.tasks import TaskGroup
 
-from .conftest import free_port
+from .conftest import browser_client, free_port
 
 pytestmark = pytest.mark.asyncio
 
@@ -156,6 +157,18 @@ async def test_the_gateway_from_real_vms(web_factory, needs_vms: None, caplog: p
                                  "'http://169.254.169.254/env').read().decode())\"", user="avm")
         assert "OPENAI_BASE_URL=http://169.254.169.254/gateway/llm/openai/v1" in r.stdout
         assert "sk-" not in r.stdout and "USSYCODE_VM_NAME=avm" in r.stdout
+        # the admin panel shows the usage per user, provider and day, and today's total on the dashboard
+        services = web.server.app.services
+        root = await services.users.by_handle("root1")
+        redeemed = await services.sessions.redeem_login_token(
+            await services.sessions.create_login_token(Actor(root, "ssh")), "localhost")
+        async with browser_client(headers={"Cookie": f"ussy_session={redeemed[0]}"}) as c:
+            page = (await c.get(web.url("localhost", "/admin/llm"))).text
+            assert 'alice</a></td><td>openai</td><td>4</td><td>45</td><td>30</td><td>75</td>' in page, page
+            assert 'alice</a></td><td>anthropic</td><td>1</td><td>5</td><td>3</td><td>8</td>' in page
+            assert 'bob</a></td><td>openai</td><td>3</td><td>33</td><td>21</td><td>54</td>' in page
+            dash = (await c.get(web.url("localhost", "/admin/"))).text
+            assert '<b id="llm-today">137</b>' in dash
         # removing the key: the next request is refused
         assert (await web.server.ssh(bob, "llm-key", "rm", "openai")).exit_status == 0
         status, _ = await in_vm(web, bob, "bvm", "openai", "v1/chat/completions", chat)
