@@ -193,14 +193,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def make_app(data_dir: Path, runtime: Any = None, **overrides: Any) -> App:
+def make_app(data_dir: Path, runtime_obj: Any = None, **overrides: Any) -> App:
     images_dir = Path(os.environ.get("USSYCODE_TEST_IMAGES_DIR", "/var/tmp/ussycode-test-images"))
     values: dict[str, Any] = {"data_dir": str(data_dir), "images_dir": str(images_dir), "ssh_addr": "127.0.0.1:0",
                               "http_addr": "127.0.0.1:0", "smtp_addr": "127.0.0.1:0", "admin_addr": "127.0.0.1:0",
                               "https_addr": f"127.0.0.1:{free_port()}", "tls": "off",
                               "runtime": "container", "default_image": "ussyuntu-mini"}
     settings = load_settings(**{**values, **overrides})
-    return App(settings, runtime=runtime)
+    return App(settings, runtime=runtime_obj)
 
 
 @pytest.fixture
@@ -215,6 +215,8 @@ async def server_factory(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
         Runtime object to use instead of the one the settings name (the fake one, for control-plane tests)."""
         if shutil.which("ssh") is None:
             pytest.skip("OpenSSH client not installed (apt-get install openssh-client)")
+        if isinstance(runtime, str):  # a runtime by name is a setting
+            overrides["runtime"], runtime = runtime, None
         app = make_app(data_dir or tmp_path / "data", runtime, **overrides)
         await app.start()
         apps.append(app)

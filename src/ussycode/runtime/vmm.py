@@ -213,6 +213,18 @@ class VmmHost:
             raise
         return await netns.connect_socket(sock, self.guest_ip, port, timeout)
 
+    async def listen(self, vm_id: str, host: str, port: int) -> socket.socket:
+        """A listening socket on ``host:port`` in the VM's namespace (the metadata address is on its loopback):
+        the guest's user-mode network connects there for it, so whoever is accepted is that VM."""
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._ns_pool, netns.listen_in_netns, self.netns_name(vm_id), host,
+                                              port)
+        except netns.NetnsBroken:
+            self._ns_pool.shutdown(wait=False)
+            self._ns_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix=self._pool_name)
+            raise
+
     async def wait_ssh(self, spec: VmSpec, argv: list[str]) -> None:
         """Return once the guest's sshd sends its banner; RuntimeFailure (with evidence) otherwise."""
         p = self.paths(spec.id)

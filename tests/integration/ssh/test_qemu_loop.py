@@ -30,6 +30,14 @@ async def test_qemu_vm_through_the_gateway(server_factory, tmp_path: Path) -> No
     assert r.exit_status == 0, r
     guest_kernel = r.stdout.strip()
     assert guest_kernel and guest_kernel != platform.release()  # the guest's own kernel, not the host's
+    # the metadata service answers inside a qemu guest too, with this VM's identity and the gateway's URLs
+    fetch = ("python3 -c \"import urllib.request as u; print(u.urlopen('http://169.254.169.254/{}', "
+             "timeout=30).read().decode())\"")
+    r = await server.ssh(key, fetch.format("hostname"), user="vm1")
+    assert r.exit_status == 0 and r.stdout.strip() == "vm1", r
+    r = await server.ssh(key, fetch.format("env"), user="vm1")
+    assert "OPENAI_BASE_URL=http://169.254.169.254/gateway/llm/openai/v1" in r.stdout, r
+    assert "USSYCODE_VM_NAME=vm1" in r.stdout
     assert (await server.ssh(key, "echo kept > ~/f && sync", user="vm1")).exit_status == 0
     assert (await server.ssh(key, "stop", "vm1", timeout=200)).exit_status == 0
     assert (await server.ssh(key, "start", "vm1", timeout=400)).exit_status == 0

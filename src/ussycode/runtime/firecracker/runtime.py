@@ -254,6 +254,13 @@ class FirecrackerRuntime(Runtime):
         # The guest's address exists only inside the VM's own namespace (on its tap link).
         return await self.vmm.connect(vm_id, port, timeout)
 
+    async def open_listener(self, vm_id: str, host: str, port: int) -> socket.socket:
+        """``host:port`` as the guest sees it: the VM's namespace owns the metadata address, so the guest's
+        connections to it (routed out of its tap) are delivered to this listener."""
+        if await self.status(vm_id) is not VmStatus.RUNNING:
+            raise NotFound(f"VM {vm_id} is not running")
+        return await self.vmm.listen(vm_id, host, port)
+
     async def open_socket(self, vm_id: str, port: int) -> socket.socket:
         if not 1 <= port <= 65535:
             raise UsageError(f"port {port} is not a TCP port")

@@ -301,6 +301,13 @@ class QemuRuntime(Runtime):
         await self._ensure_forward(vm_id, port)
         return netns.NETNS_DIR / self.netns_name(vm_id)
 
+    async def open_listener(self, vm_id: str, host: str, port: int) -> socket.socket:
+        """``host:port`` as the guest sees it: QEMU's user-mode network opens the guest's connections from inside
+        the VM's namespace, where this listens (the metadata service: same identity rule as containers)."""
+        if await self.status(vm_id) is not VmStatus.RUNNING:
+            raise NotFound(f"VM {vm_id} is not running")
+        return await self.vmm.listen(vm_id, host, port)
+
     async def open_socket(self, vm_id: str, port: int) -> socket.socket:
         await self._ensure_forward(vm_id, port)
         try:
