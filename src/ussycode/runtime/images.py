@@ -18,7 +18,9 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -29,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from ussycode.errors import ImageError
+
+log = logging.getLogger(__name__)
 
 GUEST_DIR = Path(__file__).resolve().parent / "guest"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
@@ -281,8 +285,14 @@ class ImageStore:
                         say(line)
                     code = await proc.wait()
             except BaseException:
-                proc.kill()
-                await asyncio.shield(proc.wait())
+                # SIGTERM first: mmdebstrap unmounts what it mounted in the root when it is asked to stop.
+                with contextlib.suppress(ProcessLookupError):
+                    proc.terminate()
+                try:
+                    await asyncio.shield(asyncio.wait_for(proc.wait(), 20))
+                except TimeoutError:
+                    proc.kill()
+                    await asyncio.shield(proc.wait())
                 raise
             if code != 0:
                 raise ImageError(
@@ -355,6 +365,35 @@ def _flock(path: Path) -> int:
     return fd
 
 
+def mounts_under(path: Path) -> list[str]:
+    """Mount points at or below ``path`` (deepest first), from /proc/self/mountinfo (octal escapes undone)."""
+    root = str(path.resolve())
+    found = []
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return []
+    for line in lines:
+        fields = line.split()
+        if len(fields) > 4:
+            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
+            if point == root or point.startswith(root + "/"):
+                found.append(point)
+    return sorted(found, key=len, reverse=True)
+
+
 def _remove_tree(path: Path) -> None:
-    if path.exists():
-        shutil.rmtree(path, ignore_errors=True)
+    """Remove a build tree, never what is mounted inside it.
+
+    A build that was killed can leave the host's ``/dev/shm``, ``/proc`` or ``/sys`` mounted in its root: those
+    are unmounted first, and if any stays mounted the tree is left alone (removing it would delete host files
+    through the mount)."""
+    if not path.exists():
+        return
+    for point in mounts_under(path):
+        subprocess.run(["umount", "--lazy", point], capture_output=True, check=False)
+    left = mounts_under(path)
+    if left:
+        log.error("not removing %s: %s still mounted there", path, ", ".join(left[:3]))
+        return
+    shutil.rmtree(path, ignore_errors=True)
