@@ -30,6 +30,7 @@ from ussycode.services.llm import LlmService
 from ussycode.services.operations import Operation
 from ussycode.services.ratelimit import RateLimiter
 from ussycode.services.registration import RegistrationGate
+from ussycode.services.routussy import Routussy
 from ussycode.services.tokens import TokenService
 from ussycode.services.users import UserService
 from ussycode.services.vms import VmService
@@ -123,11 +124,12 @@ class App:
         gateway_pub = client_key.export_public_key("openssh").decode().strip()
         events = EventBus()
         vms = VmService(store, runtime, s, images, gateway_pub, events)
-        users = UserService(store, RegistrationGate(s))
+        routussy = Routussy.from_settings(s)
+        users = UserService(store, RegistrationGate(s), routussy)
         self.services = Services(settings=s, store=store, events=events, users=users, vms=vms,
                                  limiter=RateLimiter(s.rate_per_minute, s.rate_burst),
                                  tokens=TokenService(store, resolve_command=canonical_command))
-        self.services.llm = LlmService(store, s)
+        self.services.llm = LlmService(store, s, routussy)
         self.services.admin = AdminService(store, users, vms, self.services.tokens, data_dir=str(s.data_dir))
         # --- HTTPS entry (Caddy, port bridges, routes, sharing, browser sessions) ---------------------------------
         from ussycode.services.routes import HttpsEntry

@@ -18,7 +18,7 @@ SERVE_FLAGS = ("data_dir", "images_dir", "domain", "ssh_addr", "https_addr", "ht
                "smtp_addr", "runtime", "tls", "acme_email", "caddy_admin", "database_url", "default_image",
                "log_level", "log_format", "registration", "registrations_per_address", "registrations_per_hour",
                "smtp_relay", "smtp_relay_user", "smtp_relay_password", "mail_from", "mail_per_hour",
-               "mail_unread_limit")
+               "mail_unread_limit", "llm_secret_file", "routussy_url", "routussy_key", "trusted_cidrs")
 
 
 def _add_setting_flags(p: argparse.ArgumentParser, names: tuple[str, ...]) -> None:

@@ -8,6 +8,7 @@ from ``data_dir``.
 from __future__ import annotations
 
 import enum
+import ipaddress
 import re
 from pathlib import Path
 from typing import Any
@@ -164,6 +165,12 @@ class Settings(BaseSettings):
     mail_per_hour: int = Field(100, ge=1, le=1_000_000, description="Inbound messages per hour per VM.")
     llm_secret_file: Path | None = Field(None, description="The key that encrypts stored LLM keys (created 0600); "
                                                             "default <data-dir>/llm.key.")
+    routussy_url: str = Field("", description="Routussy (external access and billing service) base URL; empty: "
+                                              "not used.")
+    routussy_key: str = Field("", description="Shared secret for Routussy (prefer USSYCODE_ROUTUSSY_KEY: flags "
+                                              "show in ps).")
+    trusted_cidrs: str = Field("", description="Comma-separated address ranges whose new keys register without "
+                                               "asking Routussy.")
     llm: LlmSettings = Field(default_factory=lambda: LlmSettings.model_validate({}),
                              description="TOML [llm]: providers, budgets.")
     mail_unread_limit: int = Field(
@@ -175,6 +182,24 @@ class Settings(BaseSettings):
     def _valid_addr(cls, v: str) -> str:
         parse_addr(v)
         return v
+
+    @field_validator("routussy_url")
+    @classmethod
+    def _valid_routussy(cls, v: str) -> str:
+        if v and (not v.startswith(("http://", "https://")) or any(c.isspace() for c in v)):
+            raise ValueError("--routussy-url must be an http(s) URL")
+        return v.rstrip("/")
+
+    @field_validator("trusted_cidrs")
+    @classmethod
+    def _valid_cidrs(cls, v: str) -> str:
+        for part in filter(None, (p.strip() for p in v.split(","))):
+            ipaddress.ip_network(part, strict=False)
+        return v
+
+    @property
+    def trusted_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        return [ipaddress.ip_network(p.strip(), strict=False) for p in self.trusted_cidrs.split(",") if p.strip()]
 
     @field_validator("smtp_relay")
     @classmethod

@@ -31,6 +31,7 @@ from ussycode.config import LlmProvider, Settings
 from ussycode.errors import NotFound, RateLimited, Suspended, Unauthenticated, UsageError
 from ussycode.services.llm_usage import Tokens
 from ussycode.services.ratelimit import RateLimiter
+from ussycode.services.routussy import Routussy
 from ussycode.store import audit
 from ussycode.store import llm as q
 from ussycode.store import users as userq
@@ -41,6 +42,7 @@ from ussycode.store.users import User
 
 log = logging.getLogger(__name__)
 NONCE = 12
+ROUTUSSY = "routussy"
 MAX_KEY_LEN = 4096
 PROVIDER_RE_HELP = "a provider name such as openai, anthropic, fireworks (see 'llm usage' for the list)"
 
@@ -103,14 +105,17 @@ def validate_key(text: str) -> str:
 
 
 class LlmService:
-    def __init__(self, store: Store, settings: Settings) -> None:
+    def __init__(self, store: Store, settings: Settings, routussy: Routussy | None = None) -> None:
         self.store = store
         self.settings = settings
+        self.routussy = routussy
         self.box = KeyBox(load_or_create_data_key(settings.llm_secret_path))
         self.limiter = RateLimiter(settings.llm.requests_per_minute, max(10, settings.llm.requests_per_minute // 4),
                                    name="llm")
 
     def provider(self, name: str) -> LlmProvider:
+        if name == ROUTUSSY and self.routussy is not None:
+            return self.routussy.provider()
         found = self.settings.llm.provider(name) if len(name) <= 32 else None
         if found is None:
             raise NotFound(f"unknown LLM provider {name[:32]!r}; this server has: {', '.join(self.providers())}")
@@ -119,7 +124,8 @@ class LlmService:
     def providers(self) -> list[str]:
         from ussycode.config import BUILTIN_PROVIDERS
 
-        return sorted(set(BUILTIN_PROVIDERS) | set(self.settings.llm.providers))
+        extra = {ROUTUSSY} if self.routussy is not None else set()
+        return sorted(set(BUILTIN_PROVIDERS) | set(self.settings.llm.providers) | extra)
 
     # --- keys ---------------------------------------------------------------------------------------------------
     async def set_key(self, actor: Actor, provider: str, text: str) -> bool:
@@ -157,14 +163,16 @@ class LlmService:
         upstream = self.provider(provider)
         today = utcnow().date()
 
-        def read(c: Any) -> tuple[User | None, bytes | None, int]:
+        def read(c: Any) -> tuple[User | None, bytes | None, int, str]:
             vm = vmq.by_id(c, vm_id)
             owner = userq.by_id(c, vm.owner_id) if vm is not None else None
             if owner is None:
-                return None, None, 0
-            return owner, q.sealed_key(c, owner.id, provider), q.tokens_since(c, owner.id, today)
+                return None, None, 0, ""
+            keys = userq.keys_of(c, owner.id)
+            return (owner, q.sealed_key(c, owner.id, provider), q.tokens_since(c, owner.id, today),
+                    keys[0].fingerprint if keys else "")
 
-        owner, sealed, used = await self.store.read(read)
+        owner, sealed, used, fingerprint = await self.store.read(read)
         if owner is None:
             raise NotFound("this VM no longer exists")
         if owner.suspended:
@@ -176,6 +184,8 @@ class LlmService:
             raise RateLimited(f"the daily LLM budget of {budget} tokens ({owner.trust_level}) is used up; it resets "
                               f"at {iso(reset)}", retry_after=(reset - utcnow()).total_seconds())
         self.limiter.take(owner.id)
+        if provider == ROUTUSSY and self.routussy is not None:
+            return Grant(owner, provider, upstream, self.routussy.llm_headers(fingerprint), False)
         key, byok = None, False
         if sealed is not None:
             key = self.box.open(owner.id, provider, sealed)

@@ -9,6 +9,7 @@ from ussycode.auth.keys import MAX_KEY_COMMENT, PublicKey, parse_authorized_key
 from ussycode.auth.policy import Action, can
 from ussycode.errors import Conflict, Forbidden, NotFound, UsageError
 from ussycode.services.registration import RegistrationGate
+from ussycode.services.routussy import Routussy
 from ussycode.store import audit
 from ussycode.store import users as q
 from ussycode.store import vms as vmq
@@ -32,9 +33,10 @@ def validate_handle(handle: str) -> str:
 
 
 class UserService:
-    def __init__(self, store: Store, gate: RegistrationGate | None = None) -> None:
+    def __init__(self, store: Store, gate: RegistrationGate | None = None, routussy: Routussy | None = None) -> None:
         self.store = store
         self.gate = gate  # None: no registration mode or limits (tools and tests that build users directly)
+        self.routussy = routussy  # when set, new keys from outside the trusted ranges need its approval
 
     async def by_fingerprint(self, fingerprint: str) -> User | None:
         return await self.store.read(lambda c: q.by_fingerprint(c, fingerprint))
@@ -63,6 +65,8 @@ class UserService:
             assert self.gate is not None
             raise self.gate.refuse_closed()
         handle = validate_handle(handle)
+        if self.routussy is not None:
+            await self.routussy.admit(key.fingerprint, address)
         if self.gate is not None:
             self.gate.admit(address)
         try:
