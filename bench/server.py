@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
-import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from ussycode.runtime import disks
+from ussycode.runtime.images import ImageStore
+from ussycode.runtime.registry import make_runtime
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGES = Path(os.environ.get("USSYCODE_TEST_IMAGES_DIR", "/var/tmp/ussycode-test-images"))
@@ -85,5 +91,16 @@ class BenchServer:
                 self.proc.kill()
 
     def cleanup(self) -> None:
+        """Stop the server, destroy the VMs it left running (a server stop keeps them, by design), then remove
+        the data dir: never with a VM's mounts still in it (the image would be deleted through them)."""
         self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        data = self.dir / "data"
+        with contextlib.suppress(Exception):
+            with contextlib.closing(sqlite3.connect(data / "ussycode.db")) as db:
+                ids = [r[0] for r in db.execute("SELECT id FROM vms")]
+            runtime = make_runtime("container", disks_dir=data / "disks", run_dir=data / "run",
+                                   images=ImageStore(IMAGES))
+            for vm_id in ids:
+                with contextlib.suppress(Exception):
+                    asyncio.run(runtime.destroy(vm_id))
+        disks.remove_tree(self.dir)

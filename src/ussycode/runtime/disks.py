@@ -12,11 +12,16 @@ Builders are pure; the effectors are plain blocking calls (the runtime runs them
 
 from __future__ import annotations
 
+import logging
 import os
+import re
+import shutil
 import subprocess
 from pathlib import Path
 
 from ussycode.errors import RuntimeFailure
+
+log = logging.getLogger(__name__)
 
 GIB = 2**30
 
@@ -124,3 +129,37 @@ def allocated_bytes(path: Path) -> int:
         return os.stat(path).st_blocks * 512
     except FileNotFoundError:
         return 0
+
+
+def mounts_under(path: Path) -> list[str]:
+    """Mount points at or below ``path`` (deepest first), from /proc/self/mountinfo (octal escapes undone)."""
+    root = str(Path(path).resolve())
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return []
+    found = []
+    for line in lines:
+        fields = line.split()
+        if len(fields) > 4:
+            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
+            if point == root or point.startswith(root + "/"):
+                found.append(point)
+    return sorted(found, key=len, reverse=True)
+
+
+def remove_tree(path: Path) -> bool:
+    """Remove a directory tree, never what is mounted inside it: mounts below it (a VM's image and disk, a killed
+    build's /dev/shm) are unmounted first, and if one stays the tree is left alone, as removing it would delete
+    files through the mount. True when the tree is gone."""
+    path = Path(path)
+    if not path.exists():
+        return True
+    for point in mounts_under(path):
+        subprocess.run(["umount", "--lazy", point], capture_output=True, check=False, timeout=60)
+    left = mounts_under(path)
+    if left:
+        log.error("not removing %s: %s still mounted there", path, ", ".join(left[:3]))
+        return False
+    shutil.rmtree(path, ignore_errors=True)
+    return not path.exists()

@@ -20,7 +20,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shlex
 import shutil
 import subprocess
@@ -31,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ussycode.errors import ImageError
+from ussycode.runtime import disks
 
 log = logging.getLogger(__name__)
 
@@ -365,35 +365,6 @@ def _flock(path: Path) -> int:
     return fd
 
 
-def mounts_under(path: Path) -> list[str]:
-    """Mount points at or below ``path`` (deepest first), from /proc/self/mountinfo (octal escapes undone)."""
-    root = str(path.resolve())
-    found = []
-    try:
-        lines = Path("/proc/self/mountinfo").read_text().splitlines()
-    except OSError:
-        return []
-    for line in lines:
-        fields = line.split()
-        if len(fields) > 4:
-            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
-            if point == root or point.startswith(root + "/"):
-                found.append(point)
-    return sorted(found, key=len, reverse=True)
-
-
 def _remove_tree(path: Path) -> None:
-    """Remove a build tree, never what is mounted inside it.
-
-    A build that was killed can leave the host's ``/dev/shm``, ``/proc`` or ``/sys`` mounted in its root: those
-    are unmounted first, and if any stays mounted the tree is left alone (removing it would delete host files
-    through the mount)."""
-    if not path.exists():
-        return
-    for point in mounts_under(path):
-        subprocess.run(["umount", "--lazy", point], capture_output=True, check=False)
-    left = mounts_under(path)
-    if left:
-        log.error("not removing %s: %s still mounted there", path, ", ".join(left[:3]))
-        return
-    shutil.rmtree(path, ignore_errors=True)
+    """A build tree goes, never what a killed build left mounted in it (see :func:`disks.remove_tree`)."""
+    disks.remove_tree(path)

@@ -15,7 +15,6 @@ import contextlib
 import hashlib
 import os
 import shlex
-import shutil
 import signal
 import socket
 import time
@@ -28,7 +27,7 @@ from typing import Any
 import asyncssh
 
 from ussycode.errors import RuntimeFailure
-from ussycode.runtime import netns
+from ussycode.runtime import disks, netns
 from ussycode.runtime.base import ExecResult
 from ussycode.types import VmSpec, VmStatus
 
@@ -193,12 +192,12 @@ class VmmHost:
 
         p = self.paths(vm_id)
         await network.remove_netns(self.netns_name(vm_id), p.pasta_pidfile)
-        shutil.rmtree(p.run_dir, ignore_errors=True)
+        disks.remove_tree(p.run_dir)
         self.forwards.pop(vm_id, None)
 
     async def destroy(self, vm_id: str, stop: Callable[[], Awaitable[None]]) -> None:
         await stop()
-        shutil.rmtree(self.paths(vm_id).vm_dir, ignore_errors=True)
+        disks.remove_tree(self.paths(vm_id).vm_dir)
 
     # --- connections and the guest -------------------------------------------------------------------
     async def connect(self, vm_id: str, port: int, timeout: float = 5.0) -> socket.socket:

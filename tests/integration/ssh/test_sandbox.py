@@ -5,6 +5,7 @@ lobby command that touches a disk, bounded /dev/shm and the OOM killer, space gi
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import json
 import os
@@ -288,3 +289,27 @@ git init -q repo && cd repo && git -c user.email=a@b -c user.name=a commit -q --
 git log --oneline | wc -l
 """, timeout=300)
     assert out.split("\n")[:4] == ["built by gcc", "node says 42", "pip", "1"], out
+
+
+async def test_the_shared_image_cannot_be_changed_through_a_vm_mount(server) -> None:
+    """The image a VM's overlay reads sits id-mapped under the VM's run directory: that mount is read-only, so
+    nothing that walks the directory (a removal while the VM runs, a cleanup of a stray run dir) can change or
+    delete the image every other VM uses."""
+    key = await server.register("imgguard")
+    vm = await _new(server, key, "--name=guarded")
+    runtime = server.app.services.vms.runtime
+    row = await server.app.services.vms.by_name(vm["name"])
+    lower = runtime._vm_dir(row.id) / "lower-map"  # noqa: SLF001 - the mount under test
+    image_file = lower / "etc" / "os-release"
+    assert image_file.exists()
+    for attempt in (lambda: (lower / "etc" / "planted").write_text("x"), image_file.unlink,
+                    lambda: (lower / "usr" / "lib").rename(lower / "usr" / "moved")):
+        with pytest.raises(OSError) as caught:
+            attempt()
+        assert caught.value.errno == errno.EROFS
+    # a removal of the whole run directory while the VM runs leaves the image alone
+    source = next(line.split()[3] for line in Path("/proc/self/mountinfo").read_text().splitlines()
+                  if line.split()[4] == str(lower))
+    assert (Path(source) / "etc" / "os-release").exists()
+    shutil.rmtree(runtime._vm_dir(row.id), ignore_errors=True)  # noqa: SLF001
+    assert (Path(source) / "etc" / "os-release").exists() and (Path(source) / "usr" / "bin").is_dir()

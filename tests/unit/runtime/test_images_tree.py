@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from ussycode.runtime.images import _remove_tree, mounts_under
+from ussycode.runtime.disks import mounts_under
+from ussycode.runtime.images import _remove_tree
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting needs root")
 

@@ -146,14 +146,16 @@ def set_parent_death_signal(sig: int) -> None:
     _check(_libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
 
 
-def idmapped_bind(source: str, target: str, userns_fd: int) -> None:
+def idmapped_bind(source: str, target: str, userns_fd: int, *, read_only: bool = False) -> None:
     """Bind ``source`` onto ``target`` as an id-mapped mount: on-disk id k appears as the id that k maps to in
-    the user namespace ``userns_fd`` (so a VM's files keep their guest ids on disk and show as its host range)."""
+    the user namespace ``userns_fd`` (so a VM's files keep their guest ids on disk and show as its host range).
+    ``read_only``: the mount refuses every write (the shared image under a VM's overlay: nothing that walks the
+    VM's run directory, a removal included, can change the image through it)."""
     fd = _libc.syscall(SYS_OPEN_TREE, AT_FDCWD, source.encode(), OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC)
     if fd < 0:
         _check(-1, f"open_tree {source}")
     try:
-        attr = _MountAttr(MOUNT_ATTR_IDMAP, 0, 0, userns_fd)
+        attr = _MountAttr(MOUNT_ATTR_IDMAP | (MOUNT_ATTR_RDONLY if read_only else 0), 0, 0, userns_fd)
         _check(_libc.syscall(SYS_MOUNT_SETATTR, fd, b"", AT_EMPTY_PATH, ctypes.byref(attr), ctypes.sizeof(attr)),
                f"id-mapping {source} (needs a kernel and file system with id-mapped mounts)")
         _check(_libc.syscall(SYS_MOVE_MOUNT, fd, b"", AT_FDCWD, target.encode(), MOVE_MOUNT_F_EMPTY_PATH),

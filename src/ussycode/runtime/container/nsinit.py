@@ -167,9 +167,9 @@ def _guest_child(args: argparse.Namespace, drop: list[int], seccomp: Filter, rea
 
 def _mount_root(args: argparse.Namespace, userns_fd: int) -> None:
     """Id-map the image and the disk with the VM's user namespace and mount the overlay root on them."""
-    for source, target in ((args.lower, args.lower_map), (args.disk, args.disk_map)):
+    for source, target, read_only in ((args.lower, args.lower_map, True), (args.disk, args.disk_map, False)):
         os.makedirs(target, mode=0o700, exist_ok=True)
-        caps.idmapped_bind(source, target, userns_fd)
+        caps.idmapped_bind(source, target, userns_fd, read_only=read_only)
     os.makedirs(args.root, mode=0o755, exist_ok=True)
     options = f"lowerdir={args.lower_map},upperdir={args.disk_map}/upper,workdir={args.disk_map}/work"
     # overlayfs does its own work (work dir, copy-up, whiteouts) with the mounter's credentials: mount with the

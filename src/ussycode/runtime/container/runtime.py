@@ -511,7 +511,7 @@ class ContainerRuntime(Runtime):
             await self._teardown(st)
             await asyncio.to_thread(self._disk(vm_id).unlink, missing_ok=True)  # a big sparse file: ~100 ms
             self._sidecar(vm_id).unlink(missing_ok=True)
-            await asyncio.to_thread(shutil.rmtree, self._vm_dir(vm_id), True)
+            await asyncio.to_thread(disks.remove_tree, self._vm_dir(vm_id))
             self._states.pop(vm_id, None)
             self._env.pop(vm_id, None)
         self._locks.pop(vm_id, None)
