@@ -77,8 +77,11 @@ async def one(stream=False, events=2, gap=0.0, hold=None):
     head = await r.readuntil(b"\r\n\r\n")
     first = await r.read(1)
     ttfb = time.perf_counter() - t0
-    if hold is not None:
-        hold.set_result(None) if not hold.done() else None
+    if hold is not None and not hold.done():
+        if b" 200 " in head.split(b"\r\n")[0]:
+            hold.set_result(None)
+        else:
+            hold.set_exception(RuntimeError(head[:100]))
     rest = await r.read()
     total = time.perf_counter() - t0
     w.close()
@@ -102,6 +105,7 @@ asyncio.run(main())
 '''
 
 GATEWAY = ("169.254.169.254", 80, "/gateway/llm/openai/v1")
+HOLDERS, PER_HOLDER = 8, 25
 DIRECT_PORT = 18080
 
 
@@ -144,17 +148,32 @@ def main(n: int) -> dict[str, Any]:
         assert server.proc is not None
         results["rss_idle_kb"] = rss_kb(server.proc.pid)
         results["small_idle"] = vm_run(server, key, "llmb", CLIENT, *gw, "json", "50")["total"]
-        held = subprocess.Popen(server.ssh_argv(key, f"python3 -c {shlex.quote(CLIENT)} " + " ".join(
-            (*gw, "held", "200")), user="llmb"), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        assert held.stdout is not None and held.stdin is not None
-        opened = json.loads(held.stdout.readline())
+        # 200 streams: 25 from each of 8 VMs (a VM may hold 32 metadata requests at once)
+        vms = ["llmb"] + [f"llm{i}" for i in range(1, HOLDERS)]
+        for vm in vms[1:]:
+            made = server.ssh(key, "new", f"--name={vm}")
+            assert made.returncode == 0, made.stderr
+        held = [subprocess.Popen(server.ssh_argv(key, f"python3 -c {shlex.quote(CLIENT)} " + " ".join(
+            (*gw, "held", str(PER_HOLDER))), user=vm), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            for vm in vms]
+        opened = 0
+        for h in held:
+            assert h.stdout is not None
+            opened += json.loads(h.stdout.readline())["open"]
         time.sleep(1)
         results["rss_200_streams_kb"] = rss_kb(server.proc.pid)
-        results["streams_open"] = opened["open"]
-        held.stdin.write("\n")
-        held.stdin.flush()
-        results["small_during_streams"] = json.loads(held.stdout.readline())["small"]
-        held.wait(120)
+        results["streams_open"] = opened
+        first = held[0]
+        assert first.stdin is not None and first.stdout is not None
+        first.stdin.write("\n")
+        first.stdin.flush()
+        results["small_during_streams"] = json.loads(first.stdout.readline())["small"]
+        for h in held:
+            if h.stdin is not None and h is not first:
+                h.stdin.write("\n")
+                h.stdin.flush()
+        for h in held:
+            h.wait(120)
     finally:
         server.cleanup()
         host_upstream.terminate()

@@ -131,6 +131,7 @@ class App:
                                  tokens=TokenService(store, resolve_command=canonical_command))
         self.services.llm = LlmService(store, s, routussy)
         self.services.admin = AdminService(store, users, vms, self.services.tokens, data_dir=str(s.data_dir))
+        self.services.admin.llm = self.services.llm
         # --- HTTPS entry (Caddy, port bridges, routes, sharing, browser sessions) ---------------------------------
         from ussycode.services.routes import HttpsEntry
 
@@ -230,6 +231,8 @@ class App:
             await self.services.mail.close()
         if self.metadata is not None:
             await self.metadata.stop()
+        if self.services is not None and self.services.llm is not None:
+            await self.services.llm.close()  # usage still being written
         if self.gateway is not None:
             try:
                 await self.gateway.close(timeout=10)

@@ -61,9 +61,9 @@ class _Relay(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            await self.upstream.aclose()
             self.meter.finish()
-            await self.on_done(self.meter)
+            self.on_done(self.meter)  # counted now, written in the background: the VM is not kept waiting
+            await self.upstream.aclose()
 
 
 def gateway(services: Services, vm_id_key: str) -> Callable[[Request], Any]:
@@ -117,12 +117,10 @@ def gateway(services: Services, vm_id_key: str) -> Callable[[Request], Any]:
                if k.lower() in RESPONSE_HEADERS or k.lower().startswith(RESPONSE_PREFIXES)}
         out["Connection"] = "close"
 
-        async def done(meter: UsageMeter, grant: Grant = grant) -> None:
+        def done(meter: UsageMeter, grant: Grant = grant) -> None:
             telemetry.LLM_REQUESTS.labels(provider, str(upstream.status_code)).inc()
-            try:
-                await services.llm.record(grant, meter.tokens) if services.llm else None
-            except Exception:
-                log.exception("could not record LLM usage")
+            if services.llm is not None:
+                services.llm.record_later(grant, meter.tokens)
 
         return _Relay(upstream, done, out)
 

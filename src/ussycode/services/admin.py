@@ -27,6 +27,7 @@ import sqlalchemy as sa
 from ussycode.auth.identity import Actor
 from ussycode.auth.policy import Action, can, refusal
 from ussycode.errors import Conflict, Forbidden, NotFound, StateError, UsageError
+from ussycode.services.llm import LlmService
 from ussycode.services.quotas import effective_limits
 from ussycode.services.tokens import TokenService
 from ussycode.services.users import UserService
@@ -98,6 +99,7 @@ class AdminService:
         self.vms = vms
         self.tokens = tokens
         self.data_dir = data_dir
+        self.llm: LlmService | None = None  # set by the app: its cached account reads are dropped on changes
         self._stats: tuple[int, float, dict[str, Any]] | None = None
 
     # --- reads --------------------------------------------------------------------------------------------------
@@ -242,6 +244,8 @@ class AdminService:
     def _forget(self, user: User) -> None:
         if self.tokens is not None:
             self.tokens.forget_user(user.id)
+        if self.llm is not None:
+            self.llm.forget_user(user.id)
 
     async def set_trust(self, actor: Actor, handle: str, tier: str) -> User:
         try:

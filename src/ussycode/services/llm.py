@@ -18,6 +18,7 @@ import datetime as dt
 import logging
 import os
 import secrets
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,9 +40,12 @@ from ussycode.store import vms as vmq
 from ussycode.store.db import Store
 from ussycode.store.schema import iso, utcnow
 from ussycode.store.users import User
+from ussycode.tasks import TaskGroup
 
 log = logging.getLogger(__name__)
 NONCE = 12
+INPUTS_TTL = 2.0
+INPUTS_MAX = 10_000
 ROUTUSSY = "routussy"
 MAX_KEY_LEN = 4096
 PROVIDER_RE_HELP = "a provider name such as openai, anthropic, fireworks (see 'llm usage' for the list)"
@@ -110,8 +114,18 @@ class LlmService:
         self.settings = settings
         self.routussy = routussy
         self.box = KeyBox(load_or_create_data_key(settings.llm_secret_path))
+        # A request's inputs (owner, sealed key, fingerprint) are kept INPUTS_TTL seconds per VM and provider, and
+        # dropped at once when the owner's keys change (set_key, remove_key) or an operator changes the account
+        # (forget_user). Today's tokens per user are counted here as they are recorded (this process is the only
+        # writer), read from the database once per user and day.
+        self._inputs: dict[tuple[str, str], tuple[float, User | None, bytes | None, str]] = {}
+        self._used: dict[tuple[str, dt.date], int] = {}
+        self.tasks = TaskGroup("llm")  # usage writes, after the answer has gone to the VM
         self.limiter = RateLimiter(settings.llm.requests_per_minute, max(10, settings.llm.requests_per_minute // 4),
                                    name="llm")
+
+    def forget_user(self, user_id: str) -> None:
+        self._inputs = {k: v for k, v in self._inputs.items() if v[1] is None or v[1].id != user_id}
 
     def provider(self, name: str) -> LlmProvider:
         if name == ROUTUSSY and self.routussy is not None:
@@ -140,7 +154,10 @@ class LlmService:
             audit.record(c, actor_id=actor.id, source=actor.source, action="llm.key_set", target=provider)
             return replaced
 
-        return await self.store.write(tx)
+        try:
+            return await self.store.write(tx)
+        finally:
+            self.forget_user(actor.id)
 
     async def list_keys(self, actor: Actor) -> list[dict[str, Any]]:
         rows = await self.store.read(lambda c: q.keys_of(c, actor.id))
@@ -154,7 +171,9 @@ class LlmService:
                 audit.record(c, actor_id=actor.id, source=actor.source, action="llm.key_remove", target=provider)
             return gone
 
-        if not await self.store.write(tx):
+        gone = await self.store.write(tx)
+        self.forget_user(actor.id)
+        if not gone:
             raise NotFound(f"you have no key for {provider[:32]!r}; see 'llm-key list'")
 
     # --- the gateway --------------------------------------------------------------------------------------------
@@ -163,22 +182,13 @@ class LlmService:
         upstream = self.provider(provider)
         today = utcnow().date()
 
-        def read(c: Any) -> tuple[User | None, bytes | None, int, str]:
-            vm = vmq.by_id(c, vm_id)
-            owner = userq.by_id(c, vm.owner_id) if vm is not None else None
-            if owner is None:
-                return None, None, 0, ""
-            keys = userq.keys_of(c, owner.id)
-            return (owner, q.sealed_key(c, owner.id, provider), q.tokens_since(c, owner.id, today),
-                    keys[0].fingerprint if keys else "")
-
-        owner, sealed, used, fingerprint = await self.store.read(read)
+        owner, sealed, fingerprint = await self._request_inputs(vm_id, provider)
         if owner is None:
             raise NotFound("this VM no longer exists")
         if owner.suspended:
             raise Suspended(owner.suspend_reason)
         budget = self.settings.llm.budget(str(owner.trust_level))
-        if budget is not None and used >= budget:
+        if budget is not None and await self._used_today(owner.id, today) >= budget:
             reset = next_midnight(utcnow())
             telemetry.RATE_LIMITED.labels("llm_budget").inc()
             raise RateLimited(f"the daily LLM budget of {budget} tokens ({owner.trust_level}) is used up; it resets "
@@ -202,7 +212,53 @@ class LlmService:
             headers = {"x-api-key": key} if upstream.api_format == "anthropic" else {"authorization": f"Bearer {key}"}
         return Grant(owner, provider, upstream, headers, byok)
 
+    async def _request_inputs(self, vm_id: str, provider: str) -> tuple[User | None, bytes | None, str]:
+        now = time.monotonic()
+        hit = self._inputs.get((vm_id, provider))
+        if hit is not None and hit[0] > now:
+            return hit[1], hit[2], hit[3]
+
+        def read(c: Any) -> tuple[User | None, bytes | None, str]:
+            vm = vmq.by_id(c, vm_id)
+            owner = userq.by_id(c, vm.owner_id) if vm is not None else None
+            if owner is None:
+                return None, None, ""
+            keys = userq.keys_of(c, owner.id)
+            return owner, q.sealed_key(c, owner.id, provider), keys[0].fingerprint if keys else ""
+
+        found = await self.store.read(read)
+        if len(self._inputs) > INPUTS_MAX:
+            self._inputs.clear()
+        self._inputs[(vm_id, provider)] = (now + INPUTS_TTL, *found)
+        return found
+
+    async def _used_today(self, user_id: str, today: dt.date) -> int:
+        used = self._used.get((user_id, today))
+        if used is None:
+            used = await self.store.read(lambda c: q.tokens_since(c, user_id, today))
+            if len(self._used) > INPUTS_MAX:
+                self._used = {k: v for k, v in self._used.items() if k[1] == today}
+            self._used[(user_id, today)] = max(used, self._used.get((user_id, today), 0))
+        return self._used[(user_id, today)]
+
+    def record_later(self, grant: Grant, tokens: Tokens) -> None:
+        """Count the tokens now (budgets see them at once) and write them without holding up the answer."""
+        key = (grant.owner.id, utcnow().date())
+        if key in self._used:
+            self._used[key] += tokens.total
+        self.tasks.spawn(self._write_usage(grant, tokens), "usage")
+
+    async def close(self) -> None:
+        await self.tasks.drain(10.0)
+        await self.tasks.close()
+
     async def record(self, grant: Grant, tokens: Tokens) -> None:
+        key = (grant.owner.id, utcnow().date())
+        if key in self._used:
+            self._used[key] += tokens.total
+        await self._write_usage(grant, tokens)
+
+    async def _write_usage(self, grant: Grant, tokens: Tokens) -> None:
         now = utcnow()
 
         def tx(c: Any) -> None:
@@ -216,6 +272,7 @@ class LlmService:
 
     # --- usage --------------------------------------------------------------------------------------------------
     async def usage(self, actor: Actor) -> dict[str, Any]:
+        await self.tasks.drain(5.0)  # usage of answers that just ended is being written: include it
         now = utcnow()
         month_start = now.date().replace(day=1)
         rows = await self.store.read(lambda c: q.usage_rows(c, actor.id, month_start))
