@@ -16,6 +16,7 @@ from ussycode.config import Settings, load_settings
 # Flags of `serve`, named like the settings they set (CONTRACT §2).
 SERVE_FLAGS = ("data_dir", "images_dir", "domain", "ssh_addr", "https_addr", "http_addr", "admin_addr",
                "smtp_addr", "runtime", "tls", "acme_email", "caddy_admin", "database_url", "default_image",
+               "default_agent",
                "log_level", "log_format", "registration", "registrations_per_address", "registrations_per_hour",
                "smtp_relay", "smtp_relay_user", "smtp_relay_password", "mail_from", "mail_per_hour",
                "mail_unread_limit", "llm_secret_file", "routussy_url", "routussy_key", "trusted_cidrs")

@@ -139,6 +139,8 @@ class Settings(BaseSettings):
     caddy_admin: str = Field("", description="Use this existing Caddy admin API instead of starting one.")
     database_url: str = Field("", description="SQLAlchemy URL; default SQLite at <data-dir>/ussycode.db.")
     default_image: str = Field("ussyuntu", description="Image used by `new` when --image is not given.")
+    default_agent: str = Field("pi", pattern=r"^(pi|opencode|none)$",
+                               description="The AI agent an interactive VM login starts: pi, opencode or none.")
     log_level: str = Field("INFO", description="Log level: DEBUG, INFO, WARNING, ERROR.")
     log_format: LogFormat = Field(LogFormat.TEXT, description="Logs as text lines or one JSON object per line.")
     rate_per_minute: int = Field(120, description="Commands per minute per user (SSH one-shot and API).")

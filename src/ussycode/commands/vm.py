@@ -12,6 +12,8 @@ from ussycode.errors import UsageError
 from ussycode.services.vms import DEFAULT_CPU, DEFAULT_DISK_GB, DEFAULT_MEMORY_MB, parse_env
 from ussycode.store.vms import Vm
 
+AGENTS = ("pi", "opencode", "none")
+
 
 def _json_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -63,12 +65,15 @@ def _new_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory", type=int, default=DEFAULT_MEMORY_MB, help="memory in MB")
     p.add_argument("--disk", type=int, default=DEFAULT_DISK_GB, help="disk in GB")
     p.add_argument("--env", action="append", default=[], metavar="K=V", help="environment variable (repeatable)")
+    p.add_argument("--agent", choices=AGENTS, default=None,
+                   help="the AI agent an interactive login starts (default: the server's --default-agent)")
     _json_flag(p)
 
 
 @command("new", "create and start a VM", group="vm", args=_new_args)
 async def new(ctx: CommandContext, a: argparse.Namespace) -> int:
     env = parse_env(a.env)
+    env["USSYCODE_AGENT"] = a.agent or ctx.services.settings.default_agent
 
     async def progress(msg: str) -> None:
         if not a.json:

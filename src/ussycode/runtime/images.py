@@ -97,8 +97,8 @@ def guest_files() -> list[Path]:
 
     ``vm-*`` files go into the VM runtimes' initramfs, never into an image, so they do not change image digests.
     """
-    return sorted(p for p in GUEST_DIR.iterdir()
-                  if p.is_file() and not p.name.startswith((".", "vm-")))
+    return sorted(p for p in GUEST_DIR.rglob("*")
+                  if p.is_file() and not p.name.startswith((".", "vm-")) and "__pycache__" not in p.parts)
 
 
 def recipe_digest(recipe: Recipe, files: list[Path] | None = None) -> str:
@@ -106,7 +106,8 @@ def recipe_digest(recipe: Recipe, files: list[Path] | None = None) -> str:
     h = hashlib.sha256()
     h.update(json.dumps(recipe.as_json(), sort_keys=True).encode())
     for path in files if files is not None else guest_files():
-        h.update(b"\0" + path.name.encode() + b"\0")
+        name = str(path.relative_to(GUEST_DIR)) if path.is_relative_to(GUEST_DIR) else path.name
+        h.update(b"\0" + name.encode() + b"\0")
         h.update(path.read_bytes())
     return h.hexdigest()
 

@@ -14,6 +14,7 @@ from ussycode.runtime.images import (
     RECIPES,
     ImageStore,
     Recipe,
+    guest_files,
     image_dirname,
     mmdebstrap_argv,
     recipe_digest,
@@ -30,7 +31,8 @@ def test_full_image_has_the_promised_packages() -> None:
 
 def test_digest_covers_recipe_and_guest_files(tmp_path: Path) -> None:
     recipe = RECIPES["ussyuntu-mini"]
-    files = sorted(GUEST_DIR.iterdir())
+    files = guest_files()
+    assert GUEST_DIR / "agents" / "pi-models.json" in files  # files in subdirectories count too
     base = recipe_digest(recipe, files)
     assert base == recipe_digest(recipe, files)
     assert base != recipe_digest(Recipe(recipe.name, recipe.packages + ("jq",), slim=True), files)
@@ -38,6 +40,11 @@ def test_digest_covers_recipe_and_guest_files(tmp_path: Path) -> None:
     changed.write_bytes(files[0].read_bytes() + b"\n# changed\n")
     assert base != recipe_digest(recipe, [changed, *files[1:]])
     assert image_dirname("x", base) == f"x-{base[:12]}"
+    # the same file name in another directory is another file
+    moved = tmp_path / "agents"
+    moved.mkdir()
+    (moved / "setup.sh").write_bytes((GUEST_DIR / "setup.sh").read_bytes())
+    assert recipe_digest(recipe, files) != recipe_digest(recipe, [*files, moved / "setup.sh"])
 
 
 def test_mmdebstrap_argv() -> None:

@@ -27,3 +27,21 @@ printf '#!/bin/sh\nexit 101\n' > "$ROOT/usr/sbin/policy-rc.d"
 chmod 0755 "$ROOT/usr/sbin/policy-rc.d"
 # What an agent (or a person) working in the VM should know about it.
 install -D -m 0644 -o 1000 -g 1000 "$GUEST/AGENTS.md" "$ROOT/home/ussycode/AGENTS.md"
+
+# AI agents (the full image only: it has npm). Pinned: Node 22 from the npm registry (Debian's 18 is too old for
+# pi), pi and opencode; configured for the LLM gateway on the metadata address, so no key is ever in the VM.
+if [ -x "$ROOT/usr/bin/npm" ]; then
+    NODE_VERSION=22.12.0
+    PI_VERSION=0.73.1
+    OPENCODE_VERSION=1.18.33
+    chroot "$ROOT" npm install --global --no-fund --no-audit --loglevel=error "node@$NODE_VERSION"
+    chroot "$ROOT" env PATH=/usr/local/bin:/usr/bin:/bin npm install --global --no-fund --no-audit \
+        --loglevel=error "@mariozechner/pi-coding-agent@$PI_VERSION" "opencode-ai@$OPENCODE_VERSION"
+    chroot "$ROOT" env PATH=/usr/local/bin:/usr/bin:/bin pi --version
+    chroot "$ROOT" env PATH=/usr/local/bin:/usr/bin:/bin opencode --version
+    install -D -m 0644 -o 1000 -g 1000 "$GUEST/agents/pi-models.json" "$ROOT/home/ussycode/.pi/agent/models.json"
+    install -D -m 0644 -o 1000 -g 1000 "$GUEST/agents/pi-settings.json" "$ROOT/home/ussycode/.pi/agent/settings.json"
+    install -D -m 0644 -o 1000 -g 1000 "$GUEST/agents/opencode.json" "$ROOT/home/ussycode/.config/opencode/opencode.json"
+    chown 1000:1000 "$ROOT/home/ussycode/.pi" "$ROOT/home/ussycode/.config"
+    install -D -m 0644 "$GUEST/agents/agent-login.sh" "$ROOT/etc/profile.d/zz-ussycode-agent.sh"
+fi
