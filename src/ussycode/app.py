@@ -24,6 +24,7 @@ from ussycode.config import Settings, parse_addr
 from ussycode.metadata.server import MetadataService
 from ussycode.runtime.base import Runtime
 from ussycode.services.admin import AdminService
+from ussycode.services.agents import AgentService
 from ussycode.services.container import Services
 from ussycode.services.events import EventBus
 from ussycode.services.llm import LlmService
@@ -130,6 +131,7 @@ class App:
                                  limiter=RateLimiter(s.rate_per_minute, s.rate_burst),
                                  tokens=TokenService(store, resolve_command=canonical_command))
         self.services.llm = LlmService(store, s, routussy)
+        self.services.agents = AgentService(store, runtime)
         self.services.admin = AdminService(store, users, vms, self.services.tokens, data_dir=str(s.data_dir))
         self.services.admin.llm = self.services.llm
         # --- HTTPS entry (Caddy, port bridges, routes, sharing, browser sessions) ---------------------------------

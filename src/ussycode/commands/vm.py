@@ -9,6 +9,7 @@ from ussycode.commands.context import CommandContext
 from ussycode.commands.output import table, vm_json
 from ussycode.commands.registry import command
 from ussycode.errors import UsageError
+from ussycode.services.agents import validate_command, validate_prompt
 from ussycode.services.vms import DEFAULT_CPU, DEFAULT_DISK_GB, DEFAULT_MEMORY_MB, parse_env
 from ussycode.store.vms import Vm
 
@@ -31,8 +32,10 @@ def _ls_args(p: argparse.ArgumentParser) -> None:
 @command("ls", "list your VMs", group="vm", args=_ls_args)
 async def ls(ctx: CommandContext, a: argparse.Namespace) -> int:
     vms = await ctx.services.vms.list(ctx.actor)
+    agents = await ctx.services.agents.states([v.id for v in vms]) if ctx.services.agents else {}
     if a.json:
-        ctx.out.json([vm_json(ctx.services, v) for v in vms])
+        ctx.out.json([{**vm_json(ctx.services, v), **({"agent": agents[v.id]} if v.id in agents else {})}
+                      for v in vms])
         return 0
     if not vms:
         ctx.out.print("no VMs yet. create one with: new")
@@ -67,13 +70,21 @@ def _new_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--env", action="append", default=[], metavar="K=V", help="environment variable (repeatable)")
     p.add_argument("--agent", choices=AGENTS, default=None,
                    help="the AI agent an interactive login starts (default: the server's --default-agent)")
+    p.add_argument("--prompt", default=None, help="after boot, the agent works on this unattended "
+                                                  "(~/.ussycode/agent.log; ls shows its state)")
+    p.add_argument("--command", default=None, help="a shell command run once after the first boot, as the VM's "
+                                                   "user (~/.ussycode/command.log)")
     _json_flag(p)
 
 
 @command("new", "create and start a VM", group="vm", args=_new_args)
 async def new(ctx: CommandContext, a: argparse.Namespace) -> int:
     env = parse_env(a.env)
-    env["USSYCODE_AGENT"] = a.agent or ctx.services.settings.default_agent
+    agent = a.agent or ctx.services.settings.default_agent
+    env["USSYCODE_AGENT"] = agent
+    prompt, command_line = validate_prompt(a.prompt), validate_command(a.command)
+    if prompt and agent == "none":
+        raise UsageError("--prompt needs an agent: use --agent=pi or --agent=opencode")
 
     async def progress(msg: str) -> None:
         if not a.json:
@@ -81,8 +92,13 @@ async def new(ctx: CommandContext, a: argparse.Namespace) -> int:
 
     vm = await ctx.services.vms.create(ctx.actor, name=a.name, image=a.image, cpu=a.cpu, memory_mb=a.memory,
                                        disk_gb=a.disk, env=env, progress=progress)
+    extra: dict[str, object] = {}
+    if (prompt or command_line) and ctx.services.agents is not None:
+        await ctx.services.agents.launch(vm.id, agent, prompt=prompt, command=command_line)
+        if prompt:
+            extra["agent"] = {"name": agent, "state": "running"}
     if a.json:
-        ctx.out.json(vm_json(ctx.services, vm))
+        ctx.out.json({**vm_json(ctx.services, vm), **extra})
     else:
         _print_ready(ctx, vm.name, vm.image)
     return 0

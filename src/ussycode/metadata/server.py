@@ -116,6 +116,21 @@ def build_metadata_app(services: Services) -> Starlette:
         text = "".join(f"{k}={v}\n" for k, v in sorted(values.items()))
         return PlainTextResponse(text, headers=CLOSE)
 
+    async def agent_state(request: Request) -> Response:
+        """The VM's agent run (``new --prompt``) ended: ``{"state": "done"|"failed"}``."""
+        if services.agents is None:
+            return _json(503, {"error": "not available", "code": 503})
+        body = await request.body()
+        try:
+            state = json.loads(body[:1024]).get("state") if len(body) <= 1024 else None
+        except (ValueError, AttributeError):
+            state = None
+        if state not in ("done", "failed"):
+            return _json(400, {"error": 'expected {"state": "done"} or {"state": "failed"}', "code": 400})
+        if not await services.agents.report(request.scope[VM_ID], state):
+            return _json(404, {"error": "no agent run to report on in this VM", "code": 404})
+        return _json(200, {"state": state})
+
     async def hostname(request: Request) -> Response:
         vm = await services.vms.by_id(request.scope[VM_ID])
         if vm is None:
@@ -163,6 +178,7 @@ def build_metadata_app(services: Services) -> Starlette:
     routes.append(Route("/hostname", hostname, methods=methods))
     routes.append(Route("/gateway/email/send", send_email, methods=["POST"]))
     routes.append(Route("/env", env, methods=methods))
+    routes.append(Route("/agent/state", agent_state, methods=["POST"]))
     routes.append(Route("/gateway/llm/{provider}/{path:path}", gateway(services, VM_ID),
                         methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]))
     return Starlette(routes=routes, exception_handlers={HTTPException: http_error})

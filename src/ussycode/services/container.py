@@ -15,6 +15,7 @@ from ussycode.store.db import Store
 
 if TYPE_CHECKING:
     from ussycode.services.admin import AdminService
+    from ussycode.services.agents import AgentService
     from ussycode.services.llm import LlmService
     from ussycode.services.mail import MailService
     from ussycode.services.outbox import Outbox
@@ -43,3 +44,5 @@ class Services:
     admin: AdminService | None = None
     # The LLM gateway's keys, budgets and usage.
     llm: LlmService | None = None
+    # `new --prompt` / `--command` runs and the agents' states.
+    agents: AgentService | None = None

@@ -230,3 +230,14 @@ llm_usage = sa.Table(
     sa.Column("requests", sa.Integer, nullable=False, server_default="0"),
     sa.Index("ix_llm_usage_day", "day"),
 )
+
+# --- Agents started by `new --prompt` (migration 0008) -----------------------------------------------------------
+
+vm_agents = sa.Table(
+    "vm_agents",
+    metadata,
+    sa.Column("vm_id", sa.String(32), sa.ForeignKey("vms.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("name", sa.String(16), nullable=False),  # pi, opencode
+    sa.Column("state", sa.String(16), nullable=False),  # running, done, failed
+    sa.Column("updated_at", sa.DateTime, nullable=False),
+)

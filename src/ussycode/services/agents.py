@@ -1,0 +1,120 @@
+"""What ``new --command`` and ``new --prompt`` start in a fresh VM, and the agent's state.
+
+Both run once, after the first boot, as the VM's user, detached from the command that made the VM (``new`` returns
+as soon as the VM accepts SSH): ``--command`` through ``sh -c`` with its output in ``~/.ussycode/command.log``;
+``--prompt`` as the VM's agent working unattended (``pi -p <prompt>`` or ``opencode run <prompt>``) with its output
+in ``~/.ussycode/agent.log``. The prompt and the command reach the VM as arguments, never inside a shell string.
+When the agent ends, the VM reports ``done`` or ``failed`` to the metadata service (``POST /agent/state``); the
+server records it, and ``ls`` shows ``agent: {name, state}``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import sqlalchemy as sa
+
+from ussycode.errors import RuntimeFailure, UsageError
+from ussycode.runtime.base import Runtime
+from ussycode.store.db import Store
+from ussycode.store.schema import utcnow, vm_agents
+from ussycode.validate import printable_text
+
+log = logging.getLogger(__name__)
+MAX_PROMPT = 16_000
+MAX_COMMAND = 8_000
+STATES = ("running", "done", "failed")
+
+# The agent's unattended run: $1 agent, $2 prompt. Reports how it ended to the metadata service.
+AGENT_JOB = r'''
+agent="$1"; prompt="$2"; cd "$HOME"
+export PATH="/usr/local/bin:$PATH"
+if ! command -v "$agent" >/dev/null 2>&1; then
+    echo "$agent is not installed in this image" >&2; rc=127
+else
+    case "$agent" in
+        opencode) opencode run "$prompt"; rc=$? ;;
+        *) "$agent" -p "$prompt"; rc=$? ;;
+    esac
+fi
+if [ "$rc" = 0 ]; then body='{"state": "done"}'; else body='{"state": "failed"}'; fi
+echo "agent exited with status $rc"
+report='import sys, urllib.request as u
+req = u.Request("http://169.254.169.254/agent/state", data=sys.argv[1].encode(),
+                headers={"Content-Type": "application/json"})
+u.urlopen(req, timeout=30)'
+python3 -c "$report" "$body" \
+    || curl -s -X POST -H 'Content-Type: application/json' -d "$body" http://169.254.169.254/agent/state
+'''
+
+# $1 agent, $2 prompt ("" for none), $3 command ("" for none), $4 the agent job above
+RUNNER = r'''
+mkdir -p "$HOME/.ussycode"
+if [ -n "$3" ]; then
+    setsid nohup sh -c "$3" > "$HOME/.ussycode/command.log" 2>&1 < /dev/null &
+fi
+if [ -n "$2" ]; then
+    setsid nohup sh -c "$4" ussycode-agent "$1" "$2" > "$HOME/.ussycode/agent.log" 2>&1 < /dev/null &
+fi
+'''
+
+
+def validate_prompt(text: str | None) -> str:
+    if not text:
+        return ""
+    return printable_text(text, "prompt", max_len=MAX_PROMPT, allow_empty=False)
+
+
+def validate_command(text: str | None) -> str:
+    if not text:
+        return ""
+    return printable_text(text, "command", max_len=MAX_COMMAND, allow_empty=False)
+
+
+class AgentService:
+    def __init__(self, store: Store, runtime: Runtime) -> None:
+        self.store = store
+        self.runtime = runtime
+
+    async def launch(self, vm_id: str, agent: str, *, prompt: str = "", command: str = "") -> None:
+        """Start the command and the agent's prompt in the VM (both detached); record the agent as running."""
+        if not prompt and not command:
+            return
+        if prompt and agent == "none":
+            raise UsageError("--prompt needs an agent: use --agent=pi or --agent=opencode")
+        if prompt:
+            now = utcnow()
+
+            def tx(c: sa.Connection) -> None:
+                c.execute(vm_agents.delete().where(vm_agents.c.vm_id == vm_id))
+                c.execute(vm_agents.insert().values(vm_id=vm_id, name=agent, state="running", updated_at=now))
+
+            await self.store.write(tx)
+        result = await self.runtime.exec(vm_id, ["sh", "-c", RUNNER, "ussycode-run", agent, prompt, command,
+                                                   AGENT_JOB],
+                                         timeout=30)
+        if result.exit_status != 0:
+            raise RuntimeFailure("could not start the command or the agent in the VM",
+                                 evidence=(result.stdout + result.stderr)[-1000:].decode(errors="replace"))
+
+    async def report(self, vm_id: str, state: str) -> bool:
+        """The VM says how its agent ended; False when it has no agent run to report on."""
+        if state not in ("done", "failed"):
+            raise UsageError("state must be 'done' or 'failed'")
+
+        def tx(c: sa.Connection) -> bool:
+            return bool(c.execute(vm_agents.update().where(vm_agents.c.vm_id == vm_id)
+                                  .values(state=state, updated_at=utcnow())).rowcount)
+
+        return await self.store.write(tx)
+
+    async def states(self, vm_ids: list[str]) -> dict[str, dict[str, Any]]:
+        if not vm_ids:
+            return {}
+
+        def read(c: sa.Connection) -> dict[str, dict[str, Any]]:
+            rows = c.execute(sa.select(vm_agents).where(vm_agents.c.vm_id.in_(vm_ids)))
+            return {r.vm_id: {"name": r.name, "state": r.state} for r in rows}
+
+        return await self.store.read(read)
