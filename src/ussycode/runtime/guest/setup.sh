@@ -34,14 +34,26 @@ if [ -x "$ROOT/usr/bin/npm" ]; then
     NODE_VERSION=22.12.0
     PI_VERSION=0.73.1
     OPENCODE_VERSION=1.18.33
-    chroot "$ROOT" npm install --global --no-fund --no-audit --loglevel=error "node@$NODE_VERSION"
-    chroot "$ROOT" env PATH=/usr/local/bin:/usr/bin:/bin npm install --global --no-fund --no-audit \
+    # The download trusts what the host trusts (a site CA of a proxy in front of the registry, say) and uses the
+    # host's registry setting; neither stays in the image.
+    NPM_ENV="PATH=/usr/local/bin:/usr/bin:/bin"
+    if [ -s /etc/ssl/certs/ca-certificates.crt ]; then
+        cp /etc/ssl/certs/ca-certificates.crt "$ROOT/tmp/ussycode-build-ca.crt"
+        NPM_ENV="$NPM_ENV npm_config_cafile=/tmp/ussycode-build-ca.crt"
+    fi
+    [ -z "${NPM_CONFIG_REGISTRY:-}" ] || NPM_ENV="$NPM_ENV npm_config_registry=$NPM_CONFIG_REGISTRY"
+    # shellcheck disable=SC2086
+    chroot "$ROOT" env $NPM_ENV npm install --global --no-fund --no-audit --loglevel=error "node@$NODE_VERSION"
+    # shellcheck disable=SC2086
+    chroot "$ROOT" env $NPM_ENV npm install --global --no-fund --no-audit \
         --loglevel=error "@mariozechner/pi-coding-agent@$PI_VERSION" "opencode-ai@$OPENCODE_VERSION"
+    rm -f "$ROOT/tmp/ussycode-build-ca.crt"
+    rm -rf "$ROOT/root/.npm"
     chroot "$ROOT" env PATH=/usr/local/bin:/usr/bin:/bin pi --version
     chroot "$ROOT" env PATH=/usr/local/bin:/usr/bin:/bin opencode --version
     install -D -m 0644 -o 1000 -g 1000 "$GUEST/agents/pi-models.json" "$ROOT/home/ussycode/.pi/agent/models.json"
     install -D -m 0644 -o 1000 -g 1000 "$GUEST/agents/pi-settings.json" "$ROOT/home/ussycode/.pi/agent/settings.json"
     install -D -m 0644 -o 1000 -g 1000 "$GUEST/agents/opencode.json" "$ROOT/home/ussycode/.config/opencode/opencode.json"
-    chown 1000:1000 "$ROOT/home/ussycode/.pi" "$ROOT/home/ussycode/.config"
+    chown -R 1000:1000 "$ROOT/home/ussycode/.pi" "$ROOT/home/ussycode/.config"
     install -D -m 0644 "$GUEST/agents/agent-login.sh" "$ROOT/etc/profile.d/zz-ussycode-agent.sh"
 fi
