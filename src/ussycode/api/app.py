@@ -15,6 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ussycode import __version__, telemetry
 from ussycode.api import web
+from ussycode.api.docs import docs_routes
 from ussycode.api.exec import exec_routes
 from ussycode.api.openapi import openapi_routes
 from ussycode.services.container import Services
@@ -74,6 +75,7 @@ class Observed:
 def build_app(services: Services, extra_routes: list[BaseRoute] | None = None) -> Starlette:
     routes: list[BaseRoute] = [Route("/health", health, methods=["GET"]), *exec_routes(), *openapi_routes()]
     routes += web.routes()  # forward-auth, sign-in, logout, landing page, TLS ask (api/web.py)
+    routes += docs_routes()  # the built-in docs as HTML
     routes += extra_routes or []
     app = Starlette(routes=routes, middleware=[Middleware(Observed)])
     app.state.services = services

@@ -66,6 +66,8 @@ class CommandContext:
     attach: Attach | None = None
     # A secret from the person without echo (interactive), or the first line of stdin (ssh host cmd < file).
     read_secret: SecretReader | None = None
+    # The person's terminal width (None: not a terminal, or not known).
+    width: int | None = None
 
     async def secret(self, question: str) -> str | None:
         """A secret the person types (not echoed) or pipes on stdin; ``None`` when there is no way to get one."""

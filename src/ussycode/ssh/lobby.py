@@ -217,8 +217,9 @@ class Lobby:
                 return None
             return str(line)[:8192].rstrip("\r\n") if line else None
 
+        width = process.get_terminal_size()[0] if process.term_type else None
         ctx = CommandContext(actor=self._actor(), services=self.services, out=out, interactive=interactive,
-                             prompt=prompt, attach=attach, read_secret=read_secret)
+                             prompt=prompt, attach=attach, read_secret=read_secret, width=width or None)
         telemetry.request_id.set(telemetry.new_request_id())  # this command's log lines share it
         try:
             argv = await split_async(line)
