@@ -32,6 +32,7 @@ from ussycode.services.operations import Operation
 from ussycode.services.ratelimit import RateLimiter
 from ussycode.services.registration import RegistrationGate
 from ussycode.services.routussy import Routussy
+from ussycode.services.templates import TemplateCatalog
 from ussycode.services.tokens import TokenService
 from ussycode.services.users import UserService
 from ussycode.services.vms import VmService
@@ -132,6 +133,7 @@ class App:
                                  tokens=TokenService(store, resolve_command=canonical_command))
         self.services.llm = LlmService(store, s, routussy)
         self.services.agents = AgentService(store, runtime)
+        self.services.templates = TemplateCatalog(s.data_dir)
         self.services.admin = AdminService(store, users, vms, self.services.tokens, data_dir=str(s.data_dir))
         self.services.admin.llm = self.services.llm
         # --- HTTPS entry (Caddy, port bridges, routes, sharing, browser sessions) ---------------------------------

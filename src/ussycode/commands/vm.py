@@ -7,7 +7,7 @@ import shlex
 
 from ussycode.commands.context import CommandContext
 from ussycode.commands.output import table, vm_json
-from ussycode.commands.registry import command
+from ussycode.commands.registry import _Parser, command
 from ussycode.errors import UsageError
 from ussycode.services.agents import validate_command, validate_prompt
 from ussycode.services.vms import DEFAULT_CPU, DEFAULT_DISK_GB, DEFAULT_MEMORY_MB, parse_env
@@ -33,9 +33,10 @@ def _ls_args(p: argparse.ArgumentParser) -> None:
 async def ls(ctx: CommandContext, a: argparse.Namespace) -> int:
     vms = await ctx.services.vms.list(ctx.actor)
     agents = await ctx.services.agents.states([v.id for v in vms]) if ctx.services.agents else {}
+    setups = await ctx.services.agents.setups([v.id for v in vms]) if ctx.services.agents else {}
     if a.json:
-        ctx.out.json([{**vm_json(ctx.services, v), **({"agent": agents[v.id]} if v.id in agents else {})}
-                      for v in vms])
+        ctx.out.json([{**vm_json(ctx.services, v), **({"agent": agents[v.id]} if v.id in agents else {}),
+                       **({"setup": setups[v.id]} if v.id in setups else {})} for v in vms])
         return 0
     if not vms:
         ctx.out.print("no VMs yet. create one with: new")
@@ -52,6 +53,12 @@ async def ls(ctx: CommandContext, a: argparse.Namespace) -> int:
                  ",".join(v.tags)] for v in vms]
         ctx.out.print(table(rows, ["name", "status", "image", "cpu", "mem", "disk", "url", "mail", "tags"]))
         for v in vms:
+            if v.id in setups:
+                ctx.out.print(f"{v.name}: template {setups[v.id]['template']}, setup {setups[v.id]['state']} "
+                              "(~/.ussycode/setup.log)")
+            if v.id in agents:
+                ctx.out.print(f"{v.name}: agent {agents[v.id]['name']} {agents[v.id]['state']} "
+                              "(~/.ussycode/agent.log)")
             notice = states.get(v.id, (False, None))[1]
             if notice:
                 ctx.out.print(f"{v.name}: {notice} (read them, then: share receive-email {v.name} on)")
@@ -64,9 +71,10 @@ async def ls(ctx: CommandContext, a: argparse.Namespace) -> int:
 def _new_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", help="VM name (default: a random adjective-noun)")
     p.add_argument("--image", help="image (default: the server's default image)")
-    p.add_argument("--cpu", type=int, default=DEFAULT_CPU, help="vCPUs")
-    p.add_argument("--memory", type=int, default=DEFAULT_MEMORY_MB, help="memory in MB")
-    p.add_argument("--disk", type=int, default=DEFAULT_DISK_GB, help="disk in GB")
+    p.add_argument("--cpu", type=int, default=None, help=f"vCPUs (default {DEFAULT_CPU})")
+    p.add_argument("--memory", type=int, default=None, help=f"memory in MB (default {DEFAULT_MEMORY_MB})")
+    p.add_argument("--disk", type=int, default=None, help=f"disk in GB (default {DEFAULT_DISK_GB})")
+    p.add_argument("--template", default=None, help="start from a template (see 'template list')")
     p.add_argument("--env", action="append", default=[], metavar="K=V", help="environment variable (repeatable)")
     p.add_argument("--agent", choices=AGENTS, default=None,
                    help="the AI agent an interactive login starts (default: the server's --default-agent)")
@@ -79,10 +87,15 @@ def _new_args(p: argparse.ArgumentParser) -> None:
 
 @command("new", "create and start a VM", group="vm", args=_new_args)
 async def new(ctx: CommandContext, a: argparse.Namespace) -> int:
-    env = parse_env(a.env)
-    agent = a.agent or ctx.services.settings.default_agent
+    tmpl = ctx.services.templates.get(a.template) if a.template and ctx.services.templates else None
+    if a.template and tmpl is None:
+        raise UsageError("templates are not available on this server")
+    spec = tmpl.spec if tmpl else None
+    env = {**(spec.env if spec else {}), **parse_env(a.env)}
+    agent = a.agent or (spec.agent if spec else None) or ctx.services.settings.default_agent
     env["USSYCODE_AGENT"] = agent
-    prompt, command_line = validate_prompt(a.prompt), validate_command(a.command)
+    prompt = validate_prompt(a.prompt or (spec.prompt if spec else None))
+    command_line = validate_command(a.command)
     if prompt and agent == "none":
         raise UsageError("--prompt needs an agent: use --agent=pi or --agent=opencode")
 
@@ -90,13 +103,28 @@ async def new(ctx: CommandContext, a: argparse.Namespace) -> int:
         if not a.json:
             ctx.out.print(f"  {msg}…")
 
-    vm = await ctx.services.vms.create(ctx.actor, name=a.name, image=a.image, cpu=a.cpu, memory_mb=a.memory,
-                                       disk_gb=a.disk, env=env, progress=progress)
+    def pick(flag: int | None, key: str, default: int) -> int:
+        value = getattr(spec, key) if spec else None
+        return flag if flag is not None else value if value is not None else default
+
+    vm = await ctx.services.vms.create(ctx.actor, name=a.name, image=a.image or (spec.image if spec else None),
+                                       cpu=pick(a.cpu, "cpu", DEFAULT_CPU),
+                                       memory_mb=pick(a.memory, "memory_mb", DEFAULT_MEMORY_MB),
+                                       disk_gb=pick(a.disk, "disk_gb", DEFAULT_DISK_GB), env=env, progress=progress)
     extra: dict[str, object] = {}
-    if (prompt or command_line) and ctx.services.agents is not None:
-        await ctx.services.agents.launch(vm.id, agent, prompt=prompt, command=command_line)
+    setup = tmpl.setup if tmpl else ""
+    if (prompt or command_line or setup) and ctx.services.agents is not None:
+        if setup:
+            await progress(f"running the {tmpl.name} template's setup" if tmpl else "setting up")
+        await ctx.services.agents.launch(vm.id, agent, prompt=prompt, command=command_line, setup=setup,
+                                         template=tmpl.name if tmpl else "")
         if prompt:
             extra["agent"] = {"name": agent, "state": "running"}
+        if setup:
+            extra["setup"] = (await ctx.services.agents.setups([vm.id])).get(vm.id)
+    if spec and spec.public_ports and ctx.services.shares is not None:
+        for port in spec.public_ports:
+            await ctx.services.shares.set_public(ctx.actor, vm.name, True, port)
     if a.json:
         ctx.out.json({**vm_json(ctx.services, vm), **extra})
     else:
@@ -225,3 +253,22 @@ def guest_command(argv: list[str]) -> str | None:
     if len(argv) == 1:
         return argv[0]
     return shlex.join(argv)
+
+
+def _template_args(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="sub", required=True, parser_class=_Parser, metavar="{list}")
+    lst = sub.add_parser("list", add_help=False, help="the templates 'new --template=<name>' can start from")
+    lst.add_argument("--json", action="store_true")
+
+
+@command("template", "VM templates: template list [--json]; new --template=<name>", group="vm", args=_template_args)
+async def template(ctx: CommandContext, a: argparse.Namespace) -> int:
+    if ctx.services.templates is None:
+        raise UsageError("templates are not available on this server")
+    found = ctx.services.templates.all()
+    if a.json:
+        ctx.out.json([t.as_json() for t in found])
+        return 0
+    ctx.out.print(table([[t.name, t.spec.image or "(default)", t.spec.description] for t in found],
+                        ["name", "image", "description"]))
+    return 0

@@ -122,12 +122,15 @@ def build_metadata_app(services: Services) -> Starlette:
             return _json(503, {"error": "not available", "code": 503})
         body = await request.body()
         try:
-            state = json.loads(body[:1024]).get("state") if len(body) <= 1024 else None
-        except (ValueError, AttributeError):
-            state = None
-        if state not in ("done", "failed"):
-            return _json(400, {"error": 'expected {"state": "done"} or {"state": "failed"}', "code": 400})
-        if not await services.agents.report(request.scope[VM_ID], state):
+            doc = json.loads(body) if len(body) <= 1024 else {}
+        except ValueError:
+            doc = {}
+        if not isinstance(doc, dict):
+            doc = {}
+        state, run = doc.get("state"), doc.get("run", "agent")
+        if state not in ("done", "failed") or run not in ("agent", "setup"):
+            return _json(400, {"error": 'expected {"state": "done"|"failed"[, "run": "setup"]}', "code": 400})
+        if not await services.agents.report(request.scope[VM_ID], state, run):
             return _json(404, {"error": "no agent run to report on in this VM", "code": 404})
         return _json(200, {"state": state})
 

@@ -71,6 +71,7 @@ RECIPES: dict[str, Recipe] = {
         + (
             "git", "python3-venv", "python3-pip", "nodejs", "npm", "build-essential", "tmux", "vim", "nano",
             "htop", "jq", "sqlite3", "less", "locales", "man-db", "unzip", "wget", "openssh-client",
+            "python3-starlette", "python3-uvicorn",  # the python-web template's stack, no network needed
         ),
     ),
     # Small image for tests and CI: what the guest contract needs, nothing else.

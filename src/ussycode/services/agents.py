@@ -18,13 +18,14 @@ import sqlalchemy as sa
 from ussycode.errors import RuntimeFailure, UsageError
 from ussycode.runtime.base import Runtime
 from ussycode.store.db import Store
-from ussycode.store.schema import utcnow, vm_agents
+from ussycode.store.schema import utcnow, vm_agents, vm_setups
 from ussycode.validate import printable_text
 
 log = logging.getLogger(__name__)
 MAX_PROMPT = 16_000
 MAX_COMMAND = 8_000
 STATES = ("running", "done", "failed")
+SETUP_TIMEOUT = 600.0  # a template's setup.sh (it runs before `new` returns its JSON)
 
 # The agent's unattended run: $1 agent, $2 prompt. Reports how it ended to the metadata service.
 AGENT_JOB = r'''
@@ -48,9 +49,27 @@ python3 -c "$report" "$body" \
     || curl -s -X POST -H 'Content-Type: application/json' -d "$body" http://169.254.169.254/agent/state
 '''
 
-# $1 agent, $2 prompt ("" for none), $3 command ("" for none), $4 the agent job above
+# A template's setup.sh: $1 the script. Reports how it ended, like the agent job.
+SETUP_JOB = r'''
+cd "$HOME"
+sh -c "$1" ussycode-setup; rc=$?
+if [ "$rc" = 0 ]; then body='{"state": "done", "run": "setup"}'; else body='{"state": "failed", "run": "setup"}'; fi
+echo "setup exited with status $rc"
+report='import sys, urllib.request as u
+req = u.Request("http://169.254.169.254/agent/state", data=sys.argv[1].encode(),
+                headers={"Content-Type": "application/json"})
+u.urlopen(req, timeout=30)'
+python3 -c "$report" "$body" \
+    || curl -s -X POST -H 'Content-Type: application/json' -d "$body" http://169.254.169.254/agent/state
+'''
+
+# $1 agent, $2 prompt ("" for none), $3 command ("" for none), $4 the agent job above, $5 setup.sh ("" for none),
+# $6 the setup job above. The setup runs first and the prompt after it (the agent finds the template's files).
 RUNNER = r'''
 mkdir -p "$HOME/.ussycode"
+if [ -n "$5" ]; then
+    sh -c "$6" ussycode-setup-job "$5" > "$HOME/.ussycode/setup.log" 2>&1 < /dev/null
+fi
 if [ -n "$3" ]; then
     setsid nohup sh -c "$3" > "$HOME/.ussycode/command.log" 2>&1 < /dev/null &
 fi
@@ -77,10 +96,22 @@ class AgentService:
         self.store = store
         self.runtime = runtime
 
-    async def launch(self, vm_id: str, agent: str, *, prompt: str = "", command: str = "") -> None:
-        """Start the command and the agent's prompt in the VM (both detached); record the agent as running."""
-        if not prompt and not command:
+    async def launch(self, vm_id: str, agent: str, *, prompt: str = "", command: str = "", setup: str = "",
+                     template: str = "") -> None:
+        """Start the template's setup, the command and the agent's prompt in the VM (detached); record the runs.
+
+        The setup is waited for (its servers detach themselves) so a prompt's agent finds what it made."""
+        if not prompt and not command and not setup:
             return
+        if setup:
+            now = utcnow()
+
+            def record_setup(c: sa.Connection) -> None:
+                c.execute(vm_setups.delete().where(vm_setups.c.vm_id == vm_id))
+                c.execute(vm_setups.insert().values(vm_id=vm_id, template=template, state="running",
+                                                    updated_at=now))
+
+            await self.store.write(record_setup)
         if prompt and agent == "none":
             raise UsageError("--prompt needs an agent: use --agent=pi or --agent=opencode")
         if prompt:
@@ -92,22 +123,32 @@ class AgentService:
 
             await self.store.write(tx)
         result = await self.runtime.exec(vm_id, ["sh", "-c", RUNNER, "ussycode-run", agent, prompt, command,
-                                                   AGENT_JOB],
-                                         timeout=30)
+                                                   AGENT_JOB, setup, SETUP_JOB], timeout=SETUP_TIMEOUT)
         if result.exit_status != 0:
             raise RuntimeFailure("could not start the command or the agent in the VM",
                                  evidence=(result.stdout + result.stderr)[-1000:].decode(errors="replace"))
 
-    async def report(self, vm_id: str, state: str) -> bool:
-        """The VM says how its agent ended; False when it has no agent run to report on."""
+    async def report(self, vm_id: str, state: str, run: str = "agent") -> bool:
+        """The VM says how its agent (or its template's setup) ended; False when there is no such run."""
         if state not in ("done", "failed"):
             raise UsageError("state must be 'done' or 'failed'")
+        table = vm_setups if run == "setup" else vm_agents
 
         def tx(c: sa.Connection) -> bool:
-            return bool(c.execute(vm_agents.update().where(vm_agents.c.vm_id == vm_id)
+            return bool(c.execute(table.update().where(table.c.vm_id == vm_id, table.c.state == "running")
                                   .values(state=state, updated_at=utcnow())).rowcount)
 
         return await self.store.write(tx)
+
+    async def setups(self, vm_ids: list[str]) -> dict[str, dict[str, Any]]:
+        if not vm_ids:
+            return {}
+
+        def read(c: sa.Connection) -> dict[str, dict[str, Any]]:
+            rows = c.execute(sa.select(vm_setups).where(vm_setups.c.vm_id.in_(vm_ids)))
+            return {r.vm_id: {"template": r.template, "state": r.state} for r in rows}
+
+        return await self.store.read(read)
 
     async def states(self, vm_ids: list[str]) -> dict[str, dict[str, Any]]:
         if not vm_ids:

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from ussycode.services.routes import RouteService
     from ussycode.services.sessions import SessionService
     from ussycode.services.shares import ShareService
+    from ussycode.services.templates import TemplateCatalog
 
 
 @dataclass
@@ -46,3 +47,4 @@ class Services:
     llm: LlmService | None = None
     # `new --prompt` / `--command` runs and the agents' states.
     agents: AgentService | None = None
+    templates: TemplateCatalog | None = None

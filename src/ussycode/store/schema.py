@@ -241,3 +241,13 @@ vm_agents = sa.Table(
     sa.Column("state", sa.String(16), nullable=False),  # running, done, failed
     sa.Column("updated_at", sa.DateTime, nullable=False),
 )
+
+vm_setups = sa.Table(
+    "vm_setups",
+    metadata,
+    # A template's setup.sh, run once after the first boot (migration 0009).
+    sa.Column("vm_id", sa.String(32), sa.ForeignKey("vms.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("template", sa.String(32), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),  # running, done, failed
+    sa.Column("updated_at", sa.DateTime, nullable=False),
+)

@@ -1,0 +1,9 @@
+#!/bin/sh
+set -eu
+mkdir -p "$HOME/site"
+[ -e "$HOME/site/index.html" ] || cat > "$HOME/site/index.html" <<'HTML'
+<!doctype html><html><head><meta charset="utf-8"><title>static-site</title></head>
+<body><h1>Hello from static-site</h1><p>Put your files in ~/site.</p></body></html>
+HTML
+cd "$HOME/site" && setsid nohup python3 -m http.server 8080 --bind 0.0.0.0 > "$HOME/.ussycode/site.log" 2>&1 < /dev/null &
+echo "static-site is serving ~/site on port 8080"
