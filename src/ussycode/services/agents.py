@@ -49,10 +49,10 @@ python3 -c "$report" "$body" \
     || curl -s -X POST -H 'Content-Type: application/json' -d "$body" http://169.254.169.254/agent/state
 '''
 
-# A template's setup.sh: $1 the script. Reports how it ended, like the agent job.
+# A template's setup.sh, saved in ~/.ussycode/setup.sh. Reports how it ended, like the agent job.
 SETUP_JOB = r'''
 cd "$HOME"
-sh -c "$1" ussycode-setup; rc=$?
+sh "$HOME/.ussycode/setup.sh"; rc=$?
 if [ "$rc" = 0 ]; then body='{"state": "done", "run": "setup"}'; else body='{"state": "failed", "run": "setup"}'; fi
 echo "setup exited with status $rc"
 report='import sys, urllib.request as u
@@ -63,12 +63,15 @@ python3 -c "$report" "$body" \
     || curl -s -X POST -H 'Content-Type: application/json' -d "$body" http://169.254.169.254/agent/state
 '''
 
-# $1 agent, $2 prompt ("" for none), $3 command ("" for none), $4 the agent job above, $5 setup.sh ("" for none),
-# $6 the setup job above. The setup runs first and the prompt after it (the agent finds the template's files).
+# $1 agent, $2 prompt ("" for none), $3 command ("" for none), $4 the agent job above, $5 "setup" when stdin is a
+# template's setup.sh, $6 the setup job above. The setup runs first and the prompt after it (the agent finds the
+# template's files). The script comes on stdin, not in an argument: no process's command line holds it (a
+# `pkill -f` in it would otherwise kill the very shell running it).
 RUNNER = r'''
 mkdir -p "$HOME/.ussycode"
-if [ -n "$5" ]; then
-    sh -c "$6" ussycode-setup-job "$5" > "$HOME/.ussycode/setup.log" 2>&1 < /dev/null
+if [ "$5" = setup ]; then
+    cat > "$HOME/.ussycode/setup.sh"
+    sh -c "$6" ussycode-setup-job > "$HOME/.ussycode/setup.log" 2>&1 < /dev/null
 fi
 if [ -n "$3" ]; then
     setsid nohup sh -c "$3" > "$HOME/.ussycode/command.log" 2>&1 < /dev/null &
@@ -123,7 +126,8 @@ class AgentService:
 
             await self.store.write(tx)
         result = await self.runtime.exec(vm_id, ["sh", "-c", RUNNER, "ussycode-run", agent, prompt, command,
-                                                   AGENT_JOB, setup, SETUP_JOB], timeout=SETUP_TIMEOUT)
+                                                   AGENT_JOB, "setup" if setup else "", SETUP_JOB],
+                                         stdin=setup.encode(), timeout=SETUP_TIMEOUT)
         if result.exit_status != 0:
             raise RuntimeFailure("could not start the command or the agent in the VM",
                                  evidence=(result.stdout + result.stderr)[-1000:].decode(errors="replace"))

@@ -11,8 +11,10 @@ http.createServer((req, res) => {
 JS
 cat > "$HOME/app/restart" <<'SH'
 #!/bin/sh
-pkill -f "node server.js" 2>/dev/null || true
-cd "$HOME/app" && setsid nohup node server.js > "$HOME/app/server.log" 2>&1 < /dev/null &
+[ -f "$HOME/app/server.pid" ] && kill "$(cat "$HOME/app/server.pid")" 2>/dev/null || true
+cd "$HOME/app" || exit 1
+setsid nohup node server.js > "$HOME/app/server.log" 2>&1 < /dev/null &
+echo $! > "$HOME/app/server.pid"
 SH
 chmod +x "$HOME/app/restart"
 "$HOME/app/restart"

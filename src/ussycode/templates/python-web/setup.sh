@@ -21,8 +21,10 @@ app = Starlette(routes=[Route("/", home), Route("/health", health)])
 PY
 cat > "$HOME/app/restart" <<'SH'
 #!/bin/sh
-pkill -f "uvicorn app:app" 2>/dev/null || true
-cd "$HOME/app" && setsid nohup python3 -m uvicorn app:app --host 0.0.0.0 --port 8080 > "$HOME/app/server.log" 2>&1 < /dev/null &
+[ -f "$HOME/app/server.pid" ] && kill "$(cat "$HOME/app/server.pid")" 2>/dev/null || true
+cd "$HOME/app" || exit 1
+setsid nohup python3 -m uvicorn app:app --host 0.0.0.0 --port 8080 > "$HOME/app/server.log" 2>&1 < /dev/null &
+echo $! > "$HOME/app/server.pid"
 SH
 chmod +x "$HOME/app/restart"
 "$HOME/app/restart"
