@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from ussycode.commands.context import CommandContext
 from ussycode.commands.output import table
 from ussycode.commands.registry import _Parser, command
-from ussycode.errors import NotFound
+from ussycode.errors import NotFound, UssyError
 from ussycode.services.quotas import effective_limits
+from ussycode.services.tutorial import Tutorial
 from ussycode.store.schema import iso
 
 
@@ -25,7 +27,7 @@ async def whoami(ctx: CommandContext, a: argparse.Namespace) -> int:
     address, verified = (user.email, bool(user.email))
     if ctx.services.outbox is not None:
         address, verified = await ctx.services.outbox.address(user.id)
-    data = {
+    data: dict[str, Any] = {
         "handle": user.handle,
         "email": address,
         "email_verified": verified,
@@ -35,6 +37,12 @@ async def whoami(ctx: CommandContext, a: argparse.Namespace) -> int:
         "quota": effective_limits(user).as_json(),
         "created_at": iso(user.created_at),
     }
+    try:
+        guide = Tutorial(ctx.services)
+        done = sum(1 for o in (await guide.outcomes(ctx.actor)).values() if o == "done")
+        data["tutorial"] = {"done": done, "lessons": len(guide.lessons)}
+    except UssyError:  # an operator's broken lesson file must not break whoami
+        pass
     if a.json:
         ctx.out.json(data)
         return 0
@@ -50,6 +58,8 @@ async def whoami(ctx: CommandContext, a: argparse.Namespace) -> int:
     ctx.out.print(f"VMs:          {count} of {lim(q.vms)}")
     ctx.out.print(f"per VM:       {lim(q.cpu)} vCPU, {lim(q.memory_mb, ' MB')} memory, {lim(q.disk_gb, ' GB')} disk")
     ctx.out.print(f"member since: {iso(user.created_at)}")
+    if "tutorial" in data:
+        ctx.out.print(f"tutorial:     {data['tutorial']['done']} of {data['tutorial']['lessons']} lessons done")
     for k in keys:
         ctx.out.print(f"key:          {k.fingerprint} {k.comment}".rstrip())
     return 0

@@ -251,3 +251,13 @@ vm_setups = sa.Table(
     sa.Column("state", sa.String(16), nullable=False),  # running, done, failed
     sa.Column("updated_at", sa.DateTime, nullable=False),
 )
+
+tutorial_lessons = sa.Table(
+    "tutorial_lessons",
+    metadata,
+    # A lesson of the tutorial a user finished (its check passed) or skipped (migration 0010).
+    sa.Column("user_id", sa.String(32), sa.ForeignKey("users.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("lesson", sa.Integer, primary_key=True),
+    sa.Column("outcome", sa.String(8), nullable=False),  # done, skipped
+    sa.Column("at", sa.DateTime, nullable=False),
+)

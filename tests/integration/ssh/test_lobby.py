@@ -26,7 +26,8 @@ async def test_register_then_whoami(server) -> None:
     assert r.exit_status == 0, r
     me = json.loads(r.stdout)
     assert set(me) == {"handle", "trust_level", "fingerprints", "vm_count", "quota", "created_at", "email",
-                       "email_verified"}
+                       "email_verified", "tutorial"}
+    assert me["tutorial"] == {"done": 0, "lessons": 10}
     assert me["handle"] == "demo" and me["trust_level"] == "admin" and me["vm_count"] == 0
     assert me["fingerprints"][0].startswith("SHA256:")
     assert set(me["quota"]) == {"vms", "cpu", "memory_mb", "disk_gb"}
