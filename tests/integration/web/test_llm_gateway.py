@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import shlex
 from typing import Any
 
 import pytest
@@ -41,6 +42,24 @@ try:
         print(r.status); print(r.headers.get("content-type")); sys.stdout.write(r.read().decode())
 except urllib.error.HTTPError as e:
     print(e.code); print(e.headers.get("content-type")); sys.stdout.write(e.read().decode())
+'''
+
+
+# Inside the VM: N requests at once (threads), printing each status.
+BURST = r'''
+import json, sys, urllib.request, urllib.error
+from concurrent.futures import ThreadPoolExecutor
+body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
+def one(_):
+    req = urllib.request.Request("http://169.254.169.254/gateway/llm/openai/v1/chat/completions", data=body,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+with ThreadPoolExecutor(int(sys.argv[1])) as pool:
+    print("\n".join(str(s) for s in pool.map(one, range(int(sys.argv[1])))))
 '''
 
 
@@ -98,7 +117,7 @@ async def test_the_gateway_from_real_vms(web_factory, needs_vms: None, caplog: p
     llm = {"providers": {"openai": {"base_url": f"http://127.0.0.1:{port}"},
                          "anthropic": {"base_url": f"http://127.0.0.1:{port}"},
                          "vllm": {"base_url": f"http://127.0.0.1:{dead}"}},
-           "budgets": {"newbie": 80}}
+           "budgets": {"newbie": 980}, "requests_per_minute": 6000}
     try:
         web = await web_factory(llm=llm)
         await web.server.register("root1")
@@ -122,6 +141,17 @@ async def test_the_gateway_from_real_vms(web_factory, needs_vms: None, caplog: p
         auths = sorted(s["headers"].get("authorization") for s in upstream.seen)
         assert auths == ["Bearer sk-alice-0001aaaa"] * 3 + ["Bearer sk-bob-0002bbbb"] * 3
         assert not any("x-api-key" in s["headers"] or "x-forwarded-for" in s["headers"] for s in upstream.seen)
+        # 100 requests at once, 25 from each of four VMs of two users (a VM may hold 32 metadata requests at
+        # once): every one reaches the upstream with its own owner's key
+        for owner, vm in ((alice, "avm2"), (bob, "bvm2")):
+            assert (await web.server.ssh(owner, "new", f"--name={vm}")).exit_status == 0
+        before = len(upstream.seen)
+        bursts = await asyncio.gather(*(web.server.ssh(k, "python3 -c " + shlex.quote(BURST) + " 25", user=v)
+                                        for k, v in ((alice, "avm"), (alice, "avm2"), (bob, "bvm"),
+                                                     (bob, "bvm2"))))
+        assert all(b.exit_status == 0 and b.stdout.split() == ["200"] * 25 for b in bursts), bursts
+        burst_auths = [x["headers"].get("authorization") for x in upstream.seen[before:]]
+        assert sorted(burst_auths) == ["Bearer sk-alice-0001aaaa"] * 50 + ["Bearer sk-bob-0002bbbb"] * 50
         # a stream passes through, and the gateway asked the upstream to report its usage
         status, text = await in_vm(web, alice, "avm", "openai", "v1/chat/completions", {**chat, "stream": True})
         assert status == 200 and '"hel"' in text and '"lo"' in text and "[DONE]" in text
@@ -133,13 +163,13 @@ async def test_the_gateway_from_real_vms(web_factory, needs_vms: None, caplog: p
         assert upstream.seen[-1]["headers"]["anthropic-version"] == "2023-06-01"
         assert "authorization" not in upstream.seen[-1]["headers"]
 
-        # usage as the upstream reported it: 3 x 18 + 21 (stream) + 8 (anthropic)
+        # usage as the upstream reported it: 53 x 18 + 21 (stream) + 8 (anthropic)
         usage = json.loads((await web.server.ssh(alice, "llm", "usage", "--json")).stdout)
-        assert usage["day"]["tokens"] == 3 * 18 + 21 + 8 and usage["day"]["requests"] == 5
-        assert usage["day"]["budget"] == 80 and usage["providers"]["openai"]["tokens"] == 75
+        assert usage["day"]["tokens"] == 53 * 18 + 21 + 8 and usage["day"]["requests"] == 55
+        assert usage["day"]["budget"] == 980 and usage["providers"]["openai"]["tokens"] == 975
         assert usage["providers"]["anthropic"] == {"tokens": 8, "requests": 1, "input_tokens": 5,
                                                    "output_tokens": 3}
-        # over the newbie budget (80): refused before the upstream is called, with the reset time
+        # over the newbie budget (980): refused before the upstream is called, with the reset time
         before = len(upstream.seen)
         status, text = await in_vm(web, alice, "avm", "openai", "v1/chat/completions", chat)
         assert status == 429 and "budget" in json.loads(text)["error"] and "resets at" in json.loads(text)["error"]
@@ -164,11 +194,11 @@ async def test_the_gateway_from_real_vms(web_factory, needs_vms: None, caplog: p
             await services.sessions.create_login_token(Actor(root, "ssh")), "localhost")
         async with browser_client(headers={"Cookie": f"ussy_session={redeemed[0]}"}) as c:
             page = (await c.get(web.url("localhost", "/admin/llm"))).text
-            assert 'alice</a></td><td>openai</td><td>4</td><td>45</td><td>30</td><td>75</td>' in page, page
+            assert 'alice</a></td><td>openai</td><td>54</td><td>595</td><td>380</td><td>975</td>' in page, page
             assert 'alice</a></td><td>anthropic</td><td>1</td><td>5</td><td>3</td><td>8</td>' in page
-            assert 'bob</a></td><td>openai</td><td>3</td><td>33</td><td>21</td><td>54</td>' in page
+            assert 'bob</a></td><td>openai</td><td>53</td><td>583</td><td>371</td><td>954</td>' in page
             dash = (await c.get(web.url("localhost", "/admin/"))).text
-            assert '<b id="llm-today">137</b>' in dash
+            assert '<b id="llm-today">1937</b>' in dash
         # removing the key: the next request is refused
         assert (await web.server.ssh(bob, "llm-key", "rm", "openai")).exit_status == 0
         status, _ = await in_vm(web, bob, "bvm", "openai", "v1/chat/completions", chat)
