@@ -142,6 +142,25 @@ async def test_admin_panel_in_chromium(web_factory) -> None:
         assert {"admin.set_trust", "admin.suspend", "admin.unsuspend", "admin.quota"} <= {r["action"] for r in rows}
         assert all(r["actor"] == "root1" for r in rows)
 
+        # every VM action: bob's VM stopped, started, its console, removed after typing its name; his token revoked
+        assert (await web.server.ssh(bob, "new", "--name=bobbox", timeout=180)).exit_status == 0
+        token = json.loads((await web.server.ssh(bob, "token", "create", "--json")).stdout)
+        await a.goto(f"{apex}/admin/vms/bobbox")
+        assert "bobbox: stop done (stopped)" in await submit(a, "#stop")
+        assert json.loads((await web.server.ssh(bob, "ls", "--json")).stdout)[0]["status"] == "stopped"
+        assert "bobbox: start done (running)" in await submit(a, "#start")
+        assert (await a.inner_text("#console")).strip()  # the boot's console tail
+        await a.fill("#confirm-rm", "wrong-name")
+        assert "type the VM's name" in await submit(a, "#rm")
+        await a.fill("#confirm-rm", "bobbox")
+        assert "bobbox was removed" in await submit(a, "#rm")
+        assert json.loads((await web.server.ssh(bob, "ls", "--json")).stdout) == []
+        await a.goto(f"{apex}/admin/tokens")
+        assert token["id"] in await a.inner_text("#tokens")
+        assert "revoked" in await submit(a, f"form[action='/admin/tokens/{token['id']}/revoke'] button")
+        r = await web.server.ssh(bob, "token", "list", "--json")
+        assert json.loads(r.stdout)[0]["status"] == "revoked"
+
     async with chromium() as browser, fresh_page(browser.browser) as c:
         # the operator signs in; granting admin is refused, bob stays citizen
         await c.goto(await login_url(web, carol))
@@ -161,6 +180,17 @@ async def test_admin_panel_in_chromium(web_factory) -> None:
         response = await b.goto(f"{apex}/admin/")
         assert response is not None and response.status == 403
         assert "Operators only" in await b.inner_text("body")
+
+    async with chromium() as browser, fresh_page(browser.browser) as a:
+        # deleting an account takes its typed handle; then it cannot log in
+        await a.goto(await login_url(web, root))
+        await a.goto(f"{apex}/admin/users/carol")
+        await a.fill("#confirm-delete", "carl")
+        assert "type the handle" in await submit(a, "#delete")
+        await a.fill("#confirm-delete", "carol")
+        assert "carol was deleted" in await submit(a, "#delete")
+        r = await web.server.ssh(carol, "whoami")
+        assert r.exit_status == 1 and "unregistered key" in r.stderr
 
 
 async def test_panel_pages_on_a_large_instance(server_factory, tmp_path_factory, test_image: object) -> None:

@@ -158,20 +158,21 @@ def action(fn: Action_) -> Callable[[Request], Awaitable[Response]]:
                 fields = {k: str(v)[:1000] for k, v in form.items()}
         except _Denied as denied:
             return denied.response
-        back = _back(request)
         try:
             message = await fn(request, actor, fields)
-            return RedirectResponse(f"{back}?{urlencode({'ok': message})}", 303, headers=HEADERS)
+            return RedirectResponse(f"{_back(request)}?{urlencode({'ok': message})}", 303, headers=HEADERS)
         except UssyError as exc:
-            return RedirectResponse(f"{back}?{urlencode({'error': exc.user_message})}", 303, headers=HEADERS)
+            return RedirectResponse(f"{_back(request, ok=False)}?{urlencode({'error': exc.user_message})}", 303,
+                                    headers=HEADERS)
 
     return endpoint
 
 
-def _back(request: Request) -> str:
-    """Where an action returns: the object's page, or its list when the object is gone (or is a token)."""
+def _back(request: Request, ok: bool = True) -> str:
+    """Where an action returns: the object's page, or its list when the object is gone (or is a token). A refused
+    removal goes back to the object's page, where the form is."""
     parts = request.url.path.strip("/").split("/")  # admin, users, <handle>, trust
-    if parts[1] == "tokens" or parts[-1] in ("delete", "rm"):
+    if parts[1] == "tokens" or (ok and parts[-1] in ("delete", "rm")):
         return f"/{parts[0]}/{parts[1]}"
     return "/" + "/".join(parts[:-1])
 
