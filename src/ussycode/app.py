@@ -25,6 +25,7 @@ from ussycode.metadata.server import MetadataService
 from ussycode.runtime.base import Runtime
 from ussycode.services.admin import AdminService
 from ussycode.services.agents import AgentService
+from ussycode.services.arena import Arena
 from ussycode.services.container import Services
 from ussycode.services.events import EventBus
 from ussycode.services.llm import LlmService
@@ -134,6 +135,7 @@ class App:
         self.services.llm = LlmService(store, s, routussy)
         self.services.agents = AgentService(store, runtime)
         self.services.templates = TemplateCatalog(s.data_dir)
+        self.services.arena = Arena(self.services)
         self.services.admin = AdminService(store, users, vms, self.services.tokens, data_dir=str(s.data_dir))
         self.services.admin.llm = self.services.llm
         # --- HTTPS entry (Caddy, port bridges, routes, sharing, browser sessions) ---------------------------------
@@ -163,6 +165,8 @@ class App:
         # holds the event loop for the time it takes to walk every object).
         gc.freeze()
         self.tasks.spawn(vms.watch(), "vm-watch")
+        if self.services.arena is not None:
+            await self.services.arena.resume()
 
     async def _start_mail(self) -> None:
         """Inbound SMTP and the outbox. A port that cannot be bound is logged: SSH and HTTPS keep running."""
@@ -237,6 +241,8 @@ class App:
             await self.metadata.stop()
         if self.services is not None and self.services.llm is not None:
             await self.services.llm.close()  # usage still being written
+        if self.services is not None and self.services.arena is not None:
+            await self.services.arena.tasks.close()  # deadlines: a running match is scored after a restart
         if self.gateway is not None:
             try:
                 await self.gateway.close(timeout=10)

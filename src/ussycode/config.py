@@ -173,6 +173,8 @@ class Settings(BaseSettings):
                                               "show in ps).")
     trusted_cidrs: str = Field("", description="Comma-separated address ranges whose new keys register without "
                                                "asking Routussy.")
+    community_links: dict[str, str] = Field(default_factory=dict,
+                                            description="TOML [community_links]: name = URL, shown by `community`.")
     llm: LlmSettings = Field(default_factory=lambda: LlmSettings.model_validate({}),
                              description="TOML [llm]: providers, budgets.")
     mail_unread_limit: int = Field(

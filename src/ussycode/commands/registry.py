@@ -128,7 +128,20 @@ def render_error(exc: BaseException) -> tuple[str, int]:
 
 def load_all() -> None:
     """Import every command module so that they register (idempotent)."""
-    from ussycode.commands import account, admin, doc, email, help, llm, share, token, tutorial, vm  # noqa: F401
+    from ussycode.commands import (  # noqa: F401
+        account,
+        admin,
+        arena,
+        community,
+        doc,
+        email,
+        help,
+        llm,
+        share,
+        token,
+        tutorial,
+        vm,
+    )
 
 
 async def dispatch(ctx: CommandContext, argv: list[str]) -> int:

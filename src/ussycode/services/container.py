@@ -16,6 +16,7 @@ from ussycode.store.db import Store
 if TYPE_CHECKING:
     from ussycode.services.admin import AdminService
     from ussycode.services.agents import AgentService
+    from ussycode.services.arena import Arena
     from ussycode.services.llm import LlmService
     from ussycode.services.mail import MailService
     from ussycode.services.outbox import Outbox
@@ -48,3 +49,4 @@ class Services:
     # `new --prompt` / `--command` runs and the agents' states.
     agents: AgentService | None = None
     templates: TemplateCatalog | None = None
+    arena: Arena | None = None

@@ -45,6 +45,7 @@ from ussycode.types import RESERVED_NAMES, VM_NAME_RE, VmSpec, VmStatus, check_t
 from ussycode.validate import printable_text
 
 log = logging.getLogger(__name__)
+ARENA_TAG = "arena"  # a match's VM: outside its owner's VM quota
 
 ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 TAG_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,39}$")
@@ -167,7 +168,8 @@ class VmService:
     async def create(self, actor: Actor, *, name: str | None = None, image: str | None = None,
                      cpu: int = DEFAULT_CPU, memory_mb: int = DEFAULT_MEMORY_MB, disk_gb: int = DEFAULT_DISK_GB,
                      env: dict[str, str] | None = None, progress: Callable[[str], Awaitable[None]] | None = None,
-                     source_vm: Vm | None = None) -> Vm:
+                     source_vm: Vm | None = None, arena: bool = False) -> Vm:
+        """``arena``: a match's VM, tagged ``arena`` and counted outside the owner's VM quota."""
         if actor.vm_scope:
             raise Forbidden("this token is scoped to one VM and cannot create VMs")
         if source_vm is not None:
@@ -185,13 +187,14 @@ class VmService:
 
         async def work() -> Vm:
             vm = await self.store.write(self._insert_tx(actor, vm_id, name, image, cpu, memory_mb, disk_gb,
-                                                        env or {}, None))
+                                                        env or {}, None, arena=arena))
             return await self._build(actor, vm, progress, None)
 
         return await self.ops.run({vm_id: Pending.CREATING}, work, label=f"create {name}")
 
     def _insert_tx(self, actor: Actor, vm_id: str, name: str, image: str, cpu: int, memory_mb: int,
-                   disk_gb: int, env: dict[str, str], source: Vm | None) -> Callable[[sa.Connection], Vm]:
+                   disk_gb: int, env: dict[str, str], source: Vm | None,
+                   arena: bool = False) -> Callable[[sa.Connection], Vm]:
         def tx(c: sa.Connection) -> Vm:
             user = userq.by_id(c, actor.id)
             if user is None:
@@ -199,11 +202,13 @@ class VmService:
             if user.suspended:
                 raise Suspended(user.suspend_reason)
             quotas.check_size(user, cpu, memory_mb, disk_gb)
-            quotas.check_count(user, q.count_of_owner(c, actor.id))
+            if not arena:
+                quotas.check_count(user, q.count_of_owner(c, actor.id))
             if q.by_name(c, name) is not None:
                 raise Conflict(f"the name {name!r} is taken; pick another")
             q.insert(c, id=vm_id, name=name, owner_id=actor.id, image=image, cpu=cpu, memory_mb=memory_mb,
-                     disk_gb=disk_gb, env=env, runtime=self.runtime.name, tags=source.tags if source else (),
+                     disk_gb=disk_gb, env=env, runtime=self.runtime.name,
+                     tags=(source.tags if source else ()) + ((ARENA_TAG,) if arena else ()),
                      id_base=idmap.first_free_base(q.id_bases(c)))
             audit.record(c, actor_id=actor.id, source=actor.source, action="vm.cp" if source else "vm.create",
                          target=name, image=image, cpu=cpu, memory_mb=memory_mb, disk_gb=disk_gb,

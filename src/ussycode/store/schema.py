@@ -261,3 +261,41 @@ tutorial_lessons = sa.Table(
     sa.Column("outcome", sa.String(8), nullable=False),  # done, skipped
     sa.Column("at", sa.DateTime, nullable=False),
 )
+
+# --- Arena (migration 0011) ----------------------------------------------------------------------------------------
+
+arena_matches = sa.Table(
+    "arena_matches",
+    metadata,
+    sa.Column("id", sa.String(16), primary_key=True),
+    sa.Column("scenario", sa.String(32), nullable=False),
+    sa.Column("creator_id", sa.String(32), sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("seats", sa.Integer, nullable=False),
+    # open -> running -> scoring -> done | no_contest (also: cancelled, when everyone left before it started)
+    sa.Column("state", sa.String(16), nullable=False, index=True),
+    sa.Column("created_at", sa.DateTime, nullable=False),
+    sa.Column("started_at", sa.DateTime, nullable=True),
+    sa.Column("deadline", sa.DateTime, nullable=True),
+    sa.Column("ended_at", sa.DateTime, nullable=True),
+    sa.Column("note", sa.String(300), nullable=False, server_default=""),
+)
+
+arena_players = sa.Table(
+    "arena_players",
+    metadata,
+    sa.Column("match_id", sa.String(16), sa.ForeignKey("arena_matches.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("user_id", sa.String(32), sa.ForeignKey("users.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("joined_at", sa.DateTime, nullable=False),
+    sa.Column("submitted_at", sa.DateTime, nullable=True),
+    sa.Column("score", sa.Float, nullable=True),
+    sa.Column("rating_before", sa.Float, nullable=True),
+    sa.Column("rating_after", sa.Float, nullable=True),
+)
+
+arena_ratings = sa.Table(
+    "arena_ratings",
+    metadata,
+    sa.Column("user_id", sa.String(32), sa.ForeignKey("users.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("rating", sa.Float, nullable=False),
+    sa.Column("matches", sa.Integer, nullable=False, server_default="0"),
+)

@@ -73,7 +73,10 @@ def insert(conn: sa.Connection, *, id: str, name: str, owner_id: str, image: str
 
 
 _BY_NAME = sa.select(vms).where(vms.c.name == sa.bindparam("name"))
-_COUNT_OF_OWNER = sa.select(sa.func.count()).select_from(vms).where(vms.c.owner_id == sa.bindparam("owner_id"))
+# VMs that count against the owner's quota: an arena match's VMs (tag ``arena``) do not.
+_COUNT_OF_OWNER = sa.select(sa.func.count()).select_from(vms).where(
+    vms.c.owner_id == sa.bindparam("owner_id"),
+    ~sa.exists().where(vm_tags.c.vm_id == vms.c.id, vm_tags.c.tag == "arena"))
 
 
 def by_name(conn: sa.Connection, name: str) -> Vm | None:
