@@ -24,6 +24,13 @@ if [ -z "${USSYCODE_TEST_PG_URL:-}" ] && [ "$(id -u)" -eq 0 ] && command -v pg_l
   fi
 fi
 
+# The full image (toolchains, pi and opencode) for the tests that need it: a few minutes once, cached afterwards.
+images="${USSYCODE_TEST_IMAGES_DIR:-/var/tmp/ussycode-test-images}"
+echo "== full image"
+if ! ussycode image build --name ussyuntu --if-missing --images-dir "$images" --data-dir "$images/.build-data"; then
+  echo "the full image could not be built here: the tests that need it skip and say so"
+fi
+
 echo "== pytest"
 pytest "$@"
 rc=$?

@@ -74,3 +74,89 @@ async def test_web_templates_in_the_full_image(web, needs_vms: None) -> None:
         async with browser_client() as c:
             page = await c.get(web.url(f"{vm}.localhost"))
             assert page.status_code == 200 and words in page.text, (name, page.status_code, page.text[:200])
+
+
+async def test_agents_and_lessons_in_the_full_image(web_factory, needs_vms: None) -> None:
+    """In the full image: `new --prompt` runs the real pi through the gateway to a local provider (the owner's key,
+    never the VM's), `agent-playground` does the same from its template, and tutorial lessons 6 (git) and 8 (the
+    agent) turn done on that real state."""
+    import asyncio
+
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import Response, StreamingResponse
+    from starlette.routing import Route
+
+    from ussycode.tasks import TaskGroup
+
+    from .conftest import free_port
+
+    seen: list[str] = []
+
+    async def chat(request: Request) -> Response:
+        body = json.loads(await request.body())
+        seen.append(request.headers.get("authorization", ""))
+        chunk = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": body.get("model"),
+                 "choices": [{"index": 0, "delta": {"role": "assistant", "content": "Hello from the provider."},
+                              "finish_reason": None}]}
+        done = {**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+        usage = {**chunk, "choices": [], "usage": {"prompt_tokens": 20, "completion_tokens": 5}}
+
+        async def events():  # type: ignore[no-untyped-def]
+            for part in (chunk, done, usage):
+                yield f"data: {json.dumps(part)}\n\n".encode()
+            yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    port = free_port()
+    tasks = TaskGroup("provider")
+    provider = uvicorn.Server(uvicorn.Config(Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])]),
+                                             host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
+    serving = tasks.spawn(provider.serve(), "provider")
+    while not provider.started:
+        await asyncio.sleep(0.01)
+    try:
+        web = await web_factory(llm={"providers": {"openai": {"base_url": f"http://127.0.0.1:{port}"}}})
+        try:
+            ImageStore(web.server.app.settings.images_path).resolve("ussyuntu")
+        except Exception:  # noqa: BLE001 - only where the full image is built
+            pytest.skip("the full image is not built here (ussycode image build --name ussyuntu)")
+        s = web.server
+        key = await s.register("kim")
+        assert (await s.ssh(key, "llm-key", "set", "openai", stdin=b"sk-kim-owner-0001\n")).exit_status == 0
+        r = await s.ssh(key, "new", "--name=kim-tut", "--image=ussyuntu", "--memory=1024",
+                        "--prompt='say hello'", "--json", timeout=300)
+        assert r.exit_status == 0, r
+
+        async def agent_state(vm: str) -> str:
+            listing = json.loads((await s.ssh(key, "ls", "--json")).stdout)
+            return next(v for v in listing if v["name"] == vm).get("agent", {}).get("state", "")
+
+        for _ in range(120):
+            if await agent_state("kim-tut") != "running":
+                break
+            await asyncio.sleep(1)
+        assert await agent_state("kim-tut") == "done"
+        assert "Hello from the provider." in (await s.ssh(key, "cat ~/.ussycode/agent.log", user="kim-tut")).stdout
+        assert seen and set(seen) == {"Bearer sk-kim-owner-0001"}
+        # lessons 6 and 8 on that real state
+        git = ("mkdir -p ~/project && cd ~/project && git init -q && echo x > README.md && git add README.md && "
+               "git -c user.name=k -c user.email=k@example.com commit -qm first")
+        assert (await s.ssh(key, git, user="kim-tut")).exit_status == 0
+        rows = {r["lesson"]: r["done"] for r in json.loads((await s.ssh(key, "tutorial", "status", "--json")).stdout)}
+        assert rows[6] is True and rows[8] is True and rows[1] is True
+        # agent-playground: the template's prompt runs the agent the same way
+        r = await s.ssh(key, "new", "--template=agent-playground", "--name=kimplay", "--memory=1024", "--json",
+                        timeout=300)
+        assert r.exit_status == 0 and json.loads(r.stdout)["agent"]["name"] == "pi", r
+        for _ in range(120):
+            if await agent_state("kimplay") != "running":
+                break
+            await asyncio.sleep(1)
+        assert await agent_state("kimplay") == "done"
+    finally:
+        provider.should_exit = True
+        await asyncio.wait_for(serving, 15)
+        await tasks.close()
