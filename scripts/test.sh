@@ -31,6 +31,17 @@ if ! ussycode image build --name ussyuntu --if-missing --images-dir "$images" --
   echo "the full image could not be built here: the tests that need it skip and say so"
 fi
 
+# The official OpenAI and Anthropic SDKs, as wheels for the image's Python, for the test that uses them inside a VM
+# (it installs them there from this directory, with no index).
+wheels="$images/sdk-wheels"
+echo "== SDK wheels"
+if ! ls "$wheels"/openai-3.60.0-*.whl "$wheels"/anthropic-2.16.0-*.whl >/dev/null 2>&1; then
+  rm -rf "$wheels"
+  pip download -q --only-binary=:all: --python-version 3.11 --platform manylinux2014_x86_64 \
+      --platform manylinux_2_17_x86_64 -d "$wheels" openai==3.60.0 anthropic==2.16.0 2>/dev/null \
+    || { rm -rf "$wheels"; echo "the SDK wheels could not be downloaded: the test that needs them skips"; }
+fi
+
 echo "== pytest"
 pytest "$@"
 rc=$?

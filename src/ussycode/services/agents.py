@@ -35,7 +35,7 @@ if ! command -v "$agent" >/dev/null 2>&1; then
     echo "$agent is not installed in this image" >&2; rc=127
 else
     case "$agent" in
-        opencode) opencode run "$prompt"; rc=$? ;;
+        opencode) OPENCODE_DISABLE_MODELS_FETCH=1 opencode run "$prompt"; rc=$? ;;
         *) "$agent" -p "$prompt"; rc=$? ;;
     esac
 fi
