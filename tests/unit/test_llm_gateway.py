@@ -109,3 +109,56 @@ def test_provider_settings() -> None:
                 {"providers": {"x": {"base_url": "http://x", "surprise": 1}}}):
         with pytest.raises(ValidationError):
             LlmSettings.model_validate(bad)
+
+
+async def test_usage_is_written_in_batches_and_loses_nothing(tmp_path: Path) -> None:
+    """Many answers ending together make one write; `llm usage` and a stop write what is counted at once; a failed
+    write keeps the counts for the next one."""
+    import asyncio
+    from unittest import mock
+
+    from ussycode.auth.identity import Actor
+    from ussycode.config import load_settings
+    from ussycode.services.llm import Grant, LlmService
+    from ussycode.services.llm_usage import Tokens
+    from ussycode.store import users
+    from ussycode.store.db import Store
+
+    store = Store(f"sqlite:///{tmp_path / 'u.db'}")
+    store.migrate()
+    settings = load_settings(data_dir=tmp_path)
+    with store.engine.begin() as c:
+        owner = users.create_user(c, "ann", "ssh-ed25519", "AAAA", "SHA256:ann")
+    llm = LlmService(store, settings)
+    grant = Grant(owner, "openai", llm.provider("openai"), {}, True)
+    writes = 0
+    real_write = store.write
+
+    async def counted(fn):  # type: ignore[no-untyped-def]
+        nonlocal writes
+        writes += 1
+        return await real_write(fn)
+
+    with mock.patch.object(store, "write", counted):
+        for _ in range(50):
+            llm.record_later(grant, Tokens(3, 2))
+        await asyncio.sleep(0.6)
+        assert writes == 1
+        usage = await llm.usage(Actor(owner, "ssh"))
+        assert usage["day"]["tokens"] == 250 and usage["day"]["requests"] == 50
+
+        llm.record_later(grant, Tokens(10, 0))  # read at once: written by `llm usage` itself, not after 0.25 s
+        assert (await llm.usage(Actor(owner, "ssh")))["day"]["tokens"] == 260
+
+        async def broken(fn):  # type: ignore[no-untyped-def]
+            raise OSError("disk full")
+
+        llm.record_later(grant, Tokens(1, 1))
+        with mock.patch.object(store, "write", broken), pytest.raises(OSError):
+            await llm.flush_usage()
+        llm.record_later(grant, Tokens(1, 1))
+        await llm.close()  # a stop writes what is left, the failed batch included
+    with store.engine.connect() as c:
+        total = c.exec_driver_sql("SELECT sum(input_tokens + output_tokens), sum(requests) FROM llm_usage").one()
+    assert tuple(total) == (264, 53)
+    store.close()

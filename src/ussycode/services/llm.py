@@ -14,6 +14,7 @@ request rate -> 429 with the reset time, all before the upstream is called. Afte
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 import os
@@ -45,6 +46,7 @@ from ussycode.tasks import TaskGroup
 log = logging.getLogger(__name__)
 NONCE = 12
 INPUTS_TTL = 2.0
+USAGE_FLUSH_SECONDS = 0.25  # usage counted within this window is written in one transaction
 INPUTS_MAX = 10_000
 ROUTUSSY = "routussy"
 MAX_KEY_LEN = 4096
@@ -121,6 +123,10 @@ class LlmService:
         self._inputs: dict[tuple[str, str], tuple[float, User | None, bytes | None, str]] = {}
         self._used: dict[tuple[str, dt.date], int] = {}
         self.tasks = TaskGroup("llm")  # usage writes, after the answer has gone to the VM
+        self._pending: dict[tuple[str, dt.date, str], list[int]] = {}  # input, output, requests not yet written
+        self._touched: dict[tuple[str, str], dt.datetime] = {}  # stored keys used since the last write
+        self._flush_due = False
+        self._flush_lock = asyncio.Lock()
         self.limiter = RateLimiter(settings.llm.requests_per_minute, max(10, settings.llm.requests_per_minute // 4),
                                    name="llm")
 
@@ -242,37 +248,65 @@ class LlmService:
         return self._used[(user_id, today)]
 
     def record_later(self, grant: Grant, tokens: Tokens) -> None:
-        """Count the tokens now (budgets see them at once) and write them without holding up the answer."""
-        key = (grant.owner.id, utcnow().date())
+        """Count the tokens now (budgets see them at once) and write them without holding up the answer.
+
+        Writes are batched: what the next USAGE_FLUSH_SECONDS brings is added up per user, day and provider and
+        written in one transaction (a busy gateway makes one write a batch, not one a request). A crash loses at
+        most that window's counts; a stop, and every ``llm usage``, writes them first."""
+        now = utcnow()
+        key = (grant.owner.id, now.date())
         if key in self._used:
             self._used[key] += tokens.total
-        self.tasks.spawn(self._write_usage(grant, tokens), "usage")
+        row = self._pending.setdefault((grant.owner.id, now.date(), grant.provider), [0, 0, 0])
+        row[0] += tokens.input
+        row[1] += tokens.output
+        row[2] += 1
+        if grant.byok:
+            self._touched[(grant.owner.id, grant.provider)] = now
+        telemetry.LLM_TOKENS.labels(grant.provider, "input").inc(tokens.input)
+        telemetry.LLM_TOKENS.labels(grant.provider, "output").inc(tokens.output)
+        if not self._flush_due:
+            self._flush_due = True
+            self.tasks.spawn(self._flush_soon(), "usage")
+
+    async def _flush_soon(self) -> None:
+        await asyncio.sleep(USAGE_FLUSH_SECONDS)
+        await self.flush_usage()
+
+    async def flush_usage(self) -> None:
+        """Write the counted usage now; returns once everything counted before the call is in the database."""
+        async with self._flush_lock:
+            self._flush_due = False
+            pending, self._pending = self._pending, {}
+            touched, self._touched = self._touched, {}
+            if not pending and not touched:
+                return
+
+            def tx(c: Any) -> None:
+                for (user_id, day, provider), (inp, out, requests) in pending.items():
+                    q.add_usage(c, user_id, day, provider, inp, out, requests)
+                for (user_id, provider), when in touched.items():
+                    q.touch_key(c, user_id, provider, when)
+
+            try:
+                await self.store.write(tx)
+            except Exception:
+                for k, (inp, out, requests) in pending.items():  # kept for the next write
+                    row = self._pending.setdefault(k, [0, 0, 0])
+                    row[0] += inp
+                    row[1] += out
+                    row[2] += requests
+                self._touched = {**touched, **self._touched}
+                raise
 
     async def close(self) -> None:
         await self.tasks.drain(10.0)
+        await self.flush_usage()
         await self.tasks.close()
-
-    async def record(self, grant: Grant, tokens: Tokens) -> None:
-        key = (grant.owner.id, utcnow().date())
-        if key in self._used:
-            self._used[key] += tokens.total
-        await self._write_usage(grant, tokens)
-
-    async def _write_usage(self, grant: Grant, tokens: Tokens) -> None:
-        now = utcnow()
-
-        def tx(c: Any) -> None:
-            q.add_usage(c, grant.owner.id, now.date(), grant.provider, tokens.input, tokens.output)
-            if grant.byok:
-                q.touch_key(c, grant.owner.id, grant.provider, now)
-
-        await self.store.write(tx)
-        telemetry.LLM_TOKENS.labels(grant.provider, "input").inc(tokens.input)
-        telemetry.LLM_TOKENS.labels(grant.provider, "output").inc(tokens.output)
 
     # --- usage --------------------------------------------------------------------------------------------------
     async def usage(self, actor: Actor) -> dict[str, Any]:
-        await self.tasks.drain(5.0)  # usage of answers that just ended is being written: include it
+        await self.flush_usage()  # usage of answers that just ended: include it
         now = utcnow()
         month_start = now.date().replace(day=1)
         rows = await self.store.read(lambda c: q.usage_rows(c, actor.id, month_start))

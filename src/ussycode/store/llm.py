@@ -53,16 +53,16 @@ def touch_key(c: sa.Connection, user_id: str, provider: str, now: dt.datetime) -
 
 
 def add_usage(c: sa.Connection, user_id: str, day: dt.date, provider: str, input_tokens: int,
-              output_tokens: int) -> None:
-    """Count one request and its tokens (an update, or the day's first row)."""
+              output_tokens: int, requests: int = 1) -> None:
+    """Count requests and their tokens (an update, or the day's first row)."""
     updated = c.execute(llm_usage.update().where(llm_usage.c.user_id == user_id, llm_usage.c.day == day,
                                                  llm_usage.c.provider == provider)
                         .values(input_tokens=llm_usage.c.input_tokens + input_tokens,
                                 output_tokens=llm_usage.c.output_tokens + output_tokens,
-                                requests=llm_usage.c.requests + 1)).rowcount
+                                requests=llm_usage.c.requests + requests)).rowcount
     if not updated:
         c.execute(llm_usage.insert().values(user_id=user_id, day=day, provider=provider, input_tokens=input_tokens,
-                                            output_tokens=output_tokens, requests=1))
+                                            output_tokens=output_tokens, requests=requests))
 
 
 _TOKENS_SINCE = (sa.select(sa.func.coalesce(sa.func.sum(llm_usage.c.input_tokens + llm_usage.c.output_tokens), 0))
