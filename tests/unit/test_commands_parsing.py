@@ -118,3 +118,30 @@ def test_state_machine() -> None:
     check_transition("b", VmStatus.STOPPED, VmStatus.RUNNING)
     with pytest.raises(StateError, match="b is creating; it cannot become creating"):
         check_transition("b", VmStatus.CREATING, VmStatus.CREATING)
+
+
+@pytest.mark.parametrize(("line", "prompt", "command", "json"), [
+    # what OpenSSH sends for: ssh host new --name=ai1 --prompt="write a hello page and serve it on 8080"
+    ("new --name=ai1 --prompt=write a hello page and serve it on 8080", "write a hello page and serve it on 8080",
+     None, False),
+    ("new --prompt write a page --json --name=x", "write a page", None, True),
+    ("new --prompt='a quoted prompt' --json", "a quoted prompt", None, True),
+    ("new --command=echo hi there --prompt=do --it now", "do --it now", "echo hi there", False),
+    ("new --name=x --prompt=-v means verbose --agent=pi", "-v means verbose", None, False),
+])
+def test_free_text_flags_gather_unquoted_words(line: str, prompt: str, command: str | None, json: bool) -> None:
+    from ussycode.commands.registry import gather_text, load_all, lookup, split
+
+    load_all()
+    cmd = lookup("new")
+    assert cmd is not None
+    ns = cmd.parser.parse_args(gather_text(split(line)[1:], cmd.text_flags, cmd.parser._option_string_actions))
+    assert (ns.prompt, ns.command, ns.json) == (prompt, command, json)
+
+
+def test_free_text_flags_change_nothing_else() -> None:
+    from ussycode.commands.registry import gather_text
+
+    args = ["--name=x", "stray", "--prompt"]
+    assert gather_text(args, ("--prompt",), ["--name", "--prompt"]) == args  # argparse reports both
+    assert gather_text(["a", "b"], (), []) == ["a", "b"]

@@ -13,7 +13,7 @@ import dataclasses
 import logging
 import shlex
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import NoReturn
 
@@ -55,6 +55,7 @@ class Command:
     interactive_only: bool = False
     admin_only: bool = False
     aliases: tuple[str, ...] = ()
+    text_flags: tuple[str, ...] = ()
 
     @property
     def usage(self) -> str:
@@ -66,14 +67,16 @@ _ALIASES: dict[str, str] = {}
 
 
 def command(name: str, summary: str, *, group: str = "basics", interactive_only: bool = False,
-            admin_only: bool = False, aliases: tuple[str, ...] = (),
+            admin_only: bool = False, aliases: tuple[str, ...] = (), text_flags: tuple[str, ...] = (),
             args: Callable[[argparse.ArgumentParser], None] | None = None) -> Callable[[Handler], Handler]:
+    """Register a command. ``text_flags`` take free text that may arrive unquoted (see :func:`gather_text`)."""
     def register(handler: Handler) -> Handler:
         parser = _Parser(prog=name, description=summary, add_help=False, allow_abbrev=False)
         parser.add_argument("-h", "--help", action="store_true", help="show this help")
         if args:
             args(parser)
-        REGISTRY[name] = Command(name, summary, handler, parser, group, interactive_only, admin_only, aliases)
+        REGISTRY[name] = Command(name, summary, handler, parser, group, interactive_only, admin_only, aliases,
+                                 text_flags)
         for alias in aliases:
             _ALIASES[alias] = name
         return handler
@@ -83,6 +86,35 @@ def command(name: str, summary: str, *, group: str = "basics", interactive_only:
 
 def lookup(name: str) -> Command | None:
     return REGISTRY.get(_ALIASES.get(name, name))
+
+
+def gather_text(args: list[str], text_flags: tuple[str, ...], options: Iterable[str]) -> list[str]:
+    """Join the words after a free-text flag into its value, up to the next option of the command.
+
+    ``ssh host new --prompt="write a page"``: the user's shell removes the quotes and OpenSSH sends the words
+    joined by spaces, so the server sees ``--prompt=write a page``. For a command with no positional arguments
+    the words that follow can only be the text, so they are gathered (a quoted value arrives whole either way)."""
+    known = set(options)
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        name, eq, value = args[i].partition("=")
+        if name not in text_flags:
+            out.append(args[i])
+            i += 1
+            continue
+        if eq:
+            words, i = [value], i + 1
+        elif i + 1 < len(args):
+            words, i = [args[i + 1]], i + 2
+        else:
+            out.append(args[i])  # no value: argparse says so
+            break
+        while i < len(args) and args[i].partition("=")[0] not in known:
+            words.append(args[i])
+            i += 1
+        out.append(f"{name}={' '.join(words)}")
+    return out
 
 
 def split(line: str) -> list[str]:
@@ -172,7 +204,10 @@ async def dispatch(ctx: CommandContext, argv: list[str]) -> int:
         raise UsageError(f"{cmd.name} needs an interactive terminal; run it in the lobby over ssh")
     if not ctx.interactive:
         ctx.services.limiter.take(actor.id)
-    ns = cmd.parser.parse_args(argv[1:])
+    args = argv[1:]
+    if cmd.text_flags:
+        args = gather_text(args, cmd.text_flags, cmd.parser._option_string_actions)
+    ns = cmd.parser.parse_args(args)
     if ns.help:
         ctx.out.print(cmd.parser.format_help().rstrip())
         return 0

@@ -85,7 +85,7 @@ def _new_args(p: argparse.ArgumentParser) -> None:
     _json_flag(p)
 
 
-@command("new", "create and start a VM", group="vm", args=_new_args)
+@command("new", "create and start a VM", group="vm", args=_new_args, text_flags=("--prompt", "--command"))
 async def new(ctx: CommandContext, a: argparse.Namespace) -> int:
     tmpl = ctx.services.templates.get(a.template) if a.template and ctx.services.templates else None
     if a.template and tmpl is None:
