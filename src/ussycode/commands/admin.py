@@ -119,7 +119,7 @@ def _service(ctx: CommandContext) -> AdminService:
 
 
 @command("admin", "run the instance: users, tiers, quotas, suspension, every VM, the audit log", group="admin",
-         admin_only=True, args=_admin_args)
+         admin_only=True, args=_admin_args, text_flags=("--reason",))
 async def admin(ctx: CommandContext, a: argparse.Namespace) -> int:
     if a.sub == "add-user":
         user = await ctx.services.users.add_user(ctx.actor, a.handle, " ".join(a.key))

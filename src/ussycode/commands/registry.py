@@ -117,6 +117,16 @@ def gather_text(args: list[str], text_flags: tuple[str, ...], options: Iterable[
     return out
 
 
+def option_strings(parser: argparse.ArgumentParser) -> set[str]:
+    """Every option of a command, its subcommands' included."""
+    found = set(parser._option_string_actions)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                found |= option_strings(sub)
+    return found
+
+
 def split(line: str) -> list[str]:
     if len(line) > MAX_LINE:
         raise UsageError(f"command line too long ({len(line)} bytes; the limit is {MAX_LINE})")
@@ -206,7 +216,7 @@ async def dispatch(ctx: CommandContext, argv: list[str]) -> int:
         ctx.services.limiter.take(actor.id)
     args = argv[1:]
     if cmd.text_flags:
-        args = gather_text(args, cmd.text_flags, cmd.parser._option_string_actions)
+        args = gather_text(args, cmd.text_flags, option_strings(cmd.parser))
     ns = cmd.parser.parse_args(args)
     if ns.help:
         ctx.out.print(cmd.parser.format_help().rstrip())
