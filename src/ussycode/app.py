@@ -133,7 +133,7 @@ class App:
                                  limiter=RateLimiter(s.rate_per_minute, s.rate_burst),
                                  tokens=TokenService(store, resolve_command=canonical_command))
         self.services.llm = LlmService(store, s, routussy)
-        self.services.agents = AgentService(store, runtime)
+        self.services.agents = AgentService(store, runtime, s.agent_run_seconds)
         self.services.templates = TemplateCatalog(s.data_dir)
         self.services.arena = Arena(self.services)
         self.services.admin = AdminService(store, users, vms, self.services.tokens, data_dir=str(s.data_dir))

@@ -141,6 +141,9 @@ class Settings(BaseSettings):
     default_image: str = Field("ussyuntu", description="Image used by `new` when --image is not given.")
     default_agent: str = Field("pi", pattern=r"^(pi|opencode|none)$",
                                description="The AI agent an interactive VM login starts: pi, opencode or none.")
+    agent_run_seconds: int = Field(3600, ge=5, le=7 * 86400,
+                                   description="How long an unattended agent run (new --prompt) may take before it "
+                                               "is stopped and reported failed.")
     log_level: str = Field("INFO", description="Log level: DEBUG, INFO, WARNING, ERROR.")
     log_format: LogFormat = Field(LogFormat.TEXT, description="Logs as text lines or one JSON object per line.")
     rate_per_minute: int = Field(120, description="Commands per minute per user (SSH one-shot and API).")

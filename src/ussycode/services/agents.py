@@ -27,17 +27,19 @@ MAX_COMMAND = 8_000
 STATES = ("running", "done", "failed")
 SETUP_TIMEOUT = 600.0  # a template's setup.sh (it runs before `new` returns its JSON)
 
-# The agent's unattended run: $1 agent, $2 prompt. Reports how it ended to the metadata service.
+# The agent's unattended run: $1 agent, $2 prompt, $3 the seconds it may take (then it is stopped, with whatever it
+# started). Reports how it ended to the metadata service.
 AGENT_JOB = r'''
-agent="$1"; prompt="$2"; cd "$HOME"
+agent="$1"; prompt="$2"; limit="$3"; cd "$HOME"
 export PATH="/usr/local/bin:$PATH"
 if ! command -v "$agent" >/dev/null 2>&1; then
     echo "$agent is not installed in this image" >&2; rc=127
 else
     case "$agent" in
-        opencode) OPENCODE_DISABLE_MODELS_FETCH=1 opencode run "$prompt"; rc=$? ;;
-        *) "$agent" -p "$prompt"; rc=$? ;;
+        opencode) OPENCODE_DISABLE_MODELS_FETCH=1 timeout -k 30 "$limit" opencode run "$prompt"; rc=$? ;;
+        *) timeout -k 30 "$limit" "$agent" -p "$prompt"; rc=$? ;;
     esac
+    if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then echo "the agent ran longer than $limit s and was stopped"; fi
 fi
 if [ "$rc" = 0 ]; then body='{"state": "done"}'; else body='{"state": "failed"}'; fi
 echo "agent exited with status $rc"
@@ -64,9 +66,9 @@ python3 -c "$report" "$body" \
 '''
 
 # $1 agent, $2 prompt ("" for none), $3 command ("" for none), $4 the agent job above, $5 "setup" when stdin is a
-# template's setup.sh, $6 the setup job above. The setup runs first and the prompt after it (the agent finds the
-# template's files). The script comes on stdin, not in an argument: no process's command line holds it (a
-# `pkill -f` in it would otherwise kill the very shell running it).
+# template's setup.sh, $6 the setup job above, $7 the agent's time limit in seconds. The setup runs first and the
+# prompt after it (the agent finds the template's files). The script comes on stdin, not in an argument: no
+# process's command line holds it (a `pkill -f` in it would otherwise kill the very shell running it).
 RUNNER = r'''
 mkdir -p "$HOME/.ussycode"
 if [ "$5" = setup ]; then
@@ -77,7 +79,7 @@ if [ -n "$3" ]; then
     setsid nohup sh -c "$3" > "$HOME/.ussycode/command.log" 2>&1 < /dev/null &
 fi
 if [ -n "$2" ]; then
-    setsid nohup sh -c "$4" ussycode-agent "$1" "$2" > "$HOME/.ussycode/agent.log" 2>&1 < /dev/null &
+    setsid nohup sh -c "$4" ussycode-agent "$1" "$2" "$7" > "$HOME/.ussycode/agent.log" 2>&1 < /dev/null &
 fi
 '''
 
@@ -95,9 +97,10 @@ def validate_command(text: str | None) -> str:
 
 
 class AgentService:
-    def __init__(self, store: Store, runtime: Runtime) -> None:
+    def __init__(self, store: Store, runtime: Runtime, run_seconds: int = 3600) -> None:
         self.store = store
         self.runtime = runtime
+        self.run_seconds = run_seconds  # an unattended agent run's limit
 
     async def launch(self, vm_id: str, agent: str, *, prompt: str = "", command: str = "", setup: str = "",
                      template: str = "") -> None:
@@ -126,7 +129,8 @@ class AgentService:
 
             await self.store.write(tx)
         result = await self.runtime.exec(vm_id, ["sh", "-c", RUNNER, "ussycode-run", agent, prompt, command,
-                                                   AGENT_JOB, "setup" if setup else "", SETUP_JOB],
+                                                   AGENT_JOB, "setup" if setup else "", SETUP_JOB,
+                                                   str(self.run_seconds)],
                                          stdin=setup.encode(), timeout=SETUP_TIMEOUT)
         if result.exit_status != 0:
             raise RuntimeFailure("could not start the command or the agent in the VM",

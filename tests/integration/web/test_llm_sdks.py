@@ -2,7 +2,8 @@
 (`169.254.169.254/env`, as the README shows): JSON and streaming calls reach the stand-in provider with the owner's
 key, usage comes from the provider's own fields, a stream that crosses the daily budget finishes (its tokens are
 already spent upstream) and the next call is refused with 429, which the SDKs raise as their rate-limit error; the
-real `opencode` runs one prompt unattended the same way.
+real `opencode` runs one prompt unattended the same way, and a run whose provider never answers is stopped at the
+server's `agent_run_seconds` and reported failed.
 
 The SDKs' wheels are downloaded by `make test` (scripts/test.sh) beside the test images and carried into the VM over
 SSH; the VM installs them with pip from that directory, with no index.
@@ -31,6 +32,7 @@ from ussycode.tasks import TaskGroup
 from .conftest import free_port
 
 pytestmark = pytest.mark.asyncio
+RUN_SECONDS = 30  # the agent runs' limit on this test's server
 WHEELS = Path(os.environ.get("USSYCODE_TEST_IMAGES_DIR", "/var/tmp/ussycode-test-images")) / "sdk-wheels"
 
 # Inside the VM: each SDK call prints one JSON line; a refused call prints the SDK's exception class and status.
@@ -83,11 +85,14 @@ class Provider:
 
     def __init__(self) -> None:
         self.keys: list[tuple[str, str]] = []
+        self.release = asyncio.Event()  # a prompt asking to hang waits for this (set at the end of the test)
 
     def app(self) -> Starlette:
         async def chat(request: Request) -> Response:
             body = json.loads(await request.body())
             self.keys.append(("openai", request.headers.get("authorization", "")))
+            if "PLEASE-HANG-FOREVER" in json.dumps(body.get("messages")):
+                await self.release.wait()
             base = {"id": "chatcmpl-1", "created": 1, "model": body["model"]}
             if not body.get("stream"):
                 return JSONResponse({**base, "object": "chat.completion", "choices": [
@@ -160,7 +165,8 @@ async def test_official_sdks_and_opencode_in_a_vm(web_factory, needs_vms: None) 
     try:
         budget = 100  # tokens a day, whatever the tier: the anthropic stream below crosses it
         web = await web_factory(llm={"providers": {"openai": {"base_url": base}, "anthropic": {"base_url": base}},
-                                     "budgets": {t: budget for t in ("newbie", "citizen", "operator", "admin")}})
+                                     "budgets": {t: budget for t in ("newbie", "citizen", "operator", "admin")}},
+                                agent_run_seconds=RUN_SECONDS)
         try:
             ImageStore(web.server.app.settings.images_path).resolve("ussyuntu")
         except Exception:  # noqa: BLE001 - only where the full image is built
@@ -221,20 +227,33 @@ async def test_official_sdks_and_opencode_in_a_vm(web_factory, needs_vms: None) 
                         "--prompt='say hello'", "--json", timeout=300)
         assert r.exit_status == 0, r
 
-        async def agent_state() -> str:
+        async def agent_state(vm: str) -> str:
             listing = json.loads((await s.ssh(key2, "ls", "--json")).stdout)
-            return str(next(v for v in listing if v["name"] == "ocvm").get("agent", {}).get("state", ""))
+            return str(next(v for v in listing if v["name"] == vm).get("agent", {}).get("state", ""))
 
         for _ in range(180):
-            if await agent_state() != "running":
+            if await agent_state("ocvm") != "running":
                 break
             await asyncio.sleep(1)
         log = (await s.ssh(key2, "cat ~/.ussycode/agent.log", user="ocvm")).stdout
-        assert await agent_state() == "done", log
+        assert await agent_state("ocvm") == "done", log
         assert "streamed from openai" in log, log
         assert ("openai", "Bearer sk-openai-other-0077") in provider.keys[calls:]
         assert {k for _, k in provider.keys[calls:]} == {"Bearer sk-openai-other-0077"}
+
+        # an unattended run whose provider never answers is stopped at agent_run_seconds and reported failed
+        r = await s.ssh(key2, "new", "--name=hangvm", "--image=ussyuntu", "--memory=1024", "--agent=pi",
+                        "--prompt=PLEASE-HANG-FOREVER", "--json", timeout=300)
+        assert r.exit_status == 0, r
+        for _ in range(120):
+            if await agent_state("hangvm") != "running":
+                break
+            await asyncio.sleep(1)
+        log = (await s.ssh(key2, "cat ~/.ussycode/agent.log", user="hangvm")).stdout
+        assert await agent_state("hangvm") == "failed", log
+        assert f"the agent ran longer than {RUN_SECONDS} s and was stopped" in log, log
     finally:
+        provider.release.set()
         server.should_exit = True
         await asyncio.wait_for(serving, 15)
         await tasks.close()
