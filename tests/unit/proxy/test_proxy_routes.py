@@ -49,9 +49,8 @@ def test_private_route_strips_then_authenticates_then_proxies() -> None:
     for name in IDENTITY_HEADERS:
         assert {"delete": [name]} in copied
         assert {"set": {name: ["{http.reverse_proxy.header." + name + "}"]}} in copied
-    assert proxy["upstreams"] == [{"dial": "unix//run/u/bridges/vm1-8080.sock"}]
-    assert proxy["flush_interval"] == -1
-    assert proxy["headers"]["request"]["set"]["X-Forwarded-Proto"] == ["{http.request.scheme}"]
+    # Caddy sets X-Forwarded-* itself and streams without a forced flush (both proven through a real Caddy)
+    assert proxy == {"handler": "reverse_proxy", "upstreams": [{"dial": "unix//run/u/bridges/vm1-8080.sock"}]}
 
 
 def test_public_route_skips_auth_but_still_strips() -> None:
