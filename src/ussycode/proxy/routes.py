@@ -128,14 +128,15 @@ def forward_auth_handler(auth_url: str, copy_headers: tuple[str, ...] = IDENTITY
     """The JSON that Caddy's ``forward_auth`` directive expands to (newer-Caddy shape; works on 2.6 too).
 
     The auth request is a GET to ``auth_url`` carrying the client's headers (cookies, Authorization) plus the
-    original method, URI, host and scheme. On 2xx each copied header is first deleted, then set only if the
-    auth response has a non-empty value (so a missing X-Ussy-Email does not arrive as an empty header).
+    original method and URI (Caddy itself sets ``X-Forwarded-Host``/``-Proto`` from what it saw, replacing
+    client-sent values). On 2xx each copied header is set only if the auth response has a non-empty value (so a
+    missing X-Ussy-Email does not arrive as an empty header); every client-sent copy was already dropped by
+    :func:`~ussycode.proxy.hygiene.strip_client_identity`, the first handler of every chain.
     """
     dial, uri = auth_target(auth_url)
     copy_routes: list[JSON] = []
     for name in copy_headers:
         placeholder = "{http.reverse_proxy.header." + name + "}"
-        copy_routes.append({"handle": [{"handler": "headers", "request": {"delete": [name]}}]})
         copy_routes.append(
             {
                 # An absent response header is a nil placeholder, which the vars matcher (Caddy 2.6 and later)
@@ -153,8 +154,6 @@ def forward_auth_handler(auth_url: str, copy_headers: tuple[str, ...] = IDENTITY
                 "set": {
                     "X-Forwarded-Method": ["{http.request.method}"],
                     "X-Forwarded-Uri": ["{http.request.uri}"],
-                    "X-Forwarded-Host": ["{http.request.hostport}"],
-                    "X-Forwarded-Proto": ["{http.request.scheme}"],
                     **client_address_headers(proxy_key),
                 }
             }
