@@ -95,7 +95,8 @@ class Upstream:
 
 
 async def in_vm(web: Any, key: Any, vm: str, provider: str, path: str, body: dict[str, Any] | None) -> tuple[int, str]:
-    r = await web.server.ssh(key, "cat > /tmp/llm.py && python3 /tmp/llm.py " + " ".join(
+    # a file per call: calls into one VM run concurrently, and one must not truncate the script another runs
+    r = await web.server.ssh(key, 'f=$(mktemp) && cat > "$f" && python3 "$f" ' + " ".join(
         json.dumps(x) for x in (provider, path, json.dumps(body) if body is not None else "")),
         user=vm, stdin=CLIENT.encode())
     assert r.exit_status == 0, r
