@@ -34,8 +34,10 @@ from ussycode.app import App
 from ussycode.auth.identity import Actor
 from ussycode.auth.keys import parse_authorized_key
 from ussycode.config import load_settings
-from ussycode.proxy.bridge import pipe
+from ussycode.proxy.bridge import Forwarder, pipe
+from ussycode.proxy.front import FrontSettings, build_public_route
 from ussycode.proxy.manager import caddy_binary
+from ussycode.proxy.routes import ServerSettings
 
 ROUNDS = 3
 IMAGES = Path(os.environ.get("USSYCODE_TEST_IMAGES_DIR", "/var/tmp/ussycode-test-images"))
@@ -83,17 +85,44 @@ async def direct_bridge(app: App, vm_id: str) -> tuple[asyncio.Server, int]:
     return server, int(server.sockets[0].getsockname()[1])
 
 
-async def baseline_caddy(tmp: Path) -> tuple[list[asyncio.subprocess.Process], int]:
-    """The same small server on a host loopback port, behind the same Caddy binary (a plain reverse_proxy)."""
+# The public path taken apart (diagnostic rows): the same Caddy binary and small server, adding one part at a time.
+PARTS = ("chain", "chain_file", "forwarder", "chain_file_forwarder")
+PART_HOST = "part.localhost"
+
+
+async def baseline_caddy(tmp: Path) -> tuple[list[Any], int, dict[str, int]]:
+    """The same small server on a host loopback port, behind the same Caddy binary (a plain reverse_proxy), plus
+    servers that add the public path's parts one at a time: the trust chain (the production public route's
+    handlers, dialing the server's TCP port), the chain behind the public-host file check, a plain proxy through
+    the production forwarder (``systemd-socket-proxyd``, here in the host's namespace), and all three."""
     server_port, caddy_port = free_port(), free_port()
     script = tmp / "srv.py"
     script.write_text(VM_SERVER)
     srv = await asyncio.create_subprocess_exec(sys.executable, str(script), str(server_port))
+    markers = tmp / "markers"
+    markers.mkdir()
+    (markers / PART_HOST).touch()
+    forwarder = Forwarder(Path("/proc/self/ns/net"), "bench", server_port, tmp / "fwd.sock")
+    await forwarder.start()
+
+    def public_route(dial: str) -> dict[str, Any]:
+        settings = ServerSettings(domain="localhost", http_addr="127.0.0.1:9")  # /__ussycode/* is never asked
+        front = FrontSettings(auth_url="http://127.0.0.1:9/auth", public_markers=str(markers), public_dial=dial)
+        return build_public_route(settings, front)
+
+    tcp = f"127.0.0.1:{server_port}"
+    routes = {
+        "baseline": {"handle": [{"handler": "reverse_proxy", "upstreams": [{"dial": tcp}]}]},
+        "chain": {"handle": public_route(tcp)["handle"]},
+        "chain_file": public_route(tcp),
+        "forwarder": {"handle": [{"handler": "reverse_proxy", "upstreams": [{"dial": forwarder.dial}]}]},
+        "chain_file_forwarder": public_route(forwarder.dial),
+    }
+    ports = {name: (caddy_port if name == "baseline" else free_port()) for name in routes}
+    servers = {name: {"listen": [f"127.0.0.1:{ports[name]}"], "automatic_https": {"disable": True},
+                      "routes": [{k: v for k, v in route.items() if k != "@id"}]} for name, route in routes.items()}
     config = {"admin": {"disabled": True}, "logging": {"logs": {"default": {"level": "ERROR"}}},
-              "apps": {"http": {"servers": {"baseline": {
-                  "listen": [f"127.0.0.1:{caddy_port}"], "automatic_https": {"disable": True},
-                  "routes": [{"handle": [{"handler": "reverse_proxy",
-                                          "upstreams": [{"dial": f"127.0.0.1:{server_port}"}]}]}]}}}}}
+              "apps": {"http": {"servers": servers}}}
     (tmp / "baseline.json").write_text(json.dumps(config))
     caddy = await asyncio.create_subprocess_exec(caddy_binary(), "run", "--config", str(tmp / "baseline.json"),
                                                  stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
@@ -105,7 +134,7 @@ async def baseline_caddy(tmp: Path) -> tuple[list[asyncio.subprocess.Process], i
             except httpx.TransportError:
                 pass
             await asyncio.sleep(0.05)
-    return [srv, caddy], caddy_port
+    return [srv, caddy, forwarder], caddy_port, {name: ports[name] for name in PARTS}
 
 
 async def time_to_public(s: Any, actor: Actor, url: str, host: str, rounds: int = 10) -> list[float]:
@@ -167,7 +196,7 @@ async def main(duration: float, connections: int) -> dict[str, Any]:
         assert child is not None
         cookie = f"ussy_session={child[0]}"
         server, direct_port = await direct_bridge(app, pub.id)
-        procs, baseline_port = await baseline_caddy(tmp)
+        procs, baseline_port, part_ports = await baseline_caddy(tmp)
         runtime = s.vms.runtime
         opened = {"n": 0}
         real_open = runtime.open_connection
@@ -181,6 +210,8 @@ async def main(duration: float, connections: int) -> dict[str, Any]:
         auth = s.routes.auth_url if s.routes else ""
         cases = {
             "baseline": (f"http://127.0.0.1:{baseline_port}/", {}),
+            **{f"caddy_{name}": (f"http://127.0.0.1:{port}/", {"Host": PART_HOST})
+               for name, port in part_ports.items()},
             "direct": (f"http://127.0.0.1:{direct_port}/", {}),
             # diagnostics: the app server alone (health) and the forward-auth decision alone
             "app_health": (f"http://127.0.0.1:{app.http_port}/health", {}),
@@ -239,8 +270,11 @@ async def main(duration: float, connections: int) -> dict[str, Any]:
         results["public_during_changes"]["changes"] = changes["n"]
         server.close()
         for p in procs:
-            p.terminate()
-            await p.wait()
+            if isinstance(p, Forwarder):
+                await p.close()
+            else:
+                p.terminate()
+                await p.wait()
         for vm in (pub, priv, chg):
             await s.vms.remove(actor, vm.name)
     finally:
@@ -257,7 +291,7 @@ def report(results: dict[str, Any], duration: float, connections: int) -> None:
         ratio = r["rps"] / b["rps"]
         rows.append(row(f"{name}_rps", r["rps"], "req/s", "baseline_caddy_rps", b["rps"],
                         f">= {goal:.0%} of Caddy baseline" if goal else "", ratio >= goal if goal else None))
-    for name in ("app_health", "forward_auth", "forward_auth_app_server"):
+    for name in ("app_health", "forward_auth", "forward_auth_app_server", *(f"caddy_{p}" for p in PARTS)):
         rows.append(row(f"{name}_rps", results[name]["rps"], "req/s", "baseline_caddy_rps", b["rps"]))
     for name in ("public", "private", "public_signed_in", "direct"):
         r = results[name]
@@ -282,6 +316,10 @@ def report(results: dict[str, Any], duration: float, connections: int) -> None:
              "port; public = wrk -> Caddy (static config, file check) -> C forwarder in the VM's namespace -> VM; "
              "private adds forward-auth (app server, cached decision inputs) on every request; public_signed_in "
              "adds forward-auth for the identity headers; direct = the Python port bridge on a TCP port",
+             "caddy_chain/_chain_file/_forwarder/_chain_file_forwarder = the baseline's Caddy and server with "
+             "the public path's parts added one at a time (the production public route's trust chain, its "
+             "public-host file check, the production C forwarder on the host); what separates "
+             "caddy_chain_file_forwarder from public is the VM (its CPU and priority limits, its namespace)",
              f"route changes: share set-public -> URL answers in max {max(ttp) * 1000:.2f} ms over {len(ttp)} "
              f"rounds; {busy['changes']} set-public/set-private changes of another VM ran during the busy case",
              "app-server connections closed (TIME-WAIT) during each case: " + ", ".join(
