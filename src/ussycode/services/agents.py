@@ -27,6 +27,16 @@ MAX_COMMAND = 8_000
 STATES = ("running", "done", "failed")
 SETUP_TIMEOUT = 600.0  # a template's setup.sh (it runs before `new` returns its JSON)
 
+# The end of each job: POST $body (how the run ended) to the metadata service, with Python or else curl.
+REPORT = r'''
+report='import sys, urllib.request as u
+req = u.Request("http://169.254.169.254/agent/state", data=sys.argv[1].encode(),
+                headers={"Content-Type": "application/json"})
+u.urlopen(req, timeout=30)'
+python3 -c "$report" "$body" \
+    || curl -s -X POST -H 'Content-Type: application/json' -d "$body" http://169.254.169.254/agent/state
+'''
+
 # The agent's unattended run: $1 agent, $2 prompt, $3 the seconds it may take (then it is stopped, with whatever it
 # started). Reports how it ended to the metadata service.
 AGENT_JOB = r'''
@@ -43,13 +53,7 @@ else
 fi
 if [ "$rc" = 0 ]; then body='{"state": "done"}'; else body='{"state": "failed"}'; fi
 echo "agent exited with status $rc"
-report='import sys, urllib.request as u
-req = u.Request("http://169.254.169.254/agent/state", data=sys.argv[1].encode(),
-                headers={"Content-Type": "application/json"})
-u.urlopen(req, timeout=30)'
-python3 -c "$report" "$body" \
-    || curl -s -X POST -H 'Content-Type: application/json' -d "$body" http://169.254.169.254/agent/state
-'''
+''' + REPORT
 
 # A template's setup.sh, saved in ~/.ussycode/setup.sh. Reports how it ended, like the agent job.
 SETUP_JOB = r'''
@@ -57,13 +61,7 @@ cd "$HOME"
 sh "$HOME/.ussycode/setup.sh"; rc=$?
 if [ "$rc" = 0 ]; then body='{"state": "done", "run": "setup"}'; else body='{"state": "failed", "run": "setup"}'; fi
 echo "setup exited with status $rc"
-report='import sys, urllib.request as u
-req = u.Request("http://169.254.169.254/agent/state", data=sys.argv[1].encode(),
-                headers={"Content-Type": "application/json"})
-u.urlopen(req, timeout=30)'
-python3 -c "$report" "$body" \
-    || curl -s -X POST -H 'Content-Type: application/json' -d "$body" http://169.254.169.254/agent/state
-'''
+''' + REPORT
 
 # $1 agent, $2 prompt ("" for none), $3 command ("" for none), $4 the agent job above, $5 "setup" when stdin is a
 # template's setup.sh, $6 the setup job above, $7 the agent's time limit in seconds. The setup runs first and the
@@ -109,25 +107,12 @@ class AgentService:
         The setup is waited for (its servers detach themselves) so a prompt's agent finds what it made."""
         if not prompt and not command and not setup:
             return
-        if setup:
-            now = utcnow()
-
-            def record_setup(c: sa.Connection) -> None:
-                c.execute(vm_setups.delete().where(vm_setups.c.vm_id == vm_id))
-                c.execute(vm_setups.insert().values(vm_id=vm_id, template=template, state="running",
-                                                    updated_at=now))
-
-            await self.store.write(record_setup)
         if prompt and agent == "none":
             raise UsageError("--prompt needs an agent: use --agent=pi or --agent=opencode")
+        if setup:
+            await self._mark_running(vm_setups, vm_id, template=template)
         if prompt:
-            now = utcnow()
-
-            def tx(c: sa.Connection) -> None:
-                c.execute(vm_agents.delete().where(vm_agents.c.vm_id == vm_id))
-                c.execute(vm_agents.insert().values(vm_id=vm_id, name=agent, state="running", updated_at=now))
-
-            await self.store.write(tx)
+            await self._mark_running(vm_agents, vm_id, name=agent)
         result = await self.runtime.exec(vm_id, ["sh", "-c", RUNNER, "ussycode-run", agent, prompt, command,
                                                    AGENT_JOB, "setup" if setup else "", SETUP_JOB,
                                                    str(self.run_seconds)],
@@ -148,22 +133,29 @@ class AgentService:
 
         return await self.store.write(tx)
 
-    async def setups(self, vm_ids: list[str]) -> dict[str, dict[str, Any]]:
+    async def _mark_running(self, table: sa.Table, vm_id: str, **values: str) -> None:
+        """The VM's run of this kind (agent or setup) starts anew: its one row says ``running``."""
+        now = utcnow()
+
+        def tx(c: sa.Connection) -> None:
+            c.execute(table.delete().where(table.c.vm_id == vm_id))
+            c.execute(table.insert().values(vm_id=vm_id, state="running", updated_at=now, **values))
+
+        await self.store.write(tx)
+
+    async def _runs(self, table: sa.Table, vm_ids: list[str], label: str) -> dict[str, dict[str, Any]]:
+        """{VM id: {label: …, "state": …}} of the VMs that have a run of this kind."""
         if not vm_ids:
             return {}
 
         def read(c: sa.Connection) -> dict[str, dict[str, Any]]:
-            rows = c.execute(sa.select(vm_setups).where(vm_setups.c.vm_id.in_(vm_ids)))
-            return {r.vm_id: {"template": r.template, "state": r.state} for r in rows}
+            rows = c.execute(sa.select(table).where(table.c.vm_id.in_(vm_ids)))
+            return {r.vm_id: {label: getattr(r, label), "state": r.state} for r in rows}
 
         return await self.store.read(read)
+
+    async def setups(self, vm_ids: list[str]) -> dict[str, dict[str, Any]]:
+        return await self._runs(vm_setups, vm_ids, "template")
 
     async def states(self, vm_ids: list[str]) -> dict[str, dict[str, Any]]:
-        if not vm_ids:
-            return {}
-
-        def read(c: sa.Connection) -> dict[str, dict[str, Any]]:
-            rows = c.execute(sa.select(vm_agents).where(vm_agents.c.vm_id.in_(vm_ids)))
-            return {r.vm_id: {"name": r.name, "state": r.state} for r in rows}
-
-        return await self.store.read(read)
+        return await self._runs(vm_agents, vm_ids, "name")
