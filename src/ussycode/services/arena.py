@@ -19,7 +19,6 @@ import asyncio
 import datetime as dt
 import json
 import logging
-import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from ussycode import durations
 from ussycode.auth.identity import Actor
 from ussycode.errors import Conflict, NotFound, StateError, UsageError
 from ussycode.services.arena_rules import START_RATING, Scenario, elo, load_scenario
+from ussycode.services.catalog import NAME_RE, item_dir, item_dirs
 from ussycode.services.container import Services
 from ussycode.store import users as userq
 from ussycode.store.schema import arena_matches, arena_players, arena_ratings, users, utcnow
@@ -38,8 +38,16 @@ from ussycode.tasks import TaskGroup
 
 log = logging.getLogger(__name__)
 PACKAGED = Path(__file__).resolve().parent.parent / "arena"
-NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
+MARKER = "scenario.toml"
 PROBE_BYTES = 64 * 1024
+
+
+def _match_row(c: sa.Connection, match_id: str, hint: str = "") -> Any:
+    """The match's row, or NotFound (``hint`` ends the message)."""
+    m = c.execute(sa.select(arena_matches).where(arena_matches.c.id == match_id)).first()
+    if m is None:
+        raise NotFound(f"no match {match_id[:20]!r}{hint}")
+    return m
 
 
 @dataclass
@@ -66,23 +74,20 @@ class Arena:
 
     def scenarios(self) -> dict[str, Scenario]:
         found: dict[str, Scenario] = {}
-        for base in self._dirs():
-            if base.is_dir():
-                for d in sorted(base.iterdir()):
-                    if d.is_dir() and NAME_RE.fullmatch(d.name) and (d / "scenario.toml").is_file():
-                        try:
-                            found[d.name] = load_scenario(d)
-                        except UsageError:
-                            continue
+        for name, directory in item_dirs(self._dirs(), MARKER).items():
+            try:
+                found[name] = load_scenario(directory)
+            except UsageError:
+                continue
         return found
 
     def scenario(self, name: str) -> Scenario:
         if not NAME_RE.fullmatch(name):
             raise UsageError(f"invalid scenario name {name[:40]!r}")
-        for base in reversed(self._dirs()):
-            if (base / name / "scenario.toml").is_file():
-                return load_scenario(base / name)
-        raise NotFound(f"no scenario {name!r}; see 'arena scenarios'")
+        directory = item_dir(self._dirs(), name, MARKER)
+        if directory is None:
+            raise NotFound(f"no scenario {name!r}; see 'arena scenarios'")
+        return load_scenario(directory)
 
     # --- matches ------------------------------------------------------------------------------------------------
     async def create(self, actor: Actor, scenario: str, seats: int | None = None) -> str:
@@ -106,9 +111,7 @@ class Arena:
         """Take a seat; True when it was the last one (the match starts). One transaction: seats never overfill."""
 
         def tx(c: sa.Connection) -> bool:
-            m = c.execute(sa.select(arena_matches).where(arena_matches.c.id == match_id)).first()
-            if m is None:
-                raise NotFound(f"no match {match_id[:20]!r}; see 'arena list'")
+            m = _match_row(c, match_id, "; see 'arena list'")
             if m.state != "open":
                 raise StateError(f"match {match_id} is {m.state}, not open")
             taken = [r.user_id for r in c.execute(sa.select(arena_players.c.user_id).where(
@@ -127,9 +130,7 @@ class Arena:
 
     async def leave(self, actor: Actor, match_id: str) -> None:
         def tx(c: sa.Connection) -> str:
-            m = c.execute(sa.select(arena_matches).where(arena_matches.c.id == match_id)).first()
-            if m is None:
-                raise NotFound(f"no match {match_id[:20]!r}")
+            m = _match_row(c, match_id)
             mine = arena_players.c.match_id == match_id, arena_players.c.user_id == actor.id
             if c.execute(sa.select(arena_players.c.user_id).where(*mine)).first() is None:
                 raise NotFound(f"you are not in match {match_id}")
@@ -165,10 +166,7 @@ class Arena:
             self.tasks.spawn(self._deadline(match_id, deadline), f"deadline {match_id}")
 
     async def _match_spec(self, match_id: str) -> tuple[Scenario, Any]:
-        m = await self.services.store.read(lambda c: c.execute(
-            sa.select(arena_matches).where(arena_matches.c.id == match_id)).first())
-        if m is None:
-            raise NotFound(f"no match {match_id[:20]!r}")
+        m = await self.services.store.read(lambda c: _match_row(c, match_id))
         return self.scenario(m.scenario), m
 
     async def _players(self, match_id: str) -> list[Any]:
@@ -215,9 +213,7 @@ class Arena:
 
     async def submit(self, actor: Actor, match_id: str) -> None:
         def tx(c: sa.Connection) -> None:
-            m = c.execute(sa.select(arena_matches.c.state).where(arena_matches.c.id == match_id)).first()
-            if m is None:
-                raise NotFound(f"no match {match_id[:20]!r}")
+            m = _match_row(c, match_id)
             if m.state != "running":
                 raise StateError(f"match {match_id} is {m.state}, not running")
             n = c.execute(arena_players.update().where(arena_players.c.match_id == match_id,

@@ -10,7 +10,6 @@ override the template's values.
 
 from __future__ import annotations
 
-import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,9 +18,10 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ussycode.errors import NotFound, UsageError
+from ussycode.services.catalog import NAME_RE, item_dir, item_dirs
 
 PACKAGED = Path(__file__).resolve().parent.parent / "templates"
-NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
+MARKER = "template.toml"
 MAX_SETUP = 64 * 1024
 
 
@@ -55,7 +55,7 @@ class Template:
 
 def _load(directory: Path, source: str) -> Template:
     try:
-        spec = TemplateSpec(**tomllib.loads((directory / "template.toml").read_text(encoding="utf-8")))
+        spec = TemplateSpec(**tomllib.loads((directory / MARKER).read_text(encoding="utf-8")))
     except (OSError, tomllib.TOMLDecodeError, ValidationError, TypeError) as exc:
         raise UsageError(f"template {directory.name} is broken: {str(exc).splitlines()[0][:200]}") from None
     setup_file = directory / "setup.sh"
@@ -71,25 +71,24 @@ class TemplateCatalog:
     def __init__(self, data_dir: Path) -> None:
         self.dirs = [(PACKAGED, "shipped"), (Path(data_dir) / "templates", "operator")]
 
+    def _bases(self) -> list[Path]:
+        return [base for base, _ in self.dirs]
+
     def all(self) -> list[Template]:
-        found: dict[str, Template] = {}
-        for base, source in self.dirs:
-            if not base.is_dir():
-                continue
-            for directory in sorted(base.iterdir()):
-                if directory.is_dir() and NAME_RE.fullmatch(directory.name) and (directory / "template.toml").is_file():
-                    try:
-                        found[directory.name] = _load(directory, source)
-                    except UsageError:
-                        continue  # a broken operator template is left out of the list; `new` says why
-        return sorted(found.values(), key=lambda t: t.name)
+        sources = dict(self.dirs)
+        found: list[Template] = []
+        for directory in item_dirs(self._bases(), MARKER).values():
+            try:
+                found.append(_load(directory, sources[directory.parent]))
+            except UsageError:
+                continue  # a broken operator template is left out of the list; `new` says why
+        return sorted(found, key=lambda t: t.name)
 
     def get(self, name: str) -> Template:
         name = name.strip().lower()
         if not NAME_RE.fullmatch(name):
             raise UsageError(f"invalid template name {name[:40]!r}")
-        for base, source in reversed(self.dirs):
-            directory = base / name
-            if (directory / "template.toml").is_file():
-                return _load(directory, source)
-        raise NotFound(f"no template {name!r}; see 'template list'")
+        directory = item_dir(self._bases(), name, MARKER)
+        if directory is None:
+            raise NotFound(f"no template {name!r}; see 'template list'")
+        return _load(directory, dict(self.dirs)[directory.parent])
