@@ -257,10 +257,7 @@ class LlmService:
         key = (grant.owner.id, now.date())
         if key in self._used:
             self._used[key] += tokens.total
-        row = self._pending.setdefault((grant.owner.id, now.date(), grant.provider), [0, 0, 0])
-        row[0] += tokens.input
-        row[1] += tokens.output
-        row[2] += 1
+        self._count((grant.owner.id, now.date(), grant.provider), tokens.input, tokens.output, 1)
         if grant.byok:
             self._touched[(grant.owner.id, grant.provider)] = now
         telemetry.LLM_TOKENS.labels(grant.provider, "input").inc(tokens.input)
@@ -268,6 +265,13 @@ class LlmService:
         if not self._flush_due:
             self._flush_due = True
             self.tasks.spawn(self._flush_soon(), "usage")
+
+    def _count(self, key: tuple[str, dt.date, str], inp: int, out: int, requests: int) -> None:
+        """Add to the usage not yet written for (user, day, provider)."""
+        row = self._pending.setdefault(key, [0, 0, 0])
+        row[0] += inp
+        row[1] += out
+        row[2] += requests
 
     async def _flush_soon(self) -> None:
         await asyncio.sleep(USAGE_FLUSH_SECONDS)
@@ -292,10 +296,7 @@ class LlmService:
                 await self.store.write(tx)
             except Exception:
                 for k, (inp, out, requests) in pending.items():  # kept for the next write
-                    row = self._pending.setdefault(k, [0, 0, 0])
-                    row[0] += inp
-                    row[1] += out
-                    row[2] += requests
+                    self._count(k, inp, out, requests)
                 self._touched = {**touched, **self._touched}
                 raise
 
