@@ -45,7 +45,6 @@ from ussycode.types import RESERVED_NAMES, VM_NAME_RE, VmSpec, VmStatus, check_t
 from ussycode.validate import printable_text
 
 log = logging.getLogger(__name__)
-ARENA_TAG = "arena"  # a match's VM: outside its owner's VM quota
 
 ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 TAG_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,39}$")
@@ -208,7 +207,7 @@ class VmService:
                 raise Conflict(f"the name {name!r} is taken; pick another")
             q.insert(c, id=vm_id, name=name, owner_id=actor.id, image=image, cpu=cpu, memory_mb=memory_mb,
                      disk_gb=disk_gb, env=env, runtime=self.runtime.name,
-                     tags=(source.tags if source else ()) + ((ARENA_TAG,) if arena else ()),
+                     tags=(source.tags if source else ()) + ((q.ARENA_TAG,) if arena else ()),
                      id_base=idmap.first_free_base(q.id_bases(c)))
             audit.record(c, actor_id=actor.id, source=actor.source, action="vm.cp" if source else "vm.create",
                          target=name, image=image, cpu=cpu, memory_mb=memory_mb, disk_gb=disk_gb,

@@ -73,10 +73,11 @@ def insert(conn: sa.Connection, *, id: str, name: str, owner_id: str, image: str
 
 
 _BY_NAME = sa.select(vms).where(vms.c.name == sa.bindparam("name"))
-# VMs that count against the owner's quota: an arena match's VMs (tag ``arena``) do not.
+ARENA_TAG = "arena"  # a match's VM: outside its owner's VM quota
+# VMs that count against the owner's quota: an arena match's VMs do not.
 _COUNT_OF_OWNER = sa.select(sa.func.count()).select_from(vms).where(
     vms.c.owner_id == sa.bindparam("owner_id"),
-    ~sa.exists().where(vm_tags.c.vm_id == vms.c.id, vm_tags.c.tag == "arena"))
+    ~sa.exists().where(vm_tags.c.vm_id == vms.c.id, vm_tags.c.tag == ARENA_TAG))
 
 
 def by_name(conn: sa.Connection, name: str) -> Vm | None:
