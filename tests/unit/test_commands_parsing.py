@@ -130,24 +130,23 @@ def test_state_machine() -> None:
     ("new --name=x --prompt=-v means verbose --agent=pi", "-v means verbose", None, False),
 ])
 def test_free_text_flags_gather_unquoted_words(line: str, prompt: str, command: str | None, json: bool) -> None:
-    from ussycode.commands.registry import gather_text, load_all, lookup, option_strings, split
+    from ussycode.commands.registry import load_all, lookup, split
 
     load_all()
     cmd = lookup("new")
     assert cmd is not None
-    ns = cmd.parser.parse_args(gather_text(split(line)[1:], cmd.text_flags, option_strings(cmd.parser)))
+    ns = cmd.parse(split(line)[1:])
     assert (ns.prompt, ns.command, ns.json) == (prompt, command, json)
 
 
 def test_a_suspension_reason_may_arrive_unquoted() -> None:
-    from ussycode.commands.registry import gather_text, load_all, lookup, option_strings, split
+    from ussycode.commands.registry import load_all, lookup, split
 
     load_all()
     cmd = lookup("admin")
     assert cmd is not None
     # ssh host admin suspend bob --reason="crypto mining" --json
-    ns = cmd.parser.parse_args(gather_text(split("admin suspend bob --reason=crypto mining --json")[1:],
-                                           cmd.text_flags, option_strings(cmd.parser)))
+    ns = cmd.parse(split("admin suspend bob --reason=crypto mining --json")[1:])
     assert (ns.sub, ns.handle, ns.reason, ns.json) == ("suspend", "bob", "crypto mining", True)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import functools
 import logging
 import shlex
 import time
@@ -60,6 +61,17 @@ class Command:
     @property
     def usage(self) -> str:
         return self.parser.format_usage().strip().removeprefix("usage: ")
+
+    @functools.cached_property
+    def options(self) -> frozenset[str]:
+        """Every option of the command, its subcommands' included (the parser never changes)."""
+        return frozenset(option_strings(self.parser))
+
+    def parse(self, args: list[str]) -> argparse.Namespace:
+        """The command's arguments (the words after its name), free-text flags gathered first."""
+        if self.text_flags:
+            args = gather_text(args, self.text_flags, self.options)
+        return self.parser.parse_args(args)
 
 
 REGISTRY: dict[str, Command] = {}
@@ -214,10 +226,7 @@ async def dispatch(ctx: CommandContext, argv: list[str]) -> int:
         raise UsageError(f"{cmd.name} needs an interactive terminal; run it in the lobby over ssh")
     if not ctx.interactive:
         ctx.services.limiter.take(actor.id)
-    args = argv[1:]
-    if cmd.text_flags:
-        args = gather_text(args, cmd.text_flags, option_strings(cmd.parser))
-    ns = cmd.parser.parse_args(args)
+    ns = cmd.parse(argv[1:])
     if ns.help:
         ctx.out.print(cmd.parser.format_help().rstrip())
         return 0
