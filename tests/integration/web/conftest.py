@@ -4,6 +4,8 @@ reaches ``*.localhost`` names on loopback."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import re
 import socket
@@ -14,9 +16,12 @@ from typing import Any
 
 import httpx
 import pytest
+import uvicorn
 
 from ussycode.runtime.container import ContainerRuntime
+from ussycode.runtime.images import ImageStore
 from ussycode.store import vms as vmq
+from ussycode.tasks import TaskGroup
 
 # The app inside the VM: answers every method on every path with the request it saw (JSON).
 ECHO_APP = r'''
@@ -42,6 +47,31 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@contextlib.asynccontextmanager
+async def serve_local(app: Any, name: str) -> AsyncIterator[int]:
+    """``app`` (ASGI: a stand-in provider) served by uvicorn on a free loopback port for the block; the port."""
+    port = free_port()
+    tasks = TaskGroup(name)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
+    serving = tasks.spawn(server.serve(), name)
+    while not server.started:
+        await asyncio.sleep(0.01)
+    try:
+        yield port
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(serving, 15)
+        await tasks.close()
+
+
+def require_full_image(web: Any) -> None:
+    """Skip unless the full image (``ussyuntu``, minutes to build) is in this server's image store."""
+    try:
+        ImageStore(web.server.app.settings.images_path).resolve("ussyuntu")
+    except Exception:  # noqa: BLE001 - only where the full image is built
+        pytest.skip("the full image is not built here (ussycode image build --name ussyuntu)")
 
 
 class LoopbackTransport(httpx.AsyncBaseTransport):

@@ -15,16 +15,14 @@ import shlex
 from typing import Any
 
 import pytest
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from ussycode.auth.identity import Actor
-from ussycode.tasks import TaskGroup
 
-from .conftest import browser_client, free_port
+from .conftest import browser_client, free_port, serve_local
 
 pytestmark = pytest.mark.asyncio
 
@@ -107,19 +105,12 @@ async def in_vm(web: Any, key: Any, vm: str, provider: str, path: str, body: dic
 async def test_the_gateway_from_real_vms(web_factory, needs_vms: None, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     upstream = Upstream()
-    port = free_port()
-    tasks = TaskGroup("fake-upstream")
-    server = uvicorn.Server(uvicorn.Config(upstream.app(), host="127.0.0.1", port=port, log_level="warning",
-                                           lifespan="off"))
-    tasks.spawn(server.serve(), "fake-upstream")
-    while not server.started:
-        await asyncio.sleep(0.01)
-    dead = free_port()
-    llm = {"providers": {"openai": {"base_url": f"http://127.0.0.1:{port}"},
-                         "anthropic": {"base_url": f"http://127.0.0.1:{port}"},
-                         "vllm": {"base_url": f"http://127.0.0.1:{dead}"}},
-           "budgets": {"newbie": 980}, "requests_per_minute": 6000}
-    try:
+    async with serve_local(upstream.app(), "fake-upstream") as port:
+        dead = free_port()
+        llm = {"providers": {"openai": {"base_url": f"http://127.0.0.1:{port}"},
+                             "anthropic": {"base_url": f"http://127.0.0.1:{port}"},
+                             "vllm": {"base_url": f"http://127.0.0.1:{dead}"}},
+               "budgets": {"newbie": 980}, "requests_per_minute": 6000}
         web = await web_factory(llm=llm)
         await web.server.register("root1")
         alice, bob, carol = [await web.server.register(n) for n in ("alice", "bob", "carol")]
@@ -211,9 +202,6 @@ async def test_the_gateway_from_real_vms(web_factory, needs_vms: None, caplog: p
         assert r.exit_status == 1 and "unknown LLM provider" in r.stderr
         r = await web.server.ssh(carol, "llm-key", "set", "vllm", stdin=b"sk-x\n")
         assert r.exit_status == 2 and "needs no key" in r.stderr
-    finally:
-        server.should_exit = True
-        await tasks.close()
     # no key in any log line of the server
     logged = caplog.text
     for secret in ("sk-alice-0001aaaa", "sk-bob-0002bbbb", "sk-ant-alice-9999"):

@@ -20,16 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from ussycode.runtime.images import ImageStore
-from ussycode.tasks import TaskGroup
-
-from .conftest import free_port
+from .conftest import require_full_image, serve_local
 
 pytestmark = pytest.mark.asyncio
 RUN_SECONDS = 30  # the agent runs' limit on this test's server
@@ -154,107 +150,96 @@ async def test_official_sdks_and_opencode_in_a_vm(web_factory, needs_vms: None) 
     if not any(WHEELS.glob("openai-*.whl")) or not any(WHEELS.glob("anthropic-*.whl")):
         pytest.skip(f"the SDK wheels are not in {WHEELS} (scripts/test.sh downloads them)")
     provider = Provider()
-    port = free_port()
-    tasks = TaskGroup("provider")
-    server = uvicorn.Server(uvicorn.Config(provider.app(), host="127.0.0.1", port=port, log_level="warning",
-                                          lifespan="off"))
-    serving = tasks.spawn(server.serve(), "provider")
-    while not server.started:
-        await asyncio.sleep(0.01)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        budget = 100  # tokens a day, whatever the tier: the anthropic stream below crosses it
-        web = await web_factory(llm={"providers": {"openai": {"base_url": base}, "anthropic": {"base_url": base}},
-                                     "budgets": {t: budget for t in ("newbie", "citizen", "operator", "admin")}},
-                                agent_run_seconds=RUN_SECONDS)
+    async with serve_local(provider.app(), "provider") as port:
+        base = f"http://127.0.0.1:{port}"
         try:
-            ImageStore(web.server.app.settings.images_path).resolve("ussyuntu")
-        except Exception:  # noqa: BLE001 - only where the full image is built
-            pytest.skip("the full image is not built here (ussycode image build --name ussyuntu)")
-        s = web.server
-        key = await s.register("sdkuser")
-        for name, secret in (("openai", "sk-openai-owner-0042"), ("anthropic", "sk-ant-owner-0042")):
-            assert (await s.ssh(key, "llm-key", "set", name, stdin=f"{secret}\n".encode())).exit_status == 0
-        r = await s.ssh(key, "new", "--name=sdkvm", "--image=ussyuntu", "--memory=1024", "--json", timeout=300)
-        assert r.exit_status == 0, r
-        install = ("rm -rf ~/wheels && mkdir ~/wheels && tar x -C ~/wheels && python3 -m venv ~/sdk && "
-                   "~/sdk/bin/pip install -q --no-index --find-links ~/wheels openai anthropic")
-        r = await s.ssh(key, install, user="sdkvm", stdin=wheels_tar(), timeout=300)
-        assert r.exit_status == 0, r
-
-        async def run(*steps: str) -> list[dict[str, Any]]:
-            r = await s.ssh(key, "cat > /tmp/sdk.py && eval \"$(curl -s 169.254.169.254/env | sed 's/^/export /')\" "
-                            "&& ~/sdk/bin/python /tmp/sdk.py " + " ".join(steps),
-                            user="sdkvm", stdin=CLIENT.encode(), timeout=120)
+            budget = 100  # tokens a day, whatever the tier: the anthropic stream below crosses it
+            web = await web_factory(llm={"providers": {"openai": {"base_url": base}, "anthropic": {"base_url": base}},
+                                         "budgets": {t: budget for t in ("newbie", "citizen", "operator", "admin")}},
+                                    agent_run_seconds=RUN_SECONDS)
+            require_full_image(web)
+            s = web.server
+            key = await s.register("sdkuser")
+            for name, secret in (("openai", "sk-openai-owner-0042"), ("anthropic", "sk-ant-owner-0042")):
+                assert (await s.ssh(key, "llm-key", "set", name, stdin=f"{secret}\n".encode())).exit_status == 0
+            r = await s.ssh(key, "new", "--name=sdkvm", "--image=ussyuntu", "--memory=1024", "--json", timeout=300)
             assert r.exit_status == 0, r
-            return [json.loads(line) for line in r.stdout.splitlines()]
+            install = ("rm -rf ~/wheels && mkdir ~/wheels && tar x -C ~/wheels && python3 -m venv ~/sdk && "
+                       "~/sdk/bin/pip install -q --no-index --find-links ~/wheels openai anthropic")
+            r = await s.ssh(key, install, user="sdkvm", stdin=wheels_tar(), timeout=300)
+            assert r.exit_status == 0, r
 
-        async def used() -> int:
-            return int(json.loads((await s.ssh(key, "llm", "usage", "--json")).stdout)["day"]["tokens"])
+            async def run(*steps: str) -> list[dict[str, Any]]:
+                r = await s.ssh(key, "cat > /tmp/sdk.py && "
+                                "eval \"$(curl -s 169.254.169.254/env | sed 's/^/export /')\" "
+                                "&& ~/sdk/bin/python /tmp/sdk.py " + " ".join(steps),
+                                user="sdkvm", stdin=CLIENT.encode(), timeout=120)
+                assert r.exit_status == 0, r
+                return [json.loads(line) for line in r.stdout.splitlines()]
 
-        out = await run("openai_json", "openai_stream", "anthropic_json")
-        assert out == [{"step": "openai_json", "text": "hello from openai", "tokens": 18},
-                       {"step": "openai_stream", "text": "streamed from openai", "tokens": 50},
-                       {"step": "anthropic_json", "text": "hello from anthropic", "tokens": 8}], out
-        assert set(provider.keys) == {("openai", "Bearer sk-openai-owner-0042"),
-                                      ("anthropic", "sk-ant-owner-0042")}, provider.keys
-        for _ in range(50):  # usage is written after the response ends
-            if await used() == 76:
-                break
-            await asyncio.sleep(0.1)
-        assert await used() == 76
+            async def used() -> int:
+                return int(json.loads((await s.ssh(key, "llm", "usage", "--json")).stdout)["day"]["tokens"])
 
-        # 76 used of 100: the stream is let in, reports 50 more and finishes whole; the next call is refused
-        out = await run("anthropic_stream")
-        assert out == [{"step": "anthropic_stream", "text": "streamed from anthropic", "tokens": 50}], out
-        for _ in range(50):
-            if await used() == 126:
-                break
-            await asyncio.sleep(0.1)
-        calls = len(provider.keys)
-        out = await run("openai_json", "anthropic_json")
-        assert [(o["error"], o["status"]) for o in out] == [("RateLimitError", 429)] * 2, out
-        assert all("budget" in o["message"] for o in out), out
-        assert len(provider.keys) == calls  # refused before the provider was called
-        usage = json.loads((await s.ssh(key, "llm", "usage", "--json")).stdout)
-        assert usage["day"]["tokens"] == 126 and usage["day"]["budget"] == budget, usage
-        assert usage["providers"]["openai"]["tokens"] == 68 and usage["providers"]["anthropic"]["tokens"] == 58
+            out = await run("openai_json", "openai_stream", "anthropic_json")
+            assert out == [{"step": "openai_json", "text": "hello from openai", "tokens": 18},
+                           {"step": "openai_stream", "text": "streamed from openai", "tokens": 50},
+                           {"step": "anthropic_json", "text": "hello from anthropic", "tokens": 8}], out
+            assert set(provider.keys) == {("openai", "Bearer sk-openai-owner-0042"),
+                                          ("anthropic", "sk-ant-owner-0042")}, provider.keys
+            for _ in range(50):  # usage is written after the response ends
+                if await used() == 76:
+                    break
+                await asyncio.sleep(0.1)
+            assert await used() == 76
 
-        # the real opencode, unattended, on another user's VM with a budget left: the same gateway, that owner's key
-        key2 = await s.register("ocuser")
-        assert (await s.ssh(key2, "llm-key", "set", "openai", stdin=b"sk-openai-other-0077\n")).exit_status == 0
-        r = await s.ssh(key2, "new", "--name=ocvm", "--image=ussyuntu", "--memory=1024", "--agent=opencode",
-                        "--prompt='say hello'", "--json", timeout=300)
-        assert r.exit_status == 0, r
+            # 76 used of 100: the stream is let in, reports 50 more and finishes whole; the next call is refused
+            out = await run("anthropic_stream")
+            assert out == [{"step": "anthropic_stream", "text": "streamed from anthropic", "tokens": 50}], out
+            for _ in range(50):
+                if await used() == 126:
+                    break
+                await asyncio.sleep(0.1)
+            calls = len(provider.keys)
+            out = await run("openai_json", "anthropic_json")
+            assert [(o["error"], o["status"]) for o in out] == [("RateLimitError", 429)] * 2, out
+            assert all("budget" in o["message"] for o in out), out
+            assert len(provider.keys) == calls  # refused before the provider was called
+            usage = json.loads((await s.ssh(key, "llm", "usage", "--json")).stdout)
+            assert usage["day"]["tokens"] == 126 and usage["day"]["budget"] == budget, usage
+            assert usage["providers"]["openai"]["tokens"] == 68 and usage["providers"]["anthropic"]["tokens"] == 58
 
-        async def agent_state(vm: str) -> str:
-            listing = json.loads((await s.ssh(key2, "ls", "--json")).stdout)
-            return str(next(v for v in listing if v["name"] == vm).get("agent", {}).get("state", ""))
+            # the real opencode, unattended, on another user's VM with a budget left: the same gateway, that owner's key
+            key2 = await s.register("ocuser")
+            assert (await s.ssh(key2, "llm-key", "set", "openai", stdin=b"sk-openai-other-0077\n")).exit_status == 0
+            r = await s.ssh(key2, "new", "--name=ocvm", "--image=ussyuntu", "--memory=1024", "--agent=opencode",
+                            "--prompt='say hello'", "--json", timeout=300)
+            assert r.exit_status == 0, r
 
-        for _ in range(180):
-            if await agent_state("ocvm") != "running":
-                break
-            await asyncio.sleep(1)
-        log = (await s.ssh(key2, "cat ~/.ussycode/agent.log", user="ocvm")).stdout
-        assert await agent_state("ocvm") == "done", log
-        assert "streamed from openai" in log, log
-        assert ("openai", "Bearer sk-openai-other-0077") in provider.keys[calls:]
-        assert {k for _, k in provider.keys[calls:]} == {"Bearer sk-openai-other-0077"}
+            async def agent_state(vm: str) -> str:
+                listing = json.loads((await s.ssh(key2, "ls", "--json")).stdout)
+                return str(next(v for v in listing if v["name"] == vm).get("agent", {}).get("state", ""))
 
-        # an unattended run whose provider never answers is stopped at agent_run_seconds and reported failed
-        r = await s.ssh(key2, "new", "--name=hangvm", "--image=ussyuntu", "--memory=1024", "--agent=pi",
-                        "--prompt=PLEASE-HANG-FOREVER", "--json", timeout=300)
-        assert r.exit_status == 0, r
-        for _ in range(120):
-            if await agent_state("hangvm") != "running":
-                break
-            await asyncio.sleep(1)
-        log = (await s.ssh(key2, "cat ~/.ussycode/agent.log", user="hangvm")).stdout
-        assert await agent_state("hangvm") == "failed", log
-        assert f"the agent ran longer than {RUN_SECONDS} s and was stopped" in log, log
-    finally:
-        provider.release.set()
-        server.should_exit = True
-        await asyncio.wait_for(serving, 15)
-        await tasks.close()
+            for _ in range(180):
+                if await agent_state("ocvm") != "running":
+                    break
+                await asyncio.sleep(1)
+            log = (await s.ssh(key2, "cat ~/.ussycode/agent.log", user="ocvm")).stdout
+            assert await agent_state("ocvm") == "done", log
+            assert "streamed from openai" in log, log
+            assert ("openai", "Bearer sk-openai-other-0077") in provider.keys[calls:]
+            assert {k for _, k in provider.keys[calls:]} == {"Bearer sk-openai-other-0077"}
+
+            # an unattended run whose provider never answers is stopped at agent_run_seconds and reported failed
+            r = await s.ssh(key2, "new", "--name=hangvm", "--image=ussyuntu", "--memory=1024", "--agent=pi",
+                            "--prompt=PLEASE-HANG-FOREVER", "--json", timeout=300)
+            assert r.exit_status == 0, r
+            for _ in range(120):
+                if await agent_state("hangvm") != "running":
+                    break
+                await asyncio.sleep(1)
+            log = (await s.ssh(key2, "cat ~/.ussycode/agent.log", user="hangvm")).stdout
+            assert await agent_state("hangvm") == "failed", log
+            assert f"the agent ran longer than {RUN_SECONDS} s and was stopped" in log, log
+        finally:
+            provider.release.set()  # the request that hangs on purpose ends, so the server can stop
 

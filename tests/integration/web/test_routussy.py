@@ -5,22 +5,18 @@ fingerprint, never by the VM with a credential."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ussycode.tasks import TaskGroup
-
-from .conftest import free_port
+from .conftest import serve_local
 from .test_llm_gateway import in_vm
 
 pytestmark = pytest.mark.asyncio
@@ -62,14 +58,7 @@ class FakeRoutussy:
 
 async def test_routussy_gates_registration_and_serves_llm(web_factory, needs_vms: None) -> None:
     fake = FakeRoutussy()
-    port = free_port()
-    tasks = TaskGroup("fake-routussy")
-    server = uvicorn.Server(uvicorn.Config(fake.app(), host="127.0.0.1", port=port, log_level="warning",
-                                           lifespan="off"))
-    serving = tasks.spawn(server.serve(), "fake-routussy")
-    while not server.started:
-        await asyncio.sleep(0.01)
-    try:
+    async with serve_local(fake.app(), "fake-routussy") as port:
         web = await web_factory(routussy_url=f"http://127.0.0.1:{port}", routussy_key=SECRET,
                                 trusted_cidrs="127.0.0.9/32")
         s = web.server
@@ -106,10 +95,6 @@ async def test_routussy_gates_registration_and_serves_llm(web_factory, needs_vms
                         "'http://169.254.169.254/env').read().decode() + u.urlopen('http://169.254.169.254/')"
                         ".read().decode())\"", user="rvm")
         assert r.exit_status == 0 and SECRET not in r.stdout
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(serving, 15)
-        await tasks.close()
     # Routussy gone: new keys are refused (fail closed), existing users go on
     r = await s.ssh(stranger, "register", "stranger")
     assert r.exit_status == 1 and "could not be reached" in r.stderr, r

@@ -8,9 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ussycode.runtime.images import ImageStore
-
-from .conftest import browser_client
+from .conftest import browser_client, require_full_image, serve_local
 
 pytestmark = pytest.mark.asyncio
 SHIPPED = {"blank", "python-web", "node-web", "static-site", "agent-playground"}
@@ -60,10 +58,7 @@ async def test_templates_make_working_vms(web, needs_vms: None) -> None:
 
 
 async def test_web_templates_in_the_full_image(web, needs_vms: None) -> None:
-    try:
-        ImageStore(web.server.app.settings.images_path).resolve("ussyuntu")
-    except Exception:  # noqa: BLE001 - the full image takes minutes to build: only where it exists
-        pytest.skip("the full image is not built here (ussycode image build --name ussyuntu)")
+    require_full_image(web)
     s = web.server
     key = await s.register("webber")
     for name, vm, words in (("python-web", "pyweb", "Hello from python-web"), ("node-web", "nodeweb",
@@ -82,15 +77,10 @@ async def test_agents_and_lessons_in_the_full_image(web_factory, needs_vms: None
     agent) turn done on that real state."""
     import asyncio
 
-    import uvicorn
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import Response, StreamingResponse
     from starlette.routing import Route
-
-    from ussycode.tasks import TaskGroup
-
-    from .conftest import free_port
 
     seen: list[str] = []
 
@@ -110,19 +100,10 @@ async def test_agents_and_lessons_in_the_full_image(web_factory, needs_vms: None
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
-    port = free_port()
-    tasks = TaskGroup("provider")
-    provider = uvicorn.Server(uvicorn.Config(Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])]),
-                                             host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
-    serving = tasks.spawn(provider.serve(), "provider")
-    while not provider.started:
-        await asyncio.sleep(0.01)
-    try:
+    async with serve_local(Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])]),
+                           "provider") as port:
         web = await web_factory(llm={"providers": {"openai": {"base_url": f"http://127.0.0.1:{port}"}}})
-        try:
-            ImageStore(web.server.app.settings.images_path).resolve("ussyuntu")
-        except Exception:  # noqa: BLE001 - only where the full image is built
-            pytest.skip("the full image is not built here (ussycode image build --name ussyuntu)")
+        require_full_image(web)
         s = web.server
         key = await s.register("kim")
         assert (await s.ssh(key, "llm-key", "set", "openai", stdin=b"sk-kim-owner-0001\n")).exit_status == 0
@@ -156,7 +137,3 @@ async def test_agents_and_lessons_in_the_full_image(web_factory, needs_vms: None
                 break
             await asyncio.sleep(1)
         assert await agent_state("kimplay") == "done"
-    finally:
-        provider.should_exit = True
-        await asyncio.wait_for(serving, 15)
-        await tasks.close()
