@@ -36,6 +36,7 @@ from ussycode.auth.keys import parse_authorized_key
 from ussycode.config import load_settings
 from ussycode.proxy.bridge import Forwarder, pipe
 from ussycode.proxy.front import FrontSettings, build_public_route
+from ussycode.proxy.hosts import PublicHosts
 from ussycode.proxy.manager import caddy_binary
 from ussycode.proxy.routes import ServerSettings
 
@@ -86,37 +87,34 @@ async def direct_bridge(app: App, vm_id: str) -> tuple[asyncio.Server, int]:
 
 
 # The public path taken apart (diagnostic rows): the same Caddy binary and small server, adding one part at a time.
-PARTS = ("chain", "chain_file", "forwarder", "chain_file_forwarder")
+PARTS = ("chain", "forwarder", "chain_forwarder")
 PART_HOST = "part.localhost"
 
 
 async def baseline_caddy(tmp: Path) -> tuple[list[Any], int, dict[str, int]]:
     """The same small server on a host loopback port, behind the same Caddy binary (a plain reverse_proxy), plus
     servers that add the public path's parts one at a time: the trust chain (the production public route's
-    handlers, dialing the server's TCP port), the chain behind the public-host file check, a plain proxy through
-    the production forwarder (``systemd-socket-proxyd``, here in the host's namespace), and all three."""
+    handlers, dialing the server's TCP port), a plain proxy through the production forwarder
+    (``systemd-socket-proxyd``, here in the host's namespace), and the production public route dialing that
+    forwarder as a public host's listener."""
     server_port, caddy_port = free_port(), free_port()
     script = tmp / "srv.py"
     script.write_text(VM_SERVER)
     srv = await asyncio.create_subprocess_exec(sys.executable, str(script), str(server_port))
-    markers = tmp / "markers"
-    markers.mkdir()
-    (markers / PART_HOST).touch()
-    forwarder = Forwarder(Path("/proc/self/ns/net"), "bench", server_port, tmp / "fwd.sock")
+    hosts = PublicHosts(tmp / "front")
+    hosts.sockets.mkdir(parents=True)
+    forwarder = Forwarder(Path("/proc/self/ns/net"), "bench", server_port, hosts.sockets / PART_HOST)
     await forwarder.start()
-
-    def public_route(dial: str) -> dict[str, Any]:
-        settings = ServerSettings(domain="localhost", http_addr="127.0.0.1:9")  # /__ussycode/* is never asked
-        front = FrontSettings(auth_url="http://127.0.0.1:9/auth", public_markers=str(markers), public_dial=dial)
-        return build_public_route(settings, front)
-
+    settings = ServerSettings(domain="localhost", http_addr="127.0.0.1:9")  # /__ussycode/* is never asked
+    public = build_public_route(settings, FrontSettings("http://127.0.0.1:9/auth", hosts.dial_template()))
+    assert public is not None
     tcp = f"127.0.0.1:{server_port}"
+    chain = public["handle"][:-1] + [{**public["handle"][-1], "upstreams": [{"dial": tcp}]}]
     routes = {
         "baseline": {"handle": [{"handler": "reverse_proxy", "upstreams": [{"dial": tcp}]}]},
-        "chain": {"handle": public_route(tcp)["handle"]},
-        "chain_file": public_route(tcp),
+        "chain": {"handle": chain},
         "forwarder": {"handle": [{"handler": "reverse_proxy", "upstreams": [{"dial": forwarder.dial}]}]},
-        "chain_file_forwarder": public_route(forwarder.dial),
+        "chain_forwarder": public,
     }
     ports = {name: (caddy_port if name == "baseline" else free_port()) for name in routes}
     servers = {name: {"listen": [f"127.0.0.1:{ports[name]}"], "automatic_https": {"disable": True},
@@ -313,13 +311,14 @@ def report(results: dict[str, Any], duration: float, connections: int) -> None:
              "req/s per round: " + "; ".join(f"{k} {v['rounds_rps']}" for k, v in results.items()
                                              if isinstance(v, dict) and "rounds_rps" in v),
              "baseline = the same Caddy binary, plain reverse_proxy to the same small server on a host loopback "
-             "port; public = wrk -> Caddy (static config, file check) -> C forwarder in the VM's namespace -> VM; "
+             "port; public = wrk -> Caddy (static config, dials the host's public socket) -> C forwarder in the "
+             "VM's namespace -> VM; "
              "private adds forward-auth (app server, cached decision inputs) on every request; public_signed_in "
              "adds forward-auth for the identity headers; direct = the Python port bridge on a TCP port",
-             "caddy_chain/_chain_file/_forwarder/_chain_file_forwarder = the baseline's Caddy and server with "
-             "the public path's parts added one at a time (the production public route's trust chain, its "
-             "public-host file check, the production C forwarder on the host); what separates "
-             "caddy_chain_file_forwarder from public is the VM (its CPU and priority limits, its namespace)",
+             "caddy_chain/_forwarder/_chain_forwarder = the baseline's Caddy and server with the public path's "
+             "parts added one at a time (the production public route's trust chain, the production C forwarder "
+             "on the host, both); what separates caddy_chain_forwarder from public is the VM (its CPU and "
+             "priority limits, its namespace)",
              f"route changes: share set-public -> URL answers in max {max(ttp) * 1000:.2f} ms over {len(ttp)} "
              f"rounds; {busy['changes']} set-public/set-private changes of another VM ran during the busy case",
              "app-server connections closed (TIME-WAIT) during each case: " + ", ".join(

@@ -253,6 +253,9 @@ class Forwarder:
             self.path.unlink()
 
 
+Bridge = PortBridge | Forwarder
+
+
 class BridgeManager:
     """Owns every port bridge under ``<run_dir>/bridges``. ``dial_address`` is pure, so routes can be built
     before (or without) the bridge existing: a missing socket simply makes Caddy answer 502. A C
@@ -287,7 +290,7 @@ class BridgeManager:
     def dial_address(self, vm_id: str, port: int) -> str:
         return f"unix/{self.socket_path(vm_id, port)}"
 
-    async def ensure(self, vm_id: str, port: int) -> PortBridge | Forwarder:
+    async def ensure(self, vm_id: str, port: int) -> Bridge:
         """Start the bridge for (vm_id, port) if it is not running (or its forwarder died). Idempotent."""
         async with self._lock:
             bridge = self._bridges.get((vm_id, port))
@@ -296,20 +299,42 @@ class BridgeManager:
                     return bridge
                 log.warning("forwarder for %s:%d exited; restarting it", vm_id, port)
                 await bridge.close()
-            self.dir.mkdir(parents=True, exist_ok=True)
-            # Group may enter (a Caddy in our group); others never reach a socket, even before its chmod.
-            os.chmod(self.dir, 0o750)  # noqa: S103
-            path = self.socket_path(vm_id, port)
-            netns_path = await self._netns(vm_id, port)
-            new: PortBridge | Forwarder
-            if netns_path is not None:
-                new = Forwarder(netns_path, vm_id, port, path, mode=self.mode)
-            else:
-                new = PortBridge(self.opener, vm_id, port, path, mode=self.mode,
-                                 connect_timeout=self.connect_timeout)
-            await new.start()
+            self._prepare_dir()
+            new = await self._start(vm_id, port, self.socket_path(vm_id, port))
             self._bridges[(vm_id, port)] = new
             return new
+
+    def _prepare_dir(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        # Group may enter (a Caddy in our group); others never reach a socket, even before its chmod.
+        os.chmod(self.dir, 0o750)  # noqa: S103
+
+    async def _start(self, vm_id: str, port: int, path: Path) -> Bridge:
+        netns_path = await self._netns(vm_id, port)
+        new: Bridge
+        if netns_path is not None:
+            new = Forwarder(netns_path, vm_id, port, path, mode=self.mode)
+        else:
+            new = PortBridge(self.opener, vm_id, port, path, mode=self.mode, connect_timeout=self.connect_timeout)
+        await new.start()
+        return new
+
+    async def open_at(self, vm_id: str, port: int, path: Path) -> Bridge:
+        """A bridge of its own for (vm_id, port), listening at ``path``; the caller owns it (``close()`` ends
+        its connections and removes ``path``). Bound in our directory (a socket address has 107 bytes) and
+        renamed into place."""
+        self.socket_path(vm_id, port)  # the checks (and a shorter name than it fits)
+        async with self._lock:  # one temporary name (forwarders started here log to .own.log)
+            self._prepare_dir()
+            tmp = self.dir / ".own.sock"
+            new = await self._start(vm_id, port, tmp)
+            try:
+                os.replace(tmp, path)
+            except OSError:
+                await new.close()
+                raise
+        new.path = path
+        return new
 
     async def _netns(self, vm_id: str, port: int) -> Path | None:
         """Where a C forwarder can reach the port, or None for the Python bridge."""

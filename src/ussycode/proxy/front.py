@@ -2,22 +2,26 @@
 
 No VM change (create, start, stop, rename, rm, share) ever changes Caddy's config, so Caddy never reloads
 because of one and no in-flight request, stream or WebSocket is cut. The routing table lives in the app
-server (forward-auth names the upstream) and, for public hosts, in files (:mod:`ussycode.proxy.hosts`).
+server (forward-auth names the upstream) and, for public hosts, in the file system (:mod:`ussycode.proxy.hosts`:
+``<hosts>/sockets/<host>`` exists only for a public URL of a running VM).
 
 Routes of our server, in order:
 
 1. ``ussycode-apex`` — the domain itself -> the app server (API, ``/exec``, sign-in).
-2. ``ussycode-public`` — a host with a marker ``<hosts>/public/<host>`` (a public URL of a running VM) -> its
-   forwarder socket ``<hosts>/sockets/<host>``, with no Python on the path. Only a request carrying our session
-   cookie asks forward-auth, for the visitor's identity headers (anonymous visitors stay fast).
-3. ``ussycode-vms`` — every other host -> forward-auth, which decides access for private URLs, answers unknown
-   hosts (404) and stopped VMs (a page) itself, and on "allow" names the VM's forwarder socket in the
-   ``X-Ussy-Upstream`` response header; Caddy keeps it in a variable and dials it.
+2. ``ussycode-credentials`` — a request carrying one of our credentials (session or share-link cookie, share-link
+   parameter, platform token) -> forward-auth, which decides access (private URLs) or names the signed-in visitor
+   (public URLs) and names the upstream in ``X-Ussy-Upstream``; Caddy keeps it in a variable and dials it.
+3. ``ussycode-public`` — every other request to a plain host name -> dials ``<hosts>/sockets/<host>``, with no
+   Python and no extra check on the path: only a public host has that socket. For any other host the dial fails
+   with "no such file" before a byte is sent, and the server's error routes hand the untouched request (body
+   included: Caddy 2.11.2 and later keep it on dial errors) to the forward-auth chain, which answers private URLs
+   (sign-in), unknown hosts (404) and stopped VMs (a page) itself.
+4. ``ussycode-vms`` — any other host (upper case, odd characters) -> the forward-auth chain.
 
-Both VM routes run the trust boundary's handler chain (:mod:`ussycode.proxy.hygiene`, in its order): strip
+Every VM route runs the trust boundary's handler chain (:mod:`ussycode.proxy.hygiene`, in its order): strip
 client identity headers in every spelling, ``/__ussycode/*`` to the app server, the access decision, strip our
-credentials, proxy. A 502/504 from a VM (nothing listens on the port) becomes a
-page (HTML for browsers, JSON otherwise) in the server's error routes.
+credentials, proxy. A 502/504 from a VM (nothing listens on the port) becomes a page (HTML for browsers, JSON
+otherwise) in the server's error routes.
 
 TLS: ``--tls internal`` keeps a wildcard certificate ``*.<domain>`` (and the apex) from Caddy's local CA, so
 every VM URL, every port URL and unknown hosts complete a handshake; custom domains get on-demand
@@ -27,10 +31,17 @@ permission endpoint (``tls-ask``) approves it (existing VM hosts, their port hos
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
-from ussycode.proxy.hygiene import ours_route, strip_client_identity, strip_platform_credentials
+from ussycode.proxy.hygiene import (
+    PLATFORM_TOKEN_RE,
+    SHARE_PARAM,
+    ours_route,
+    strip_client_identity,
+    strip_platform_credentials,
+)
 from ussycode.proxy.routes import (
     JSON,
     SERVER_NAME,
@@ -48,13 +59,16 @@ from ussycode.proxy.routes import (
 UPSTREAM_HEADER = "X-Ussy-Upstream"
 UPSTREAM_VAR = "ussy_upstream"
 PUBLIC_ROUTE_ID = "ussycode-public"
+CREDENTIALS_ROUTE_ID = "ussycode-credentials"
 VMS_ROUTE_ID = "ussycode-vms"
 # Streams (WebSockets) stay open this long after a config unload (only an attached Caddy's own reloads).
 STREAM_CLOSE_DELAY = "24h"
-# Our session cookie (``__Host-`` prefixed unless --tls off): a public VM asks forward-auth only when present.
-SESSION_COOKIE_RE = r"(^|;)[ \t]*(__Host-)?ussy_session="
-# Host names the fast path may turn into a file name (anything else goes through forward-auth).
-FAST_HOST_RE = r"^[a-z0-9][a-z0-9.-]*$"
+# Our session and share-link cookies (``__Host-`` prefixed unless --tls off): credentials forward-auth reads.
+CREDENTIAL_COOKIE_RE = r"(^|;)[ \t]*(__Host-)?ussy_(session|share_[A-Za-z0-9_-]*)="
+# Host names the fast path may turn into a file name (anything else goes through forward-auth); the length is
+# bounded so that the socket path fits in a unix socket address (a longer one would fail otherwise than "no such file").
+FAST_HOST_RE = r"^[a-z0-9][a-z0-9.-]{0,%d}$"
+MAX_UNIX_PATH = 107
 
 NOT_ANSWERING_HTML = (
     "<!doctype html><html><head><meta charset=utf-8><title>Nothing answers on this port</title></head><body>"
@@ -71,13 +85,31 @@ NOT_ANSWERING_JSON = (
 class FrontSettings:
     """What the static VM routes need besides :class:`ServerSettings`.
 
-    ``auth_url``: the forward-auth endpoint (with its key); ``public_markers``/``public_dial``: the
-    :class:`~ussycode.proxy.hosts.PublicHosts` directory Caddy checks and the dial template for it.
+    ``auth_url``: the forward-auth endpoint (with its key); ``public_dial``: the dial template of public hosts'
+    sockets (``unix/<dir>/{http.request.host}``, :meth:`~ussycode.proxy.hosts.PublicHosts.dial_template`).
     """
 
     auth_url: str
-    public_markers: str
     public_dial: str
+
+    def __post_init__(self) -> None:
+        if not self.public_dial.startswith("unix/") or not self.public_dial.endswith("/{http.request.host}"):
+            raise ValueError(f"public hosts are dialed as unix/<dir>/{{http.request.host}}, got {self.public_dial!r}")
+
+    @property
+    def _sockets(self) -> str:
+        return self.public_dial.removeprefix("unix/").removesuffix("{http.request.host}")
+
+    @property
+    def fast_host_re(self) -> str | None:
+        """The host names the public route dials (None: the directory's path leaves no room for one)."""
+        room = MAX_UNIX_PATH - len(self._sockets.encode())
+        return FAST_HOST_RE % (room - 1) if room >= 1 else None
+
+    @property
+    def not_public_error(self) -> str:
+        """A regexp for the error of dialing a host that has no public socket (the dial sent nothing)."""
+        return "^dial unix " + re.escape(self._sockets) + "[^/]*: connect: no such file or directory$"
 
 
 def vm_chain(upstream: str, app: str, decision: JSON | None, proxy_key: str = "") -> list[JSON]:
@@ -102,30 +134,26 @@ def forward_auth_with_upstream(auth_url: str, proxy_key: str = "") -> JSON:
     return handler
 
 
-def identity_if_signed_in(auth_url: str, proxy_key: str = "") -> JSON:
-    """On a public host: ask forward-auth only when the request carries our session cookie."""
-    return {
-        "handler": "subroute",
-        "routes": [
-            {
-                "match": [{"header_regexp": {"Cookie": {"pattern": SESSION_COOKIE_RE}}}],
-                "handle": [forward_auth_handler(auth_url, proxy_key=proxy_key)],
-            }
-        ],
-    }
+def credential_matchers() -> list[JSON]:
+    """Any of our credentials in a request (matcher sets are alternatives)."""
+    return [
+        {"header_regexp": {"Cookie": {"pattern": CREDENTIAL_COOKIE_RE}}},
+        {"header_regexp": {"Authorization": {"pattern": PLATFORM_TOKEN_RE}}},
+        {"query": {SHARE_PARAM: ["*"]}},
+    ]
 
 
-def build_public_route(settings: ServerSettings, front: FrontSettings) -> JSON:
+def build_credentials_route(settings: ServerSettings, front: FrontSettings) -> JSON:
+    return {**build_vms_route(settings, front), "@id": CREDENTIALS_ROUTE_ID, "match": credential_matchers()}
+
+
+def build_public_route(settings: ServerSettings, front: FrontSettings) -> JSON | None:
+    if front.fast_host_re is None:
+        return None
     return {
         "@id": PUBLIC_ROUTE_ID,
-        "match": [
-            {
-                "vars_regexp": {"{http.request.host}": {"pattern": FAST_HOST_RE}},
-                "file": {"root": front.public_markers, "try_files": ["/{http.request.host}"]},
-            }
-        ],
-        "handle": vm_chain(front.public_dial, settings.http_addr,
-                           identity_if_signed_in(front.auth_url, settings.proxy_key), settings.proxy_key),
+        "match": [{"vars_regexp": {"{http.request.host}": {"pattern": front.fast_host_re}}}],
+        "handle": vm_chain(front.public_dial, settings.http_addr, None, settings.proxy_key),
         "terminal": True,
     }
 
@@ -144,38 +172,52 @@ def _static(status: int | str, content_type: str, body: str) -> JSON:
             "headers": {"Content-Type": [content_type], "Cache-Control": ["no-store"]}, "body": body}
 
 
-def build_front_errors(domain: str) -> JSON:
+def vm_down_routes(domain: str) -> list[JSON]:
     """A 502/503/504 from a VM (its forwarder connected, nothing listens, or it timed out) -> a clear page."""
     vm_down: JSON = {"vars": {"{http.error.status_code}": ["502", "503", "504"]}, "not": [{"host": [domain]}]}
-    return {
-        "routes": [
-            {
-                "match": [{**vm_down, "header": {"Accept": ["*text/html*"]}}],
-                "handle": [_static(502, "text/html; charset=utf-8", NOT_ANSWERING_HTML)],
-                "terminal": True,
-            },
-            {
-                "match": [vm_down],
-                "handle": [_static(502, "application/json", NOT_ANSWERING_JSON)],
-                "terminal": True,
-            },
-            {
-                "handle": [_static("{http.error.status_code}", "text/plain; charset=utf-8",
-                                   "{http.error.status_code} {http.error.status_text}\n")],
-                "terminal": True,
-            },
-        ]
+    return [
+        {
+            "match": [{**vm_down, "header": {"Accept": ["*text/html*"]}}],
+            "handle": [_static(502, "text/html; charset=utf-8", NOT_ANSWERING_HTML)],
+            "terminal": True,
+        },
+        {
+            "match": [vm_down],
+            "handle": [_static(502, "application/json", NOT_ANSWERING_JSON)],
+            "terminal": True,
+        },
+        {
+            "handle": [_static("{http.error.status_code}", "text/plain; charset=utf-8",
+                               "{http.error.status_code} {http.error.status_text}\n")],
+            "terminal": True,
+        },
+    ]
+
+
+def build_front_errors(settings: ServerSettings, front: FrontSettings) -> JSON:
+    """The server's error routes: a host the public route could not dial (it has no public socket, so nothing
+    was sent) goes through the forward-auth chain, in a subroute with its own pages; everything else -> a page."""
+    not_public: JSON = {"vars_regexp": {"{http.error.message}": {"pattern": front.not_public_error}},
+                        "not": [{"host": [settings.domain]}]}
+    fallback = {
+        "handler": "subroute",
+        "routes": [{"handle": build_vms_route(settings, front)["handle"]}],
+        "errors": {"routes": vm_down_routes(settings.domain)},
     }
+    return {"routes": [{"match": [not_public], "handle": [fallback], "terminal": True},
+                       *vm_down_routes(settings.domain)]}
 
 
 def build_front_server(settings: ServerSettings, front: FrontSettings) -> JSON:
-    """Our HTTP server: apex, public fast path, every other host through forward-auth."""
+    """Our HTTP server: apex, credentials through forward-auth, the public fast path, every other host through
+    forward-auth."""
     apex = build_route(Route(RouteKind.APEX, settings.domain, settings.http_addr, public=True,
                              proxy_key=settings.proxy_key))
     server: JSON = {
         "listen": [listen_address(settings.https_addr)],
-        "routes": [apex, build_public_route(settings, front), build_vms_route(settings, front)],
-        "errors": build_front_errors(settings.domain),
+        "routes": [route for route in (apex, build_credentials_route(settings, front),
+                                       build_public_route(settings, front), build_vms_route(settings, front)) if route],
+        "errors": build_front_errors(settings, front),
     }
     if settings.tls is TlsMode.OFF:
         server["automatic_https"] = {"disable": True}

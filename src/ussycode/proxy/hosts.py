@@ -1,41 +1,48 @@
-"""The public half of the routing table, as files Caddy checks on each request (no Caddy change per VM).
+"""The public half of the routing table: a listening socket per public host, which Caddy dials by host name.
 
-Caddy's static config serves a host without asking the app server when ``<base>/public/<host>`` exists (a
-regular file: Caddy's ``file`` matcher) and then dials ``unix/<base>/sockets/<host>``, a symlink to the VM's
-forwarder socket. Every other host goes through forward-auth, which names the upstream itself. So making a VM
-public or private, renaming, starting or stopping it is a couple of ``rename(2)``/``unlink(2)`` calls here:
-in-flight requests, downloads and WebSockets of every VM are never touched.
+Caddy's static config dials ``unix/<base>/sockets/<host>`` for every request to a plain host name that carries
+none of our credentials. That name exists only for a public URL of a running VM: a port bridge of its own
+(:meth:`~ussycode.proxy.bridge.BridgeManager.open_at`) into the VM's port. For any other host the dial fails
+with "no such file" before anything is sent, and the request goes through forward-auth, which names the
+upstream itself. Making a VM public or private, renaming, starting or stopping it opens or closes a listener
+here: Caddy's config never changes, and in-flight requests, downloads and WebSockets of other hosts are never
+touched.
 
-Order keeps each step safe: the socket link is in place before its marker appears, and the marker goes before
-the link. A Caddy this server starts runs in ``<base>`` and dials the relative ``unix/sockets/<host>``, so a long
-data dir does not matter; an attached Caddy dials the absolute path, and a host whose path would not fit in a
-unix socket address (107 bytes) is left out there (it is still served, through forward-auth).
+Each host's listener is its own because Caddy keeps idle connections per dial address, that is per host name:
+when a host stops being public (or its name moves to another VM), its socket is removed first (new requests
+fall back to forward-auth) and then its bridge is closed, which ends the connections Caddy kept for that name,
+so no kept connection can carry a later request to the VM that had the name.
+
+A Caddy this server starts runs in ``<base>`` and dials the relative ``unix/sockets/<host>``, so a long data
+dir does not matter; an attached Caddy dials the absolute path, and a host whose path would not fit in a unix
+socket address (107 bytes) is left out there (it is still served, through forward-auth).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from ussycode.errors import UssyError
+from ussycode.proxy.bridge import Bridge, BridgeManager, Forwarder
+from ussycode.proxy.front import MAX_UNIX_PATH
 from ussycode.proxy.routes import valid_host
 
 log = logging.getLogger(__name__)
 
-MAX_UNIX_PATH = 107
 
 
 class PublicHosts:
-    """``<base>/public/<host>`` markers and ``<base>/sockets/<host>`` links for public hosts of running VMs."""
+    """``<base>/sockets/<host>``: a listener per public host of a running VM, each into (VM id, port)."""
 
     def __init__(self, base: Path, *, relative: bool = False) -> None:
         """``relative``: Caddy runs with ``base`` as its working directory (a Caddy this server starts)."""
         self.base = Path(base)
-        self.markers = self.base / "public"
         self.sockets = self.base / "sockets"
         self.relative = relative
+        self._open: dict[str, tuple[tuple[str, int], Bridge]] = {}
 
     @property
     def _dial_dir(self) -> Path:
@@ -47,49 +54,36 @@ class PublicHosts:
     def fits(self, host: str) -> bool:
         return len(str(self._dial_dir / host)) <= MAX_UNIX_PATH
 
-    def current(self) -> dict[str, str]:
-        """host -> socket path for every host served on the fast path now."""
-        result: dict[str, str] = {}
-        if not self.markers.is_dir():
-            return result
-        for marker in self.markers.iterdir():
-            with contextlib.suppress(OSError):
-                result[marker.name] = os.readlink(self.sockets / marker.name)
-        return result
+    def current(self) -> dict[str, tuple[str, int]]:
+        """host -> (VM id, port) for every host served on the fast path now."""
+        return {host: key for host, (key, _) in self._open.items()}
 
-    def sync(self, wanted: Mapping[str, Path | str]) -> None:
-        """Make the public hosts exactly ``wanted`` (host -> the forwarder socket it dials)."""
-        for d in (self.base, self.markers, self.sockets):
-            d.mkdir(parents=True, exist_ok=True)
-        want = {h: str(p) for h, p in wanted.items() if valid_host(h) and self.fits(h)}
+    async def sync(self, wanted: Mapping[str, tuple[str, int]], bridges: BridgeManager) -> None:
+        """Make the public hosts exactly ``wanted`` (host -> (VM id, port)); listeners come from ``bridges``."""
+        self.sockets.mkdir(parents=True, exist_ok=True)
+        want = {h: key for h, key in wanted.items() if valid_host(h) and self.fits(h)}
         for host in sorted(set(wanted) - set(want)):
             log.debug("public host %s served through forward-auth (name too long for the fast path)", host)
-        have = {m.name for m in self.markers.iterdir()}
-        for host in sorted(have - set(want)):
-            with contextlib.suppress(FileNotFoundError):
-                (self.markers / host).unlink()
-            with contextlib.suppress(FileNotFoundError):
-                (self.sockets / host).unlink()
-        for host, target in sorted(want.items()):
-            link = self.sockets / host
-            try:
-                same = os.readlink(link) == target
-            except OSError:
-                same = False
-            if not same:
-                tmp = self.sockets / f".{host}.tmp"
+        for host, (key, bridge) in sorted(self._open.items()):
+            if want.get(host) != key or (isinstance(bridge, Forwarder) and not bridge.alive):
+                await self._close(host)
+        for entry in self.sockets.iterdir():
+            if entry.name not in self._open:  # a previous server's, or left by a crash
                 with contextlib.suppress(FileNotFoundError):
-                    tmp.unlink()
-                tmp.symlink_to(target)
-                tmp.replace(link)  # atomic: a request sees the old socket or the new one
-            marker = self.markers / host
-            if not marker.exists():
-                marker.touch()
-        # Links without a marker (a crash between steps) are dead weight: drop them.
-        for link in self.sockets.iterdir():
-            if link.name not in want:
-                with contextlib.suppress(FileNotFoundError):
-                    link.unlink()
+                    entry.unlink()
+        for host, key in sorted(want.items()):
+            if host not in self._open:
+                try:
+                    self._open[host] = (key, await bridges.open_at(*key, self.sockets / host))
+                except (OSError, UssyError) as exc:  # served through forward-auth meanwhile
+                    log.warning("public host %s: no listener (%s); forward-auth serves it", host, exc)
 
-    def clear(self) -> None:
-        self.sync({})
+    async def _close(self, host: str) -> None:
+        _, bridge = self._open.pop(host)
+        with contextlib.suppress(FileNotFoundError):
+            (self.sockets / host).unlink()  # first: from now on Caddy's dial fails and falls back
+        await bridge.close()  # then: the connections Caddy kept for this name end
+
+    async def clear(self) -> None:
+        for host in sorted(self._open):
+            await self._close(host)

@@ -37,7 +37,9 @@ class CaddyState(enum.StrEnum):
     FAILED = "failed"
 
 
-MIN_CADDY_VERSION = (2, 8, 0)  # request_header ops and rewrite query ops the routes rely on
+# Request header ops, rewrite query ops, and (2.11.2) a request body kept intact when a dial fails, which the
+# fallback from the public fast path to forward-auth relies on.
+MIN_CADDY_VERSION = (2, 11, 2)
 
 
 def caddy_binary() -> str:
@@ -253,7 +255,7 @@ class ManagedCaddy:
 
 
 class ExternalCaddy:
-    """An existing Caddy (``--caddy-admin``, version >= 2.8): we put our server into it and never stop it.
+    """An existing Caddy (``--caddy-admin``, version >= 2.11.2): we put our server into it and never stop it.
 
     Our server's config is static, so it is written once at start (and again if that Caddy restarted without
     it); the owner's other servers and apps are left alone."""

@@ -5,9 +5,10 @@ in-flight request. The DB is the truth; :meth:`RouteService.reconcile` derives f
 
 - the forwarders to run (:class:`~ussycode.proxy.bridge.BridgeManager`): port 8080 and every public port of each
   running VM, plus the ports forward-auth opened on demand while their VM runs;
-- the public hosts served without asking the app server (:class:`~ussycode.proxy.hosts.PublicHosts`):
-  ``<vm>.<domain>`` and the VM's verified custom domains when port 8080 is public, ``<port>-<vm>.<domain>`` for
-  each other public port — running VMs only (a stopped VM's URL goes through forward-auth, which answers a page).
+- the public hosts served without asking the app server (:class:`~ussycode.proxy.hosts.PublicHosts`, a listener
+  each): ``<vm>.<domain>`` and the VM's verified custom domains when port 8080 is public, ``<port>-<vm>.<domain>``
+  for each other public port — running VMs only (a stopped VM's URL goes through forward-auth, which answers a
+  page).
 
 It runs at start-up, on every VM or sharing event (before the command that caused it returns) and on a timer.
 Private URLs, unknown hosts and stopped VMs are answered per request by forward-auth (``api/web.py``), which
@@ -113,7 +114,7 @@ class RouteService:
             covers = self._requested
             wanted, hosts = await self.desired()
             await self.bridges.sync(wanted)
-            self.hosts.sync({host: self.bridges.socket_path(*key) for host, key in hosts.items()})
+            await self.hosts.sync(hosts, self.bridges)
             self._covered = covers
 
     async def ensure_bridge(self, vm_id: str, port: int) -> str:
@@ -166,7 +167,7 @@ class HttpsEntry:
         self.services.routes = routes
         routes.health = self.health
         await routes.reconcile()
-        front = FrontSettings(routes.auth_url, str(hosts.markers), hosts.dial_template())
+        front = FrontSettings(routes.auth_url, hosts.dial_template())
         if s.caddy_admin:
             self.caddy = ExternalCaddy(s.caddy_admin, build_front_server(ss, front), build_front_apps(ss))
         else:
@@ -251,4 +252,4 @@ class HttpsEntry:
             await self.caddy.stop()
         if self.routes is not None:
             await self.routes.bridges.close()
-            self.routes.hosts.clear()
+            await self.routes.hosts.clear()

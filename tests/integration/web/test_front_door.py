@@ -9,6 +9,7 @@ import contextlib
 import hashlib
 import json
 import os
+import secrets
 import signal
 import time
 from collections.abc import Callable
@@ -19,6 +20,7 @@ import httpx
 import pytest
 
 from ussycode.proxy.manager import ManagedCaddy
+from ussycode.telemetry import FORWARD_AUTH
 
 from .conftest import Web, browser_client, free_port
 
@@ -338,3 +340,134 @@ async def test_public_vm_names_signed_in_visitors_only(web: Web, needs_vms: None
         assert r.status_code == 200 and not [k for k in r.json()["headers"] if k.startswith("x-ussy")]
     hosts = web.server.app.https.routes.hosts
     assert "pubid.localhost" in hosts.current()  # served from the public-host table, no app server hop
+
+
+# Takes a request and hangs up without answering; each request line goes to /tmp/hits.
+HANGUP_APP = r'''
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+s.listen(64)
+while True:
+    c, _ = s.accept()
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = c.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    with open("/tmp/hits", "a") as f:
+        f.write(data.split(b"\r\n", 1)[0].decode() + "\n")
+    c.close()
+'''
+
+
+def auth_decisions() -> float:
+    return sum(s.value for m in FORWARD_AUTH.collect() for s in m.samples if s.name.endswith("_total"))
+
+
+async def test_hosts_without_a_public_socket_fall_back_with_their_body_and_nothing_is_replayed(
+        web: Web, needs_vms: None) -> None:
+    """The public route dials ``sockets/<host>`` for every plain host name without asking anyone. A host with no
+    such socket (private, unknown, or a public host left off the fast path) fails that dial before a byte is sent,
+    and the error routes hand the request, its body included, to forward-auth. Any other failure (the app took the
+    request and hung up) is a page: a request is never sent to a VM twice."""
+    alice = await web.server.register("alice")
+    await web.new_vm(alice, "fbk")  # the echo app on 8080
+    r = await web.server.ssh(alice, "cat > /tmp/hang.py && (setsid nohup python3 /tmp/hang.py 3000 >/dev/null 2>&1 &)"
+                             " && sleep 0.5", user="fbk", stdin=HANGUP_APP.encode())
+    assert r.exit_status == 0, r
+    for port in ("", "--port=3000"):
+        assert (await web.cmd(alice, "share", "set-public", "fbk", *([port] if port else []))).exit_status == 0
+    routes = web.server.app.https.routes
+    assert routes is not None
+    body = secrets.token_hex(300_000)
+
+    async def hits() -> list[str]:
+        r = await web.server.ssh(alice, "cat /tmp/hits 2>/dev/null; true", user="fbk")
+        return r.stdout.splitlines()
+
+    async with browser_client() as c:
+        before = auth_decisions()
+        r = await c.post(web.url("fbk.localhost", "/up"), content=body)
+        assert r.status_code == 200 and r.json()["body"] == body
+        assert auth_decisions() == before  # the fast path: nobody asked
+        # a public host without its socket (as one whose name does not fit a socket address): the same answer,
+        # through forward-auth, body intact
+        (routes.hosts.sockets / "fbk.localhost").unlink()
+        r = await c.post(web.url("fbk.localhost", "/up"), content=body)
+        assert r.status_code == 200 and r.json()["body"] == body
+        assert auth_decisions() == before + 1 and not (routes.hosts.sockets / "fbk.localhost").exists()
+        await routes.hosts.clear()
+        await routes.reconcile()
+        assert "fbk.localhost" in routes.hosts.current() and (routes.hosts.sockets / "fbk.localhost").exists()
+        # the app hangs up: a page, and the request reached the app once
+        for method in ("GET", "POST"):
+            r = await c.request(method, web.url("3000-fbk.localhost", f"/{method}"), content=body if method == "POST"
+                                else None, headers={"Accept": "text/html"})
+            assert r.status_code == 502 and "nothing answers" in r.text
+        assert await hits() == ["GET /GET HTTP/1.1", "POST /POST HTTP/1.1"]
+        # the same through forward-auth (private port, a token)
+        assert (await web.cmd(alice, "share", "set-private", "fbk", "--port=3000")).exit_status == 0
+        token = await token_of(web, alice)
+        r = await c.post(web.url("3000-fbk.localhost", "/again"), content=body,
+                         headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == 502 and r.json()["reason"] == "no_listener"
+        assert (await hits())[2:] == ["POST /again HTTP/1.1"]
+        # anonymous on the private port: the failed dial falls back to forward-auth, which asks for credentials
+        r = await c.post(web.url("3000-fbk.localhost", "/anon"), content=body)
+        assert r.status_code == 401 and len(await hits()) == 3
+
+
+# A keep-alive app that answers every request with its argument (which VM answered).
+ID_APP = r'''
+import asyncio, sys
+BODY = sys.argv[2].encode() + b"\n"
+async def handle(r, w):
+    try:
+        while True:
+            await r.readuntil(b"\r\n\r\n")
+            w.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(BODY), BODY))
+            await w.drain()
+    except Exception:
+        pass
+    w.close()
+async def main():
+    await (await asyncio.start_server(handle, "0.0.0.0", int(sys.argv[1]))).serve_forever()
+asyncio.run(main())
+'''
+
+
+async def test_kept_connections_never_outlive_a_public_host(web: Web, needs_vms: None) -> None:
+    """Caddy keeps idle connections to an upstream per dial address, that is per public host name. When the name
+    stops being public, or moves to another user's VM, the connections kept for it end with its listener: the
+    next request is decided anew and reaches the VM that has the name now, never the one that had it."""
+    alice, bob = await web.server.register("alice"), await web.server.register("bob")
+
+    async def serve_id(key: Path, vm: str, ident: str) -> None:
+        assert (await web.cmd(key, "new", f"--name={vm}", "--json")).exit_status == 0
+        r = await web.server.ssh(key, f"cat > /tmp/id.py && (setsid nohup python3 /tmp/id.py 8080 {ident} "
+                                 ">/dev/null 2>&1 &); for i in $(seq 50); do python3 -c 'import socket; "
+                                 "socket.create_connection((\"127.0.0.1\", 8080))' 2>/dev/null && exit 0; sleep 0.1; "
+                                 "done; exit 1", user=vm, stdin=ID_APP.encode())
+        assert r.exit_status == 0, r
+        assert (await web.cmd(key, "share", "set-public", vm)).exit_status == 0
+
+    await serve_id(alice, "keep1", "alice-keep1")
+    async with browser_client() as c:
+        for _ in range(5):  # Caddy now keeps a connection for keep1.localhost
+            r = await c.get(web.url("keep1.localhost"))
+            assert r.status_code == 200 and r.text == "alice-keep1\n"
+        assert (await web.cmd(alice, "share", "set-private", "keep1")).exit_status == 0
+        r = await c.get(web.url("keep1.localhost"), headers={"Accept": "application/json"})
+        assert r.status_code == 401, (r.status_code, r.text)
+        assert (await web.cmd(alice, "share", "set-public", "keep1")).exit_status == 0
+        for _ in range(5):
+            assert (await c.get(web.url("keep1.localhost"))).text == "alice-keep1\n"
+        assert (await web.cmd(alice, "rename", "keep1", "moved1")).exit_status == 0
+        await serve_id(bob, "keep1", "bob-keep1")
+        for _ in range(5):
+            r = await c.get(web.url("keep1.localhost"))
+            assert r.status_code == 200 and r.text == "bob-keep1\n"
+        assert (await c.get(web.url("moved1.localhost"))).text == "alice-keep1\n"

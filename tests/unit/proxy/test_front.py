@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -15,6 +16,7 @@ import pytest
 
 from ussycode.proxy import bridge
 from ussycode.proxy.front import (
+    CREDENTIALS_ROUTE_ID,
     PUBLIC_ROUTE_ID,
     UPSTREAM_HEADER,
     UPSTREAM_VAR,
@@ -28,7 +30,7 @@ from ussycode.proxy.manager import caddy_binary
 from ussycode.proxy.routes import ServerSettings, TlsMode, build_tls_app
 from ussycode.services.accesscache import GenerationCache
 
-FRONT = FrontSettings("http://127.0.0.1:8080/__ussycode/forward-auth?k=key", "/run/u/front/public",
+FRONT = FrontSettings("http://127.0.0.1:8080/__ussycode/forward-auth?k=key",
                       "unix//run/u/front/sockets/{http.request.host}")
 
 
@@ -38,34 +40,53 @@ def settings(tls: TlsMode = TlsMode.OFF, domain: str = "localhost", **kw: str) -
 
 def test_routes_are_static_and_name_no_vm() -> None:
     config = build_front_config(settings(), FRONT)
-    routes = config["apps"]["http"]["servers"]["ussycode"]["routes"]
-    assert [r.get("@id") for r in routes] == ["ussycode-apex-localhost", PUBLIC_ROUTE_ID, VMS_ROUTE_ID]
-    public, vms = routes[1], routes[2]
-    # the public fast path: a marker file per host, dialed by host name
-    match = public["match"][0]
-    assert match["file"] == {"root": "/run/u/front/public", "try_files": ["/{http.request.host}"]}
-    assert "{http.request.host}" in match["vars_regexp"]
+    server = config["apps"]["http"]["servers"]["ussycode"]
+    routes = server["routes"]
+    assert [r.get("@id") for r in routes] == ["ussycode-apex-localhost", CREDENTIALS_ROUTE_ID, PUBLIC_ROUTE_ID,
+                                              VMS_ROUTE_ID]
+    creds, public, vms = routes[1], routes[2], routes[3]
+    # any of our credentials (session or share cookie, platform token, share parameter) -> forward-auth
+    patterns = json.dumps(creds["match"])
+    assert "ussy_(session|share_" in patterns and "usy[01]" in patterns and '"ussy_share": ["*"]' in patterns
+    assert creds["handle"] == vms["handle"]
+    # the public fast path: no check at all, the dial itself (only a public host has a socket by that name);
+    # names whose socket path would not fit in a unix address are left to forward-auth
+    host_re = public["match"][0]["vars_regexp"]["{http.request.host}"]["pattern"]
+    room = 107 - len("/run/u/front/sockets/")
+    assert re.fullmatch(host_re, "a" * room) and not re.fullmatch(host_re, "a" * (room + 1))
+    assert not any(re.fullmatch(host_re, h) for h in ("", ".", "..", "Web.localhost", "a/b", "a_b", "a b"))
     assert public["handle"][-1]["upstreams"] == [{"dial": "unix//run/u/front/sockets/{http.request.host}"}]
-    # ... asks forward-auth only for requests with our session cookie (identity headers)
-    identity = public["handle"][2]
-    assert identity["handler"] == "subroute"
-    assert "ussy_session=" in identity["routes"][0]["match"][0]["header_regexp"]["Cookie"]["pattern"]
+    assert len(public["handle"]) == 4  # no access step
     # every other host: forward-auth names the upstream, kept in a variable
     auth = vms["handle"][2]
     assert auth["handler"] == "reverse_proxy" and auth["rewrite"]["method"] == "GET"
     first = auth["handle_response"][0]["routes"][0]["handle"][0]
     assert first == {"handler": "vars", UPSTREAM_VAR: "{http.reverse_proxy.header." + UPSTREAM_HEADER + "}"}
     assert vms["handle"][-1]["upstreams"] == [{"dial": "{http.vars." + UPSTREAM_VAR + "}"}]
-    # the trust boundary's chain, in its order, on both VM routes; WebSockets outlive an attached Caddy's reload
+    # a host with no public socket: the error routes hand the request to the forward-auth chain, pages after it
+    fallback = server["errors"]["routes"][0]
+    pattern = fallback["match"][0]["vars_regexp"]["{http.error.message}"]["pattern"]
+    assert re.fullmatch(pattern, "dial unix /run/u/front/sockets/web.localhost: connect: no such file or directory")
+    assert not re.fullmatch(pattern, "dial unix /run/u/front/sockets/web.localhost: connect: connection refused")
+    assert not re.fullmatch(pattern, "dial unix /run/b/vm1-8080.sock: connect: no such file or directory")
+    assert fallback["handle"][0]["routes"][0]["handle"] == vms["handle"]
+    assert fallback["handle"][0]["errors"]["routes"] == server["errors"]["routes"][1:]
+    # the trust boundary's chain, in its order, on every VM route; WebSockets outlive an attached Caddy's reload
     for route in (public, vms):
         chain = route["handle"]
         assert chain[0] == strip_client_identity() and chain[1] == ours_route("127.0.0.1:8080")
-        assert chain[3] == strip_platform_credentials() and chain[4]["handler"] == "reverse_proxy"
+        assert chain[-2] == strip_platform_credentials() and chain[-1]["handler"] == "reverse_proxy"
         assert chain[-1]["stream_close_delay"]
     text = json.dumps(config)
     assert "vm" not in {k for r in routes for k in r.get("match", [{}])[0].get("host", [])}
     assert "X-Ussy-Upstream" not in json.dumps(vms["handle"][-1])  # never sent on to the VM
     assert text == json.dumps(build_front_config(settings(), FRONT))  # pure
+    with pytest.raises(ValueError):
+        FrontSettings("http://127.0.0.1:8080/a", "127.0.0.1:9000")
+    # a sockets directory too deep for any host name: no fast path, every host through forward-auth
+    deep = FrontSettings(FRONT.auth_url, "unix//" + "d" * 110 + "/{http.request.host}")
+    ids = [r.get("@id") for r in build_front_config(settings(), deep)["apps"]["http"]["servers"]["ussycode"]["routes"]]
+    assert PUBLIC_ROUTE_ID not in ids and VMS_ROUTE_ID in ids
 
 
 def test_tls_wildcard_where_clients_accept_one() -> None:
@@ -91,21 +112,71 @@ def test_config_validates_with_the_real_caddy(tls: TlsMode, tmp_path: Path) -> N
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
-def test_public_hosts_files(tmp_path: Path) -> None:
+class VmPorts:
+    """A runtime stand-in for the Python port bridge: (VM id, port) -> a stream that first says which it is."""
+
+    def __init__(self) -> None:
+        self.server: asyncio.Server | None = None
+
+    async def open_connection(self, vm_id: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if self.server is None:
+            async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+                name = await reader.readline()
+                writer.write(name)
+                await writer.drain()
+                await reader.read()  # held open until the other side goes
+                writer.close()
+
+            self.server = await asyncio.start_server(answer, "127.0.0.1", 0)
+        reader, writer = await asyncio.open_connection(*self.server.sockets[0].getsockname()[:2])
+        writer.write(f"{vm_id}:{port}\n".encode())
+        return reader, writer
+
+
+async def who(path: Path) -> tuple[str, asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_unix_connection(str(path))
+    return (await asyncio.wait_for(reader.readline(), 5)).decode().strip(), reader, writer
+
+
+async def name_of(path: Path) -> str:
+    name, _, writer = await who(path)
+    writer.close()
+    await writer.wait_closed()
+    return name
+
+
+async def test_public_hosts_are_listeners_of_their_own(tmp_path: Path) -> None:
+    vms = VmPorts()
+    bridges = bridge.BridgeManager(vms, tmp_path / "run", use_forwarders=False)
     hosts = PublicHosts(tmp_path / "front")
-    hosts.sync({"web.localhost": "/run/b/vm1-8080.sock", "3000-web.localhost": "/run/b/vm1-3000.sock"})
-    assert hosts.current() == {"web.localhost": "/run/b/vm1-8080.sock", "3000-web.localhost": "/run/b/vm1-3000.sock"}
-    assert (hosts.markers / "web.localhost").is_file()  # Caddy's file matcher needs a regular file
-    # rename: the new host appears, the old one goes; a retarget is an atomic symlink swap
-    hosts.sync({"site.localhost": "/run/b/vm1-8080.sock", "3000-web.localhost": "/run/b/vm2-3000.sock"})
-    assert hosts.current() == {"site.localhost": "/run/b/vm1-8080.sock", "3000-web.localhost": "/run/b/vm2-3000.sock"}
-    assert not (hosts.sockets / "web.localhost").exists() and not (hosts.markers / "web.localhost").exists()
-    # hostile or over-long names never become files; a stray link without a marker is dropped
-    (hosts.sockets / "stray.localhost").symlink_to("/nowhere")
-    hosts.sync({"../etc": "/x", "a" * 100 + ".localhost": "/x", "ok.localhost": "/x"})
-    assert hosts.current() == {"ok.localhost": "/x"} and sorted(os.listdir(hosts.sockets)) == ["ok.localhost"]
-    hosts.clear()
-    assert hosts.current() == {}
+    try:
+        await hosts.sync({"web.localhost": ("vm1", 8080), "3000-web.localhost": ("vm1", 3000)}, bridges)
+        assert hosts.current() == {"web.localhost": ("vm1", 8080), "3000-web.localhost": ("vm1", 3000)}
+        assert sorted(os.listdir(hosts.sockets)) == ["3000-web.localhost", "web.localhost"]
+        assert bridges.active() == []  # the hosts' own listeners, not the shared per-port bridges
+        name, held_reader, held = await who(hosts.sockets / "web.localhost")
+        assert name == "vm1:8080" and await name_of(hosts.sockets / "3000-web.localhost") == "vm1:3000"
+        # rename web -> site, and the port host now names another VM: the old name's socket goes, and so does
+        # the connection held through it (as Caddy keeps one per name), so it can carry nothing to vm1 later
+        await hosts.sync({"site.localhost": ("vm1", 8080), "3000-web.localhost": ("vm2", 3000)}, bridges)
+        assert not (hosts.sockets / "web.localhost").exists()
+        assert await asyncio.wait_for(held_reader.read(), 5) == b""
+        held.close()
+        await held.wait_closed()
+        assert await name_of(hosts.sockets / "3000-web.localhost") == "vm2:3000"
+        assert await name_of(hosts.sockets / "site.localhost") == "vm1:8080"
+        # hostile or over-long names never become files; whatever else is in the directory is dropped
+        (hosts.sockets / "stray.localhost").symlink_to("/nowhere")
+        await hosts.sync({"../etc": ("vm1", 8080), "a" * 100 + ".localhost": ("vm1", 8080),
+                          "ok.localhost": ("vm1", 8080)}, bridges)
+        assert hosts.current() == {"ok.localhost": ("vm1", 8080)} and os.listdir(hosts.sockets) == ["ok.localhost"]
+        await hosts.clear()
+        assert hosts.current() == {} and os.listdir(hosts.sockets) == []
+    finally:
+        await hosts.clear()
+        if vms.server is not None:
+            vms.server.close()
+            await vms.server.wait_closed()
 
 
 def test_public_hosts_dial_relative_to_a_managed_caddy(tmp_path: Path) -> None:
@@ -117,8 +188,6 @@ def test_public_hosts_dial_relative_to_a_managed_caddy(tmp_path: Path) -> None:
     assert attached.dial_template() == f"unix/{long_base}/sockets/{{http.request.host}}"
     host = "9999-" + "a" * 30 + ".example.com"
     assert managed.fits(host) and not attached.fits(host)
-    managed.sync({host: "/run/b/vm1-9999.sock"})
-    assert managed.current() == {host: "/run/b/vm1-9999.sock"}
 
 
 def test_generation_cache_drops_on_any_write_and_on_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
