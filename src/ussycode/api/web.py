@@ -37,6 +37,7 @@ from ussycode import telemetry
 from ussycode.api.forward_auth import (
     SHARE_COOKIE_PREFIX,
     SHARE_PARAM,
+    Access,
     AuthRequest,
     BearerView,
     HostError,
@@ -249,6 +250,8 @@ async def forward_auth(request: Request) -> Response:
         if page is None:
             try:
                 headers[UPSTREAM_HEADER] = await routes.ensure_bridge(record.vm_id, target.port)
+                if decision.access is Access.PUBLIC:
+                    routes.public_served(target.host)
             except (UssyError, OSError) as exc:
                 log.warning("forwarder for %s:%d failed: %s", record.name, target.port, exc)
                 page = forwarder_failed_page(record.name, accept=areq.accept, method=areq.method)

@@ -8,6 +8,10 @@ upstream itself. Making a VM public or private, renaming, starting or stopping i
 here: Caddy's config never changes, and in-flight requests, downloads and WebSockets of other hosts are never
 touched.
 
+A listener opens when a public host is first asked for (forward-auth served it through the fallback:
+:meth:`PublicHosts.request`), not when the host becomes public, so sharing changes that nobody visits in
+between start no process; from then on the host is served on the fast path.
+
 Each host's listener is its own because Caddy keeps idle connections per dial address, that is per host name:
 when a host stops being public (or its name moves to another VM), its socket is removed first (new requests
 fall back to forward-auth) and then its bridge is closed, which ends the connections Caddy kept for that name,
@@ -43,6 +47,7 @@ class PublicHosts:
         self.sockets = self.base / "sockets"
         self.relative = relative
         self._open: dict[str, tuple[tuple[str, int], Bridge]] = {}
+        self._requested: set[str] = set()
 
     @property
     def _dial_dir(self) -> Path:
@@ -58,12 +63,22 @@ class PublicHosts:
         """host -> (VM id, port) for every host served on the fast path now."""
         return {host: key for host, (key, _) in self._open.items()}
 
+    def request(self, host: str) -> bool:
+        """Forward-auth served ``host`` as public: it should get a listener (at the next :meth:`sync`, if it is
+        still public then). True if that is news (the caller then runs a sync)."""
+        if host in self._open or host in self._requested or not (valid_host(host) and self.fits(host)):
+            return False
+        self._requested.add(host)
+        return True
+
     async def sync(self, wanted: Mapping[str, tuple[str, int]], bridges: BridgeManager) -> None:
-        """Make the public hosts exactly ``wanted`` (host -> (VM id, port)); listeners come from ``bridges``."""
+        """Make the listeners exactly the ``wanted`` public hosts (host -> (VM id, port)) that were asked for;
+        listeners come from ``bridges``."""
         self.sockets.mkdir(parents=True, exist_ok=True)
         want = {h: key for h, key in wanted.items() if valid_host(h) and self.fits(h)}
         for host in sorted(set(wanted) - set(want)):
             log.debug("public host %s served through forward-auth (name too long for the fast path)", host)
+        self._requested &= set(want)  # a host that stops being public opens lazily again when it comes back
         for host, (key, bridge) in sorted(self._open.items()):
             if want.get(host) != key or (isinstance(bridge, Forwarder) and not bridge.alive):
                 await self._close(host)
@@ -72,7 +87,7 @@ class PublicHosts:
                 with contextlib.suppress(FileNotFoundError):
                     entry.unlink()
         for host, key in sorted(want.items()):
-            if host not in self._open:
+            if host in self._requested and host not in self._open:
                 try:
                     self._open[host] = (key, await bridges.open_at(*key, self.sockets / host))
                 except (OSError, UssyError) as exc:  # served through forward-auth meanwhile
@@ -85,5 +100,7 @@ class PublicHosts:
         await bridge.close()  # then: the connections Caddy kept for this name end
 
     async def clear(self) -> None:
+        """Close every listener and forget what was asked for."""
+        self._requested.clear()
         for host in sorted(self._open):
             await self._close(host)

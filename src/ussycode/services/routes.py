@@ -6,9 +6,9 @@ in-flight request. The DB is the truth; :meth:`RouteService.reconcile` derives f
 - the forwarders to run (:class:`~ussycode.proxy.bridge.BridgeManager`): port 8080 and every public port of each
   running VM, plus the ports forward-auth opened on demand while their VM runs;
 - the public hosts served without asking the app server (:class:`~ussycode.proxy.hosts.PublicHosts`, a listener
-  each): ``<vm>.<domain>`` and the VM's verified custom domains when port 8080 is public, ``<port>-<vm>.<domain>``
-  for each other public port — running VMs only (a stopped VM's URL goes through forward-auth, which answers a
-  page).
+  each, opened when forward-auth first serves the host as public): ``<vm>.<domain>`` and the VM's verified custom
+  domains when port 8080 is public, ``<port>-<vm>.<domain>`` for each other public port — running VMs only (a
+  stopped VM's URL goes through forward-auth, which answers a page).
 
 It runs at start-up, on every VM or sharing event (before the command that caused it returns) and on a timer.
 Private URLs, unknown hosts and stopped VMs are answered per request by forward-auth (``api/web.py``), which
@@ -75,6 +75,7 @@ class RouteService:
         # Coalescing: each request to reconcile takes a number; a pass that began after a request covers it.
         self._requested = 0
         self._covered = 0
+        self.tasks = TaskGroup("routes")
 
     async def _state(self) -> tuple[dict[str, str], dict[str, set[int]], dict[str, list[str]]]:
         def read(c: Any) -> tuple[dict[str, str], dict[str, set[int]], dict[str, list[str]]]:
@@ -116,6 +117,18 @@ class RouteService:
             await self.bridges.sync(wanted)
             await self.hosts.sync(hosts, self.bridges)
             self._covered = covers
+
+    def public_served(self, host: str) -> None:
+        """Forward-auth let ``host`` through as public: give it a listener of its own (in the background), so
+        the following requests take the fast path."""
+        if self.hosts.request(host):
+            self.tasks.spawn(self._reconcile_logged(), "public-listener")
+
+    async def _reconcile_logged(self) -> None:
+        try:
+            await self.reconcile()
+        except (UssyError, OSError) as exc:
+            log.error("public listeners not updated: %s", exc)
 
     async def ensure_bridge(self, vm_id: str, port: int) -> str:
         """Start the VM port's forwarder if needed; its Caddy dial address."""
@@ -251,5 +264,6 @@ class HttpsEntry:
         if self.caddy is not None:
             await self.caddy.stop()
         if self.routes is not None:
+            await self.routes.tasks.close()
             await self.routes.bridges.close()
             await self.routes.hosts.clear()

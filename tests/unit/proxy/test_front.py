@@ -150,14 +150,20 @@ async def test_public_hosts_are_listeners_of_their_own(tmp_path: Path) -> None:
     bridges = bridge.BridgeManager(vms, tmp_path / "run", use_forwarders=False)
     hosts = PublicHosts(tmp_path / "front")
     try:
-        await hosts.sync({"web.localhost": ("vm1", 8080), "3000-web.localhost": ("vm1", 3000)}, bridges)
-        assert hosts.current() == {"web.localhost": ("vm1", 8080), "3000-web.localhost": ("vm1", 3000)}
+        public = {"web.localhost": ("vm1", 8080), "3000-web.localhost": ("vm1", 3000)}
+        await hosts.sync(public, bridges)
+        assert hosts.current() == {} and os.listdir(hosts.sockets) == []  # nobody asked for them yet
+        assert hosts.request("web.localhost") and not hosts.request("web.localhost")  # news once
+        assert hosts.request("3000-web.localhost") and not hosts.request("a" * 100 + ".localhost")
+        await hosts.sync(public, bridges)
+        assert hosts.current() == public
         assert sorted(os.listdir(hosts.sockets)) == ["3000-web.localhost", "web.localhost"]
         assert bridges.active() == []  # the hosts' own listeners, not the shared per-port bridges
         name, held_reader, held = await who(hosts.sockets / "web.localhost")
         assert name == "vm1:8080" and await name_of(hosts.sockets / "3000-web.localhost") == "vm1:3000"
         # rename web -> site, and the port host now names another VM: the old name's socket goes, and so does
         # the connection held through it (as Caddy keeps one per name), so it can carry nothing to vm1 later
+        hosts.request("site.localhost")
         await hosts.sync({"site.localhost": ("vm1", 8080), "3000-web.localhost": ("vm2", 3000)}, bridges)
         assert not (hosts.sockets / "web.localhost").exists()
         assert await asyncio.wait_for(held_reader.read(), 5) == b""
@@ -167,9 +173,14 @@ async def test_public_hosts_are_listeners_of_their_own(tmp_path: Path) -> None:
         assert await name_of(hosts.sockets / "site.localhost") == "vm1:8080"
         # hostile or over-long names never become files; whatever else is in the directory is dropped
         (hosts.sockets / "stray.localhost").symlink_to("/nowhere")
+        for host in ("../etc", "a" * 100 + ".localhost", "ok.localhost"):
+            hosts.request(host)
         await hosts.sync({"../etc": ("vm1", 8080), "a" * 100 + ".localhost": ("vm1", 8080),
                           "ok.localhost": ("vm1", 8080)}, bridges)
         assert hosts.current() == {"ok.localhost": ("vm1", 8080)} and os.listdir(hosts.sockets) == ["ok.localhost"]
+        # a host that stopped being public is forgotten: when it comes back it waits to be asked for again
+        await hosts.sync({"site.localhost": ("vm1", 8080)}, bridges)
+        assert hosts.current() == {}
         await hosts.clear()
         assert hosts.current() == {} and os.listdir(hosts.sockets) == []
     finally:
