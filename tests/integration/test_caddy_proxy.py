@@ -61,6 +61,8 @@ from ussycode.proxy.routes import (
 )
 from ussycode.tasks import TaskGroup
 
+from .conftest import free_port
+
 DOMAIN = "localhost"
 ALICE = Identity("u1", "alice", "alice@example.com")
 CAROL = Identity("u3", "carol", None)  # shared, no e-mail
@@ -74,12 +76,6 @@ SHARES = ShareView(
     user_ids=frozenset({CAROL.user_id}),
     links=(ShareLink(link_token_hash("link-token-1234"), "vm1", 8080, datetime.now(UTC) + timedelta(hours=1)),),
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # --- the "VM" apps ---------------------------------------------------------------------------------------------

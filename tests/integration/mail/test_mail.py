@@ -9,7 +9,6 @@ import json
 import re
 import shutil
 import smtplib
-import socket
 import ssl
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -22,14 +21,10 @@ from aiosmtpd.controller import Controller
 
 from ussycode.runtime.container import ContainerRuntime
 
+from ..conftest import free_port  # noqa: TID252
+
 pytestmark = [pytest.mark.asyncio, pytest.mark.slow]
 Server = Any  # tests/integration/conftest.py's Server
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(autouse=True)

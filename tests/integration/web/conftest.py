@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import json
 import re
-import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,8 @@ from ussycode.runtime.container import ContainerRuntime
 from ussycode.runtime.images import ImageStore
 from ussycode.store import vms as vmq
 from ussycode.tasks import TaskGroup
+
+from ..conftest import free_port  # noqa: TID252
 
 # The app inside the VM: answers every method on every path with the request it saw (JSON).
 ECHO_APP = r'''
@@ -41,12 +42,6 @@ class H(http.server.BaseHTTPRequestHandler):
     def log_message(self, *a): pass
 http.server.ThreadingHTTPServer(("0.0.0.0", int(sys.argv[1])), H).serve_forever()
 '''
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextlib.asynccontextmanager
@@ -127,6 +122,22 @@ class Web:
                                   "2>/dev/null && exit 0; sleep 0.1; done; exit 1",
                                   user=vm, stdin=ECHO_APP.encode())
         assert r.exit_status == 0, r
+
+
+async def agent_state(server: Any, key: Path, vm: str) -> str:
+    """The state of ``vm``'s agent run as ``ls --json`` shows it ("" when it has none)."""
+    listing = json.loads((await server.ssh(key, "ls", "--json")).stdout)
+    return str(next(v for v in listing if v["name"] == vm).get("agent", {}).get("state", ""))
+
+
+async def agent_finished(server: Any, key: Path, vm: str, seconds: int = 120) -> str:
+    """Poll ``ls --json`` once a second until ``vm``'s agent is no longer running (at most ``seconds``); its state."""
+    for _ in range(seconds):
+        state = await agent_state(server, key, vm)
+        if state != "running":
+            return state
+        await asyncio.sleep(1)
+    return await agent_state(server, key, vm)
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from .conftest import require_full_image, serve_local
+from .conftest import agent_finished, require_full_image, serve_local
 
 pytestmark = pytest.mark.asyncio
 RUN_SECONDS = 30  # the agent runs' limit on this test's server
@@ -215,16 +215,9 @@ async def test_official_sdks_and_opencode_in_a_vm(web_factory, needs_vms: None) 
                             "--prompt='say hello'", "--json", timeout=300)
             assert r.exit_status == 0, r
 
-            async def agent_state(vm: str) -> str:
-                listing = json.loads((await s.ssh(key2, "ls", "--json")).stdout)
-                return str(next(v for v in listing if v["name"] == vm).get("agent", {}).get("state", ""))
-
-            for _ in range(180):
-                if await agent_state("ocvm") != "running":
-                    break
-                await asyncio.sleep(1)
+            state = await agent_finished(s, key2, "ocvm", 180)
             log = (await s.ssh(key2, "cat ~/.ussycode/agent.log", user="ocvm")).stdout
-            assert await agent_state("ocvm") == "done", log
+            assert state == "done", log
             assert "streamed from openai" in log, log
             assert ("openai", "Bearer sk-openai-other-0077") in provider.keys[calls:]
             assert {k for _, k in provider.keys[calls:]} == {"Bearer sk-openai-other-0077"}
@@ -233,12 +226,9 @@ async def test_official_sdks_and_opencode_in_a_vm(web_factory, needs_vms: None) 
             r = await s.ssh(key2, "new", "--name=hangvm", "--image=ussyuntu", "--memory=1024", "--agent=pi",
                             "--prompt=PLEASE-HANG-FOREVER", "--json", timeout=300)
             assert r.exit_status == 0, r
-            for _ in range(120):
-                if await agent_state("hangvm") != "running":
-                    break
-                await asyncio.sleep(1)
+            state = await agent_finished(s, key2, "hangvm")
             log = (await s.ssh(key2, "cat ~/.ussycode/agent.log", user="hangvm")).stdout
-            assert await agent_state("hangvm") == "failed", log
+            assert state == "failed", log
             assert f"the agent ran longer than {RUN_SECONDS} s and was stopped" in log, log
         finally:
             provider.release.set()  # the request that hangs on purpose ends, so the server can stop

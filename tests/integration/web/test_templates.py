@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import browser_client, require_full_image, serve_local
+from .conftest import agent_finished, browser_client, require_full_image, serve_local
 
 pytestmark = pytest.mark.asyncio
 SHIPPED = {"blank", "python-web", "node-web", "static-site", "agent-playground"}
@@ -75,7 +75,6 @@ async def test_agents_and_lessons_in_the_full_image(web_factory, needs_vms: None
     """In the full image: `new --prompt` runs the real pi through the gateway to a local provider (the owner's key,
     never the VM's), `agent-playground` does the same from its template, and tutorial lessons 6 (git) and 8 (the
     agent) turn done on that real state."""
-    import asyncio
 
     from starlette.applications import Starlette
     from starlette.requests import Request
@@ -111,15 +110,7 @@ async def test_agents_and_lessons_in_the_full_image(web_factory, needs_vms: None
                         "--prompt='say hello'", "--json", timeout=300)
         assert r.exit_status == 0, r
 
-        async def agent_state(vm: str) -> str:
-            listing = json.loads((await s.ssh(key, "ls", "--json")).stdout)
-            return next(v for v in listing if v["name"] == vm).get("agent", {}).get("state", "")
-
-        for _ in range(120):
-            if await agent_state("kim-tut") != "running":
-                break
-            await asyncio.sleep(1)
-        assert await agent_state("kim-tut") == "done"
+        assert await agent_finished(s, key, "kim-tut") == "done"
         assert "Hello from the provider." in (await s.ssh(key, "cat ~/.ussycode/agent.log", user="kim-tut")).stdout
         assert seen and set(seen) == {"Bearer sk-kim-owner-0001"}
         # lessons 6 and 8 on that real state
@@ -132,8 +123,4 @@ async def test_agents_and_lessons_in_the_full_image(web_factory, needs_vms: None
         r = await s.ssh(key, "new", "--template=agent-playground", "--name=kimplay", "--memory=1024", "--json",
                         timeout=300)
         assert r.exit_status == 0 and json.loads(r.stdout)["agent"]["name"] == "pi", r
-        for _ in range(120):
-            if await agent_state("kimplay") != "running":
-                break
-            await asyncio.sleep(1)
-        assert await agent_state("kimplay") == "done"
+        assert await agent_finished(s, key, "kimplay") == "done"
