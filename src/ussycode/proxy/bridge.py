@@ -32,7 +32,7 @@ from ussycode.spawn import DEVNULL, spawn, wait
 log = logging.getLogger(__name__)
 
 CHUNK = 256 * 1024
-MAX_UNIX_PATH = 107
+MAX_UNIX_PATH = 107  # bytes in a unix socket address (sun_path) that a path may use
 _VM_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
@@ -166,6 +166,11 @@ class PortBridge:
                 self._conns.pop(task, None)
 
     @property
+    def alive(self) -> bool:
+        """Listening (it stops only when closed)."""
+        return self._server is not None
+
+    @property
     def connections(self) -> int:
         return len(self._conns)
 
@@ -295,7 +300,7 @@ class BridgeManager:
         async with self._lock:
             bridge = self._bridges.get((vm_id, port))
             if bridge is not None:
-                if not isinstance(bridge, Forwarder) or bridge.alive:
+                if bridge.alive:
                     return bridge
                 log.warning("forwarder for %s:%d exited; restarting it", vm_id, port)
                 await bridge.close()

@@ -35,6 +35,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from ussycode.proxy.bridge import MAX_UNIX_PATH
 from ussycode.proxy.hygiene import (
     PLATFORM_TOKEN_RE,
     SHARE_PARAM,
@@ -68,7 +69,6 @@ CREDENTIAL_COOKIE_RE = r"(^|;)[ \t]*(__Host-)?ussy_(session|share_[A-Za-z0-9_-]*
 # Host names the fast path may turn into a file name (anything else goes through forward-auth); the length is
 # bounded so that the socket path fits in a unix socket address (a longer one would fail otherwise than "no such file").
 FAST_HOST_RE = r"^[a-z0-9][a-z0-9.-]{0,%d}$"
-MAX_UNIX_PATH = 107
 
 NOT_ANSWERING_HTML = (
     "<!doctype html><html><head><meta charset=utf-8><title>Nothing answers on this port</title></head><body>"

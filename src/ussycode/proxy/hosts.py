@@ -30,8 +30,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from ussycode.errors import UssyError
-from ussycode.proxy.bridge import Bridge, BridgeManager, Forwarder
-from ussycode.proxy.front import MAX_UNIX_PATH
+from ussycode.proxy.bridge import MAX_UNIX_PATH, Bridge, BridgeManager
 from ussycode.proxy.routes import valid_host
 
 log = logging.getLogger(__name__)
@@ -80,7 +79,7 @@ class PublicHosts:
             log.debug("public host %s served through forward-auth (name too long for the fast path)", host)
         self._requested &= set(want)  # a host that stops being public opens lazily again when it comes back
         for host, (key, bridge) in sorted(self._open.items()):
-            if want.get(host) != key or (isinstance(bridge, Forwarder) and not bridge.alive):
+            if want.get(host) != key or not bridge.alive:
                 await self._close(host)
         for entry in self.sockets.iterdir():
             if entry.name not in self._open:  # a previous server's, or left by a crash

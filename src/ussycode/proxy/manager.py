@@ -22,12 +22,11 @@ import sys
 from pathlib import Path
 
 from ussycode.errors import RuntimeFailure, StateError
+from ussycode.proxy.bridge import MAX_UNIX_PATH
 from ussycode.proxy.caddy import CaddyAdmin
 from ussycode.proxy.routes import JSON
 
 log = logging.getLogger(__name__)
-
-MAX_UNIX_PATH = 107
 
 
 class CaddyState(enum.StrEnum):
