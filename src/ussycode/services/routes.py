@@ -122,23 +122,20 @@ class RouteService:
         """Forward-auth let ``host`` through as public: give it a listener of its own (in the background), so
         the following requests take the fast path."""
         if self.hosts.request(host):
-            self.tasks.spawn(self._reconcile_logged(), "public-listener")
+            self.tasks.spawn(self._reconcile_or_log(f"{host} was first served"), "public-listener")
 
-    async def _reconcile_logged(self) -> None:
+    async def _reconcile_or_log(self, after: str) -> None:
         try:
             await self.reconcile()
         except (UssyError, OSError) as exc:
-            log.error("public listeners not updated: %s", exc)
+            log.error("routes not updated after %s: %s", after, exc)
 
     async def ensure_bridge(self, vm_id: str, port: int) -> str:
         """Start the VM port's forwarder if needed; its Caddy dial address."""
         return (await self.bridges.ensure(vm_id, port)).dial
 
     async def on_event(self, event: VmEvent) -> None:
-        try:
-            await self.reconcile()
-        except (UssyError, OSError) as exc:
-            log.error("routes not updated after %s %s: %s", event.kind, event.name, exc)
+        await self._reconcile_or_log(f"{event.kind} {event.name}")
 
 
 class HttpsEntry:
