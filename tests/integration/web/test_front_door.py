@@ -73,11 +73,12 @@ asyncio.run(main())
 '''
 
 
-async def serve_app(web: Web, key: Path, vm: str, port: int = 8080) -> None:
-    r = await web.server.ssh(key, f"cat > /tmp/app.py && (setsid nohup python3 /tmp/app.py {port} "
-                             ">/tmp/app.log 2>&1 &) ; for i in $(seq 50); do python3 -c 'import socket; "
+async def serve_app(web: Web, key: Path, vm: str, port: int = 8080, app: str = APP, arg: str = "") -> None:
+    """Run ``app`` (a Python script: port, then ``arg``) in the VM and wait until it listens."""
+    r = await web.server.ssh(key, f"cat > /tmp/app-{port}.py && (setsid nohup python3 /tmp/app-{port}.py {port} "
+                             f"{arg} >/tmp/app-{port}.log 2>&1 &) ; for i in $(seq 50); do python3 -c 'import socket; "
                              f"socket.create_connection((\"127.0.0.1\", {port}))' 2>/dev/null && exit 0; "
-                             "sleep 0.1; done; exit 1", user=vm, stdin=APP.encode())
+                             "sleep 0.1; done; exit 1", user=vm, stdin=app.encode())
     assert r.exit_status == 0, r
 
 
@@ -384,6 +385,7 @@ async def test_hosts_without_a_public_socket_fall_back_with_their_body_and_nothi
     request and hung up) is a page: a request is never sent to a VM twice."""
     alice = await web.server.register("alice")
     await web.new_vm(alice, "fbk")  # the echo app on 8080
+    # started without serve_app's readiness probe: each connection, a probe's too, counts as a hit
     r = await web.server.ssh(alice, "cat > /tmp/hang.py && (setsid nohup python3 /tmp/hang.py 3000 >/dev/null 2>&1 &)"
                              " && sleep 0.5", user="fbk", stdin=HANGUP_APP.encode())
     assert r.exit_status == 0, r
@@ -463,11 +465,7 @@ async def test_kept_connections_never_outlive_a_public_host(web: Web, needs_vms:
 
     async def serve_id(key: Path, vm: str, ident: str) -> None:
         assert (await web.cmd(key, "new", f"--name={vm}", "--json")).exit_status == 0
-        r = await web.server.ssh(key, f"cat > /tmp/id.py && (setsid nohup python3 /tmp/id.py 8080 {ident} "
-                                 ">/dev/null 2>&1 &); for i in $(seq 50); do python3 -c 'import socket; "
-                                 "socket.create_connection((\"127.0.0.1\", 8080))' 2>/dev/null && exit 0; sleep 0.1; "
-                                 "done; exit 1", user=vm, stdin=ID_APP.encode())
-        assert r.exit_status == 0, r
+        await serve_app(web, key, vm, 8080, ID_APP, ident)
         assert (await web.cmd(key, "share", "set-public", vm)).exit_status == 0
 
     await serve_id(alice, "keep1", "alice-keep1")
