@@ -1,5 +1,6 @@
 """HTTPS-entry benchmark: requests/s and p50/p99 through Caddy to a small HTTP server in a real VM, for a public VM
-and a private VM with a session (forward-auth on every request), against a baseline measured in the same run:
+and a private VM with a signed-in browser (its grant checked by Caddy; forward-auth once per grant), against a
+baseline measured in the same run:
 **the same Caddy binary reverse-proxying to the same small HTTP server on a host loopback port** (what any Caddy
 deployment costs). The old "direct" figure (the Python port bridge on a TCP port) is kept for continuity.
 
@@ -36,6 +37,7 @@ from ussycode.auth.keys import parse_authorized_key
 from ussycode.config import load_settings
 from ussycode.proxy.bridge import Forwarder, pipe
 from ussycode.proxy.front import FrontSettings, build_public_route
+from ussycode.proxy.grants import GRANT_COOKIE
 from ussycode.proxy.hosts import PublicHosts
 from ussycode.proxy.manager import caddy_binary
 from ussycode.proxy.routes import ServerSettings
@@ -189,10 +191,13 @@ async def main(duration: float, connections: int) -> dict[str, Any]:
         token = await s.sessions.create_login_token(actor)
         redeemed = await s.sessions.redeem_login_token(token, settings.domain)
         assert redeemed is not None
-        code = await s.sessions.create_handoff(redeemed[1], "bpriv.localhost", priv.id)
-        child = await s.sessions.redeem_handoff(code, "bpriv.localhost", priv.id)
-        assert child is not None
-        cookie = f"ussy_session={child[0]}"
+        cookies = {}
+        for vm in (priv, pub):  # a session per VM host, as the hand-off makes them
+            code = await s.sessions.create_handoff(redeemed[1], f"{vm.name}.localhost", vm.id)
+            child = await s.sessions.redeem_handoff(code, f"{vm.name}.localhost", vm.id)
+            assert child is not None
+            cookies[vm.name] = f"ussy_session={child[0]}"
+        cookie = cookies["bpriv"]
         server, direct_port = await direct_bridge(app, pub.id)
         procs, baseline_port, part_ports = await baseline_caddy(tmp)
         runtime = s.vms.runtime
@@ -220,13 +225,19 @@ async def main(duration: float, connections: int) -> dict[str, Any]:
                                         {"X-Forwarded-Host": f"bpriv.localhost:{https_port}", "Cookie": cookie,
                                          "X-Forwarded-Uri": "/", "X-Forwarded-Method": "GET"}),
             "public": (caddy, {"Host": f"bpub.localhost:{https_port}"}),
-            "public_signed_in": (caddy, {"Host": f"bpub.localhost:{https_port}", "Cookie": cookie}),
+            "public_signed_in": (caddy, {"Host": f"bpub.localhost:{https_port}", "Cookie": cookies["bpub"]}),
             "private": (caddy, {"Host": f"bpriv.localhost:{https_port}", "Cookie": cookie}),
+            # a client that keeps no cookie but the session: forward-auth on every request
+            "private_no_grant": (caddy, {"Host": f"bpriv.localhost:{https_port}", "Cookie": cookie}),
         }
         async with httpx.AsyncClient() as c:  # every path answers the VM's 200 before we measure
             for name, (url, headers) in cases.items():
                 r = await c.get(url, headers=headers)
                 assert r.status_code == 200, (name, r.status_code, r.text)
+                if name in ("private", "public_signed_in"):  # a browser keeps the grant cookie it was given
+                    grant = r.cookies.get(GRANT_COOKIE)
+                    assert grant, (name, r.headers)
+                    headers["Cookie"] += f"; {GRANT_COOKIE}={grant}"
         for url, headers in cases.values():
             await run_wrk(url, "GET", None, headers, 1, connections, tmp)  # warm-up
         # The cases take turns, ROUNDS times, and each reports its median round: the two cores are shared with
@@ -284,7 +295,8 @@ async def main(duration: float, connections: int) -> dict[str, Any]:
 def report(results: dict[str, Any], duration: float, connections: int) -> None:
     b = results["baseline"]
     rows = [row("baseline_caddy_rps", b["rps"], "req/s", "baseline_caddy_rps", b["rps"])]
-    for name, goal in (("public", 0.8), ("private", 0.5), ("public_signed_in", None), ("direct", None)):
+    for name, goal in (("public", 0.8), ("private", 0.5), ("public_signed_in", None), ("private_no_grant", None),
+                       ("direct", None)):
         r = results[name]
         ratio = r["rps"] / b["rps"]
         rows.append(row(f"{name}_rps", r["rps"], "req/s", "baseline_caddy_rps", b["rps"],
@@ -313,8 +325,11 @@ def report(results: dict[str, Any], duration: float, connections: int) -> None:
              "baseline = the same Caddy binary, plain reverse_proxy to the same small server on a host loopback "
              "port; public = wrk -> Caddy (static config, dials the host's public socket) -> C forwarder in the "
              "VM's namespace -> VM; "
-             "private adds forward-auth (app server, cached decision inputs) on every request; public_signed_in "
-             "adds forward-auth for the identity headers; direct = the Python port bridge on a TCP port",
+             "private = a signed-in browser (session and grant cookies): Caddy checks the grant's file and dials the "
+             "VM port's bridge, with forward-auth once per grant (its life: 2 s, or until any DB write); "
+             "public_signed_in the same on a public VM (identity headers); private_no_grant = a client that keeps "
+             "only the session cookie: forward-auth (lean listener, cached decision inputs) on every request; "
+             "direct = the Python port bridge on a TCP port",
              "caddy_chain/_forwarder/_chain_forwarder = the baseline's Caddy and server with the public path's "
              "parts added one at a time (the production public route's trust chain, the production C forwarder "
              "on the host, both); what separates caddy_chain_forwarder from public is the VM (its CPU and "

@@ -56,6 +56,8 @@ from ussycode.api.pages import forwarder_failed_page, suspended_page, vm_state_p
 from ussycode.config import Settings, TlsMode, parse_addr
 from ussycode.errors import RateLimited, UssyError
 from ussycode.proxy.front import UPSTREAM_HEADER
+from ussycode.proxy.grants import GRANT_HEADER
+from ussycode.proxy.grants import cookie_name as grant_cookie_name
 from ussycode.proxy.hygiene import CLIENT_ADDR_HEADER, PROXY_KEY_HEADER
 from ussycode.services.accesscache import GenerationCache
 from ussycode.services.container import Services
@@ -267,9 +269,19 @@ async def forward_auth(request: Request) -> Response:
         # may replay it for the same ones until any DB write, the session's expiry or REPLAY_TTL.
         until = time.monotonic() + REPLAY_TTL
         deadline = _session_deadline(session)
-        response.replay = Replay(generation, min(until, deadline) if deadline else until,  # type: ignore[attr-defined]
-                                 record.vm_id, target.port)
+        replay = Replay(generation, min(until, deadline) if deadline else until, record.vm_id, target.port)
+        response.replay = replay  # type: ignore[attr-defined]
+        if session is not None and areq.bearer_token is None and decision.access in _GRANTED:
+            # ... and Caddy may let the same browser through itself until then (proxy.grants)
+            cookie = routes.grant(session, target.host, str(decision.access), record.vm_id, target.port,
+                                  generation=generation, until=replay.until,
+                                  presented=areq.cookies.get(grant_cookie_name(settings.tls is not TlsMode.OFF)))
+            if cookie:
+                response.headers[GRANT_HEADER] = cookie
     return response
+
+
+_GRANTED = (Access.OWNER, Access.SHARED, Access.PUBLIC)  # a signed-in visitor's own access
 
 
 REPLAY_TTL = 2.0

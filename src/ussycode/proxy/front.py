@@ -8,15 +8,19 @@ server (forward-auth names the upstream) and, for public hosts, in the file syst
 Routes of our server, in order:
 
 1. ``ussycode-apex`` — the domain itself -> the app server (API, ``/exec``, sign-in).
-2. ``ussycode-credentials`` — a request carrying one of our credentials (session or share-link cookie, share-link
+2. ``ussycode-grants`` — a request with a well-formed grant cookie (:mod:`ussycode.proxy.grants`): if its file
+   ``<grants>/<host>/<value>`` exists, straight to the VM port's bridge the cookie names, with the identity
+   headers it spells (forward-auth let this signed-in browser in moments ago and nothing changed since);
+   otherwise the forward-auth chain. A bridge that is gone (the dial sent nothing) falls back the same way.
+3. ``ussycode-credentials`` — a request carrying one of our credentials (session or share-link cookie, share-link
    parameter, platform token) -> forward-auth, which decides access (private URLs) or names the signed-in visitor
    (public URLs) and names the upstream in ``X-Ussy-Upstream``; Caddy keeps it in a variable and dials it.
-3. ``ussycode-public`` — every other request to a plain host name -> dials ``<hosts>/sockets/<host>``, with no
+4. ``ussycode-public`` — every other request to a plain host name -> dials ``<hosts>/sockets/<host>``, with no
    Python and no extra check on the path: only a public host has that socket. For any other host the dial fails
    with "no such file" before a byte is sent, and the server's error routes hand the untouched request (body
    included: Caddy 2.11.2 and later keep it on dial errors) to the forward-auth chain, which answers private URLs
    (sign-in), unknown hosts (404) and stopped VMs (a page) itself.
-4. ``ussycode-vms`` — any other host (upper case, odd characters) -> the forward-auth chain.
+5. ``ussycode-vms`` — any other host (upper case, odd characters) -> the forward-auth chain.
 
 Every VM route runs the trust boundary's handler chain (:mod:`ussycode.proxy.hygiene`, in its order): strip
 client identity headers in every spelling, ``/__ussycode/*`` to the app server, the access decision, strip our
@@ -36,6 +40,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ussycode.proxy.bridge import MAX_UNIX_PATH
+from ussycode.proxy.grants import GRANT_HEADER, REGEXP_NAME
+from ussycode.proxy.grants import cookie_re as grant_cookie_re
 from ussycode.proxy.hygiene import (
     PLATFORM_TOKEN_RE,
     SHARE_PARAM,
@@ -62,6 +68,10 @@ UPSTREAM_VAR = "ussy_upstream"
 PUBLIC_ROUTE_ID = "ussycode-public"
 CREDENTIALS_ROUTE_ID = "ussycode-credentials"
 VMS_ROUTE_ID = "ussycode-vms"
+GRANTS_ROUTE_ID = "ussycode-grants"
+_GRANT = "{http.regexp." + REGEXP_NAME + ".%s}"
+# Host names the grants route looks up as a directory name (no slash; a leading dot-dot is impossible).
+GRANT_HOST_RE = r"^[a-z0-9][a-z0-9.-]{0,252}$"
 # Streams (WebSockets) stay open this long after a config unload (only an attached Caddy's own reloads).
 STREAM_CLOSE_DELAY = "24h"
 # Our session and share-link cookies (``__Host-`` prefixed unless --tls off): credentials forward-auth reads.
@@ -86,15 +96,21 @@ class FrontSettings:
     """What the static VM routes need besides :class:`ServerSettings`.
 
     ``auth_url``: the forward-auth endpoint (with its key); ``public_dial``: the dial template of public hosts'
-    sockets (``unix/<dir>/{http.request.host}``, :meth:`~ussycode.proxy.hosts.PublicHosts.dial_template`).
+    sockets (``unix/<dir>/{http.request.host}``, :meth:`~ussycode.proxy.hosts.PublicHosts.dial_template`);
+    ``grants``: the grants' directory (:mod:`ussycode.proxy.grants`) and ``bridges``: the port bridges'
+    directory as Caddy dials it (both empty: no grants route).
     """
 
     auth_url: str
     public_dial: str
+    grants: str = ""
+    bridges: str = ""
 
     def __post_init__(self) -> None:
         if not self.public_dial.startswith("unix/") or not self.public_dial.endswith("/{http.request.host}"):
             raise ValueError(f"public hosts are dialed as unix/<dir>/{{http.request.host}}, got {self.public_dial!r}")
+        if bool(self.grants) != bool(self.bridges) or (self.grants and not self.grants.startswith("/")):
+            raise ValueError("grants need an absolute directory and the bridges' directory")
 
     @property
     def _sockets(self) -> str:
@@ -110,6 +126,23 @@ class FrontSettings:
     def not_public_error(self) -> str:
         """A regexp for the error of dialing a host that has no public socket (the dial sent nothing)."""
         return "^dial unix " + re.escape(self._sockets) + "[^/]*: connect: no such file or directory$"
+
+    @property
+    def grant_dial(self) -> str | None:
+        """The grants route's dial: the bridge of the VM and port the cookie names (None: no grants route, or
+        a bridge's path would not fit in a unix socket address)."""
+        if not self.grants:
+            return None
+        dial = f"{self.bridges}/{_GRANT % 'vm'}-{_GRANT % 'port'}.sock"
+        longest = len(f"{self.bridges}/{'f' * 16}-65535.sock".encode())
+        return "unix/" + dial if longest <= MAX_UNIX_PATH else None
+
+    @property
+    def no_bridge_error(self) -> str:
+        """A regexp for the error of dialing a bridge the grants route named that is not there (the dial sent
+        nothing): the grant outlived the bridge, and forward-auth starts it again."""
+        return ("^dial unix " + re.escape(self.bridges + "/") + r"[0-9a-f]{16}-[0-9]{1,5}\.sock: connect: "
+                "(no such file or directory|connection refused)$")
 
 
 def vm_chain(upstream: str, app: str, decision: JSON | None, proxy_key: str = "") -> list[JSON]:
@@ -131,6 +164,11 @@ def forward_auth_with_upstream(auth_url: str, proxy_key: str = "") -> JSON:
     routes: list[JSON] = handler["handle_response"][0]["routes"]
     routes.insert(0, {"handle": [{"handler": "vars",
                                   UPSTREAM_VAR: "{http.reverse_proxy.header." + UPSTREAM_HEADER + "}"}]})
+    # A grant cookie the browser lacks (proxy.grants), added to the client's response now (not deferred: by
+    # the time the VM answers, these placeholders name the VM's headers).
+    grant = "{http.reverse_proxy.header." + GRANT_HEADER + "}"
+    routes.insert(1, {"match": [{"not": [{"vars": {grant: ["", "<nil>"]}}]}],
+                      "handle": [{"handler": "headers", "response": {"add": {"Set-Cookie": [grant]}}}]})
     return handler
 
 
@@ -154,6 +192,40 @@ def build_public_route(settings: ServerSettings, front: FrontSettings) -> JSON |
         "@id": PUBLIC_ROUTE_ID,
         "match": [{"vars_regexp": {"{http.request.host}": {"pattern": front.fast_host_re}}}],
         "handle": vm_chain(front.public_dial, settings.http_addr, None, settings.proxy_key),
+        "terminal": True,
+    }
+
+
+def grant_identity() -> JSON:
+    """The identity headers a grant cookie spells (its file exists, so forward-auth wrote exactly these)."""
+    identity = {"X-Ussy-Access": [_GRANT % "access"], "X-Ussy-User-Id": [_GRANT % "user"],
+                "X-Ussy-Handle": [_GRANT % "handle"]}
+    return {"handler": "subroute", "routes": [
+        {"handle": [{"handler": "headers", "request": {"set": identity}}]},
+        {"match": [{"vars_regexp": {_GRANT % "email": {"pattern": "."}}}],
+         "handle": [{"handler": "headers", "request": {"set": {"X-Ussy-Email": [_GRANT % "email"]}}}]},
+    ]}
+
+
+def build_grants_route(settings: ServerSettings, front: FrontSettings) -> JSON | None:
+    """A request with a well-formed grant cookie: if its file exists, straight to the bridge it names with the
+    identity it spells; otherwise forward-auth, as for any request with our credentials."""
+    dial = front.grant_dial
+    if dial is None:
+        return None
+    fast: JSON = {
+        "match": [{"file": {"root": front.grants, "try_files": ["/{http.request.host}/" + _GRANT % "value"]}}],
+        "handle": vm_chain(dial, settings.http_addr, grant_identity(), settings.proxy_key),
+        "terminal": True,
+    }
+    grant = {"name": REGEXP_NAME, "pattern": grant_cookie_re(settings.tls is not TlsMode.OFF)}
+    return {
+        "@id": GRANTS_ROUTE_ID,
+        # One matcher set: both run before the subroute, whose file matcher reads what the cookie's captured.
+        "match": [{"vars_regexp": {"{http.request.host}": {"pattern": GRANT_HOST_RE}},
+                   "header_regexp": {"Cookie": grant}}],
+        "handle": [{"handler": "subroute",
+                    "routes": [fast, {"handle": build_vms_route(settings, front)["handle"]}]}],
         "terminal": True,
     }
 
@@ -197,14 +269,15 @@ def vm_down_routes(domain: str) -> list[JSON]:
 def build_front_errors(settings: ServerSettings, front: FrontSettings) -> JSON:
     """The server's error routes: a host the public route could not dial (it has no public socket, so nothing
     was sent) goes through the forward-auth chain, in a subroute with its own pages; everything else -> a page."""
-    not_public: JSON = {"vars_regexp": {"{http.error.message}": {"pattern": front.not_public_error}},
-                        "not": [{"host": [settings.domain]}]}
+    not_apex: JSON = {"not": [{"host": [settings.domain]}]}
+    fell_back = [front.not_public_error] + ([front.no_bridge_error] if front.grant_dial else [])
+    nothing_sent = [{"vars_regexp": {"{http.error.message}": {"pattern": p}}, **not_apex} for p in fell_back]
     fallback = {
         "handler": "subroute",
         "routes": [{"handle": build_vms_route(settings, front)["handle"]}],
         "errors": {"routes": vm_down_routes(settings.domain)},
     }
-    return {"routes": [{"match": [not_public], "handle": [fallback], "terminal": True},
+    return {"routes": [{"match": nothing_sent, "handle": [fallback], "terminal": True},
                        *vm_down_routes(settings.domain)]}
 
 
@@ -215,8 +288,9 @@ def build_front_server(settings: ServerSettings, front: FrontSettings) -> JSON:
                              proxy_key=settings.proxy_key))
     server: JSON = {
         "listen": [listen_address(settings.https_addr)],
-        "routes": [route for route in (apex, build_credentials_route(settings, front),
-                                       build_public_route(settings, front), build_vms_route(settings, front)) if route],
+        "routes": [route for route in (apex, build_grants_route(settings, front),
+                                       build_credentials_route(settings, front), build_public_route(settings, front),
+                                       build_vms_route(settings, front)) if route],
         "errors": build_front_errors(settings, front),
     }
     if settings.tls is TlsMode.OFF:

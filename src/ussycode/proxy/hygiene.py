@@ -11,7 +11,7 @@ runs, in this order:
    hand-off, logout), never to the VM, public VMs included.
 3. forward-auth (private routes only; see ``proxy.routes``) — needs the client's cookies and Authorization.
 4. :func:`strip_platform_credentials` — after the access decision: ``Authorization`` values carrying a platform
-   token (``usy0.``/``usy1.``), our session, sign-in and share-link cookies (other cookies stay), and the
+   token (``usy0.``/``usy1.``), our session, sign-in, grant and share-link cookies (other cookies stay), and the
    ``ussy_share`` query parameter are removed. An ``Authorization`` that is not ours (the app's own Basic or
    Bearer auth) reaches the app unchanged.
 5. the reverse proxy to the VM.
@@ -33,8 +33,9 @@ SHARE_PARAM = "ussy_share"
 CLIENT_ADDR_HEADER = "X-Ussy-Client-Addr"
 PROXY_KEY_HEADER = "X-Ussy-Proxy-Key"
 
-# Our cookies: the session (``__Host-`` prefixed unless --tls off), the sign-in "next" cookie, share-link cookies.
-OUR_COOKIE_RE = r"(?:__Host-)?ussy_(?:session|next|share_[A-Za-z0-9_-]*)"
+# Our cookies: the session (``__Host-`` prefixed unless --tls off), the sign-in "next" cookie, share-link cookies,
+# the grant (proxy.grants).
+OUR_COOKIE_RE = r"(?:__Host-)?ussy_(?:session|next|grant|share_[A-Za-z0-9_-]*)"
 # One cookie pair of ours, with the separator before it (or the start of the header).
 _OUR_COOKIE_PAIR = r"(?:^|;)[ \t]*" + OUR_COOKIE_RE + r"=[^;]*"
 # A platform token anywhere in an Authorization value (Bearer usy1.…, usy0.…, any scheme or spacing).

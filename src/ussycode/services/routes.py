@@ -10,6 +10,9 @@ in-flight request. The DB is the truth; :meth:`RouteService.reconcile` derives f
   domains when port 8080 is public, ``<port>-<vm>.<domain>`` for each other public port — running VMs only (a
   stopped VM's URL goes through forward-auth, which answers a page).
 
+Signed-in visitors' allows are kept as grants Caddy checks itself (:class:`~ussycode.proxy.grants.Grants`,
+removed by any write to the database).
+
 It runs at start-up, on every VM or sharing event (before the command that caused it returns) and on a timer.
 Private URLs, unknown hosts and stopped VMs are answered per request by forward-auth (``api/web.py``), which
 names the upstream for Caddy. A watchdog restarts a managed Caddy that died (``kill -9``) within a second.
@@ -18,7 +21,9 @@ names the upstream for Caddy. A watchdog restarts a managed Caddy that died (``k
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import datetime as dt
 import hashlib
 import hmac
 import logging
@@ -31,12 +36,13 @@ from ussycode.config import Settings, parse_addr
 from ussycode.errors import UssyError
 from ussycode.proxy.bridge import BridgeManager
 from ussycode.proxy.front import FrontSettings, build_front_apps, build_front_config, build_front_server
+from ussycode.proxy.grants import Grants
 from ussycode.proxy.hosts import PublicHosts
 from ussycode.proxy.manager import CaddyState, ExternalCaddy, ManagedCaddy
 from ussycode.proxy.routes import ServerSettings, TlsMode
 from ussycode.services.container import Services
 from ussycode.services.events import VmEvent
-from ussycode.services.sessions import SessionService, load_or_create_secret
+from ussycode.services.sessions import SessionService, WebSession, load_or_create_secret
 from ussycode.services.shares import MAIN_PORT, ShareService
 from ussycode.store import shares as shareq
 from ussycode.store import vms as vmq
@@ -71,6 +77,7 @@ class RouteService:
         # Made anew at each start: Caddy sends it with the client's address (hygiene.client_address_headers).
         self.proxy_key = secrets.token_urlsafe(24)
         self.health: Callable[[], dict[str, Any]] | None = None  # the HTTPS entry's report, for /health
+        self.grants: Grants | None = None
         self._lock = asyncio.Lock()
         # Coalescing: each request to reconcile takes a number; a pass that began after a request covers it.
         self._requested = 0
@@ -134,6 +141,23 @@ class RouteService:
         """Start the VM port's forwarder if needed; its Caddy dial address."""
         return (await self.bridges.ensure(vm_id, port)).dial
 
+    def grant(self, session: WebSession, host: str, access: str, vm_id: str, port: int, *, generation: int,
+              until: float, presented: str | None) -> str | None:
+        """Forward-auth let this signed-in request through (decided on what the DB said at ``generation``):
+        keep it as a grant until ``until`` (monotonic). Returns the Set-Cookie value if the browser lacks the
+        grant's cookie."""
+        grants = self.grants
+        if grants is None:
+            return None
+        value = grants.value(session=session.id_hash, host=host, access=access, user_id=session.user_id,
+                             handle=session.handle, email=session.email, vm_id=vm_id, port=port)
+        if value is None or not grants.admit(host, value, generation, until):
+            return None
+        if presented == value:
+            return None
+        left = (session.expires_at - dt.datetime.now(dt.UTC).replace(tzinfo=None)).total_seconds()
+        return grants.set_cookie(value, int(left))
+
     async def on_event(self, event: VmEvent) -> None:
         await self._reconcile_or_log(f"{event.kind} {event.name}")
 
@@ -177,7 +201,12 @@ class HttpsEntry:
         self.services.routes = routes
         routes.health = self.health
         await routes.reconcile()
-        front = FrontSettings(routes.auth_url, hosts.dial_template())
+        routes.grants = grants = Grants(hosts.base / "grants", secrets.token_bytes(32),
+                                        lambda: self.services.store.generation, secure=ss.tls is not TlsMode.OFF)
+        grants.reset()
+        self.services.store.on_write.append(grants.wipe)
+        bridges_dir = "../" + bridges.dir.name if not s.caddy_admin else str(bridges.dir)
+        front = FrontSettings(routes.auth_url, hosts.dial_template(), str(grants.root.resolve()), bridges_dir)
         if s.caddy_admin:
             self.caddy = ExternalCaddy(s.caddy_admin, build_front_server(ss, front), build_front_apps(ss))
         else:
@@ -261,6 +290,10 @@ class HttpsEntry:
         if self.caddy is not None:
             await self.caddy.stop()
         if self.routes is not None:
+            if self.routes.grants is not None:
+                with contextlib.suppress(ValueError):
+                    self.services.store.on_write.remove(self.routes.grants.wipe)
+                self.routes.grants.close()
             await self.routes.tasks.close()
             await self.routes.bridges.close()
             await self.routes.hosts.clear()

@@ -109,6 +109,8 @@ class Store:
         # Bumped after every write: a cache of reads (forward-auth's access inputs) tags each entry with the
         # generation it was read at and drops it once any write happened since. Single process only.
         self.generation = 0
+        # Called on the loop right after each bump, before the write's caller goes on (grants Caddy keeps).
+        self.on_write: list[Callable[[], None]] = []
 
     def migrate(self) -> Path | None:
         return migrate(self.engine)
@@ -124,6 +126,8 @@ class Store:
             # Caches of what was read before this write are stale from now on (see ``generation``); bumped on
             # the loop once the write is over, before its caller goes on.
             self.generation += 1
+            for hook in self.on_write:
+                hook()
 
     async def read(self, fn: Callable[[sa.Connection], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._readers, self._run, fn)
