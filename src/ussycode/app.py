@@ -15,7 +15,7 @@ import uvicorn
 
 from ussycode.admin import panel
 from ussycode.admin.metrics import ops_app
-from ussycode.api import web
+from ussycode.api import auth_endpoint
 from ussycode.api.app import build_app
 from ussycode.api.gate import ForwardAuthServer
 from ussycode.auth.keys import load_or_create_private_key
@@ -153,7 +153,7 @@ class App:
         await self._start_http()
         assert self.https is not None and self.http_port is not None
         # forward-auth on its own lean listener (the same endpoint, without the web stack: api/gate.py)
-        self.gate = ForwardAuthServer(self.services, web.forward_auth)
+        self.gate = ForwardAuthServer(self.services, auth_endpoint.forward_auth)
         auth_port = await self.gate.start(parse_addr(self.settings.http_addr)[0] or "127.0.0.1")
         await self.https.start(self.http_port, auth_port)  # routes from the DB, then Caddy (HTTPS entry)
         self.metadata = MetadataService(self.services)

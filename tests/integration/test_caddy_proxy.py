@@ -41,8 +41,8 @@ from ussycode.api.forward_auth import (
     ShareView,
     VmView,
     decide,
-    parse_target,
 )
+from ussycode.api.hostnames import parse_target
 from ussycode.auth.links import link_token_hash
 from ussycode.errors import RuntimeFailure
 from ussycode.proxy.bridge import BridgeManager

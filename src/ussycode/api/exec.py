@@ -27,7 +27,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
-from ussycode.api.web import client_address
+from ussycode.api.context import client_address
 from ussycode.commands.context import CommandContext, Output
 from ussycode.commands.registry import dispatch, render_error, split_async
 from ussycode.errors import CommandNotPermitted, Forbidden, RateLimited, Unauthenticated, UsageError

@@ -2,10 +2,11 @@
 
 Caddy asks the app server (a GET to the forward-auth endpoint carrying the client's cookies and Authorization
 plus ``X-Forwarded-{Host,Uri,Method,Proto}``) before proxying a private VM URL. The endpoint builds an
-:class:`AuthRequest` (:meth:`AuthRequest.from_headers`), looks up what :func:`parse_target` names (a VM by name,
-or by verified custom domain), the VM's shares, the browser session and the Bearer token, and renders the
-:class:`Decision` as is: 2xx lets Caddy continue (copying the ``X-Ussy-*`` identity headers onto the request);
-any other status goes back to the client verbatim (login redirect, 401 JSON, 403, 404, share-link redirect).
+:class:`AuthRequest` (:meth:`AuthRequest.from_headers`), looks up what
+:func:`~ussycode.api.hostnames.parse_target` names (a VM by name, or by verified custom domain), the VM's
+shares, the browser session and the Bearer token, and renders the :class:`Decision` as is: 2xx lets Caddy
+continue (copying the ``X-Ussy-*`` identity headers onto the request); any other status goes back to the client
+verbatim (login redirect, 401 JSON, 403, 404, share-link redirect).
 
 A share link opens the one URL (VM and port) it was made for; links are compared by the hash of their token.
 
@@ -29,25 +30,16 @@ from datetime import datetime
 from html import escape
 from urllib.parse import parse_qsl, quote, urlencode
 
+from ussycode.api.hostnames import DEFAULT_PORT, HostError, parse_target, split_host_port
 from ussycode.auth.links import link_token_hash
-from ussycode.types import VM_NAME_RE
 
 SHARE_PARAM = "ussy_share"
 SHARE_COOKIE_PREFIX = "ussy_share_"
 SHARE_COOKIE_MAX_AGE = 24 * 3600
-DEFAULT_PORT = 8080
-PORT_MIN, PORT_MAX = 3000, 9999
-MAX_HOST = 253
 
-_LABEL_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-_PORT_LABEL_RE = re.compile(r"^([0-9]{4})-(.+)$")
 _TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{8,128}$")
 _SAFE_VALUE_RE = re.compile(r"^[\x20-\x7e]*$")
 _PLATFORM_TOKEN_RE = re.compile(r"(?i)^usy[01]\.")
-
-
-class HostError(ValueError):
-    """The Host is not a DNS name we could ever serve (400)."""
 
 
 class Outcome(enum.StrEnum):
@@ -132,18 +124,6 @@ class VmView:
 
 
 @dataclass(frozen=True)
-class Target:
-    """What a host names: ``vm_name`` + ``port`` for ``[<port>-]<vm>.<domain>``; ``cname`` for any other host
-    outside the domain (to be looked up among verified custom domains); ``apex`` for the domain itself."""
-
-    host: str
-    port: int = DEFAULT_PORT
-    vm_name: str | None = None
-    cname: str | None = None
-    apex: bool = False
-
-
-@dataclass(frozen=True)
 class AuthRequest:
     """The original request as Caddy forwarded it. ``host`` is raw (may carry a port); ``uri`` is path+query."""
 
@@ -216,79 +196,6 @@ def parse_cookies(header: str) -> dict[str, str]:
         if sep and name and name not in cookies:
             cookies[name] = value.strip().strip('"')
     return cookies
-
-
-def split_host_port(raw: str) -> tuple[str, int | None]:
-    raw = raw.strip()
-    if raw.startswith("["):
-        raise HostError("IP literal hosts are not served")
-    host, sep, port = raw.rpartition(":")
-    if sep and port.isdigit() and ":" not in host:
-        if not 0 < int(port) < 65536:
-            raise HostError("bad port")
-        return host, int(port)
-    if ":" in raw:
-        raise HostError("malformed host")
-    return raw, None
-
-
-def normalize_host(raw: str) -> str:
-    """Lower-case, port and trailing dot stripped, IDN to punycode, each label checked; raises :class:`HostError`."""
-    host, _ = split_host_port(raw)
-    host = host.lower().rstrip(".")
-    if not host or len(host) > MAX_HOST:
-        raise HostError("host empty or too long")
-    if not host.isascii():
-        try:
-            host = host.encode("idna").decode("ascii")
-        except UnicodeError as exc:
-            raise HostError("host is not a valid internationalised name") from exc
-        if len(host) > MAX_HOST:
-            raise HostError("host too long")
-    if not all(_LABEL_RE.fullmatch(label) for label in host.split(".")):
-        raise HostError("host has an invalid label")
-    return host
-
-
-def parse_target(raw_host: str, domain: str) -> Target:
-    """What ``raw_host`` names under ``domain``; raises :class:`HostError` for hosts that are not DNS names.
-
-    A name that fits neither the VM-name nor the ``<port>-<vm>`` form (port 3000-9999) yields a Target with
-    neither ``vm_name`` nor ``cname``: nothing is there (404).
-    """
-    host = normalize_host(raw_host)
-    domain = domain.lower().rstrip(".")
-    if host == domain:
-        return Target(host, apex=True)
-    suffix = "." + domain
-    if not host.endswith(suffix):
-        return Target(host, cname=host)
-    label = host[: -len(suffix)]
-    if "." in label:
-        return Target(host)  # a.b.<domain>: never a VM
-    port = DEFAULT_PORT
-    match = _PORT_LABEL_RE.fullmatch(label)
-    if match:
-        port = int(match.group(1))
-        if not PORT_MIN <= port <= PORT_MAX:
-            return Target(host)
-        label = match.group(2)
-    if not VM_NAME_RE.fullmatch(label):
-        return Target(host)
-    return Target(host, port=port, vm_name=label)
-
-
-def tls_ask(raw_host: str, domain: str, vm_names: frozenset[str], cnames: frozenset[str]) -> bool:
-    """On-demand TLS ``ask``: issue a certificate only for the apex, existing VM hosts and verified cnames."""
-    try:
-        target = parse_target(raw_host, domain)
-    except HostError:
-        return False
-    if target.apex:
-        return True
-    if target.vm_name is not None:
-        return target.vm_name in vm_names
-    return target.cname is not None and target.cname in cnames
 
 
 # --- rendering helpers (pure) -------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 Every request to a private VM URL (and every signed-in request to a public one) costs one forward-auth call, so
 its fixed cost matters: here a request is parsed by ``httptools`` and handed, as a minimal ASGI scope, straight
-to :func:`ussycode.api.web.forward_auth` — the one implementation of the endpoint, also mounted on the app
+to :func:`ussycode.api.auth_endpoint.forward_auth` — the one implementation of the endpoint, also mounted on the app
 server — with no router, middleware or ASGI server in between. Only Caddy calls it (loopback, the forward-auth
 key in the query); a bad request gets a 400 and the connection is closed. Keep-alive and pipelined requests
 are answered in order on each connection.

@@ -1,10 +1,10 @@
-"""Browser-facing HTTP: forward-auth for Caddy, sign-in, hand-off to VM hosts, logout, the apex pages, TLS ask.
+"""Browser-facing HTTP: sign-in, hand-off to VM hosts, logout, the apex pages, TLS ask (and the routes of
+forward-auth, :mod:`ussycode.api.auth_endpoint`).
 
 Paths (all on the app server behind Caddy):
 
-- ``GET /__ussycode/forward-auth?k=<secret>`` — Caddy asks before proxying a private VM URL. The original request
-  arrives as ``X-Forwarded-{Host,Uri,Method,Proto}`` plus the client's Cookie/Authorization; the answer is
-  :func:`ussycode.api.forward_auth.decide`.
+- ``GET /__ussycode/forward-auth?k=<secret>`` — Caddy asks before proxying a VM URL its own paths do not serve
+  (:func:`ussycode.api.auth_endpoint.forward_auth`).
 - ``/__ussycode/*`` on every VM host (public ones too) is sent here by Caddy, never to the VM:
   ``/__ussycode/auth?code=…`` redeems a hand-off code (host-only session cookie for that VM, redirect back) and
   ``/__ussycode/logout`` goes to the apex.
@@ -20,56 +20,33 @@ unless ``--tls off``, so no VM host can set or overwrite it for the apex or anot
 from __future__ import annotations
 
 import datetime as dt
-import hmac
 import logging
-import time
 from dataclasses import dataclass
 from html import escape
 from typing import TypeVar
-from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
+from urllib.parse import quote, unquote, urlencode, urlsplit
 
-import sqlalchemy as sa
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
+from starlette.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from ussycode import telemetry
+from ussycode.api.auth_endpoint import LOGIN_PATH, access_views, forward_auth
+from ussycode.api.context import client_address, services_of, web_parts
 from ussycode.api.forward_auth import (
-    SHARE_COOKIE_PREFIX,
-    SHARE_PARAM,
-    Access,
-    AuthRequest,
-    BearerView,
-    HostError,
     Identity,
-    ShareLink,
-    ShareView,
-    Target,
-    VmView,
-    decide,
     may_open,
-    normalize_host,
-    parse_target,
-    tls_ask,
 )
-from ussycode.api.pages import forwarder_failed_page, suspended_page, vm_state_page
+from ussycode.api.hostnames import HostError, Target, normalize_host, parse_target, tls_ask
 from ussycode.config import Settings, TlsMode, parse_addr
-from ussycode.errors import RateLimited, UssyError
-from ussycode.proxy.front import UPSTREAM_HEADER
-from ussycode.proxy.grants import GRANT_HEADER
-from ussycode.proxy.grants import cookie_name as grant_cookie_name
-from ussycode.proxy.hygiene import CLIENT_ADDR_HEADER, PROXY_KEY_HEADER
-from ussycode.services.accesscache import GenerationCache
-from ussycode.services.container import Services
+from ussycode.errors import RateLimited
 from ussycode.services.ratelimit import RateLimiter
 from ussycode.services.routes import ASK_PATH, AUTH_PATH
-from ussycode.services.sessions import SessionService, WebSession, cookie_name, session_row
-from ussycode.services.shares import AccessRecord, ShareService, access_record, link_token_hash
+from ussycode.services.sessions import WebSession, cookie_name
+from ussycode.services.shares import AccessRecord
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-LOGIN_PATH = "/__ussycode/login"
 LOGOUT_PATH = "/__ussycode/logout"
 HANDOFF_PATH = "/__ussycode/auth"
 NEXT_COOKIE = "ussy_next"
@@ -92,18 +69,6 @@ _CSS = (
 # --- helpers ----------------------------------------------------------------------------------------------------
 
 
-def _services(request: Request) -> Services:
-    services: Services = request.app.state.services
-    return services
-
-
-def _parts(request: Request) -> tuple[Settings, ShareService, SessionService]:
-    s = _services(request)
-    if s.shares is None or s.sessions is None:
-        raise RuntimeError("the HTTPS entry is not set up")
-    return s.settings, s.shares, s.sessions
-
-
 def _cookie(settings: Settings, name: str, value: str, max_age: int) -> str:
     cookie = f"{name}={value}; Path=/; Max-Age={max_age}; HttpOnly; SameSite=Lax"
     if settings.tls is not TlsMode.OFF:
@@ -116,17 +81,6 @@ def _page(title: str, body: str, status: int = 200, headers: dict[str, str] | No
             f"<meta name=viewport content='width=device-width'><style>{_CSS}</style></head>"
             f"<body><h1>{escape(title)}</h1>{body}</body></html>\n")
     return HTMLResponse(html, status_code=status, headers={**SECURITY_HEADERS, **(headers or {})})
-
-
-def client_address(request: Request) -> str:
-    """The client's address: what Caddy saw when the request carries this start's proxy key (Caddy sets both
-    headers and drops client-sent copies); the TCP peer otherwise, whatever X-Forwarded-For says."""
-    peer = request.client.host if request.client else ""
-    routes = _services(request).routes
-    key = request.headers.get(PROXY_KEY_HEADER, "")
-    if routes is not None and key and hmac.compare_digest(key.encode(), routes.proxy_key.encode()):
-        return request.headers.get(CLIENT_ADDR_HEADER, "")[:64] or peer
-    return peer
 
 
 def _limiter(request: Request) -> RateLimiter:
@@ -159,7 +113,7 @@ def _login_command(settings: Settings) -> str:
 
 
 async def _apex_session(request: Request) -> WebSession | None:
-    settings, _, sessions = _parts(request)
+    settings, _, sessions = web_parts(request)
     return await sessions.validate(request.cookies.get(cookie_name(settings)), _apex_host(settings))
 
 
@@ -170,7 +124,7 @@ def _host_of(request: Request) -> str | None:
         return None
 
 
-# --- forward-auth -----------------------------------------------------------------------------------------------
+# --- hand-off to VM hosts -----------------------------------------------------------------------------------------
 
 
 def _safe_path(value: str) -> str:
@@ -180,158 +134,10 @@ def _safe_path(value: str) -> str:
     return value[:2000]
 
 
-async def _bearer(services: Services, token: str | None, vm_name: str, client: str) -> BearerView | None:
-    """Raises RateLimited when ``client`` sent too many bad tokens."""
-    if token is None:
-        return None
-    tokens = services.tokens
-    if tokens is None or not token:
-        return BearerView(False)
-    actor = await tokens.authenticate_for_vm(token, vm_name, client=client)
-    if actor is None:
-        return BearerView(False)
-    return BearerView(True, Identity(actor.id, actor.handle, actor.user.email))
-
-
-async def forward_auth(request: Request) -> Response:
-    settings, shares, sessions = _parts(request)
-    services = _services(request)
-    routes = services.routes
-    if routes is None:
-        return PlainTextResponse("not ready", 503)
-    if not hmac.compare_digest(request.query_params.get("k", ""), routes.auth_key):
-        return PlainTextResponse("forbidden", 403)
-    areq = AuthRequest.from_headers(request.headers)
-    try:
-        target = parse_target(areq.host, settings.domain)
-    except HostError:
-        return JSONResponse({"error": "bad host", "code": 400}, 400)
-    session_secret = areq.cookies.get(cookie_name(settings))
-    # Only the share links this request presents are read (cookies and the URL), by the hashes of their tokens.
-    presented = tuple({link_token_hash(v) for k, v in areq.cookies.items() if k.startswith(SHARE_COOKIE_PREFIX)}
-                      | {link_token_hash(v) for k, v in _query_pairs(areq.query) if k == SHARE_PARAM})
-
-    def read(c: sa.Connection) -> tuple[AccessRecord | None, WebSession | None]:
-        rec = access_record(c, vm_name=target.vm_name, cname=target.cname, link_hashes=presented)
-        return rec, (session_row(c, session_secret, target.host, rec.vm_id) if rec is not None else None)
-
-    cache = _access_cache(request)
-    key = (target.host, session_secret, presented)
-    generation = services.store.generation
-    cached = cache.get(key, generation)
-    if cached is None:
-        cached = await services.store.read(read)
-        cache.put(key, generation, cached, _session_deadline(cached[1]))
-    record, session = cached
-
-    if record is not None and record.owner_suspended:
-        telemetry.FORWARD_AUTH.labels("suspended").inc()
-        gone = suspended_page(record.name, accept=areq.accept, method=areq.method)
-        return Response(gone.body, status_code=gone.status, media_type=gone.content_type,
-                        headers={"Cache-Control": "no-store"})
-    now = dt.datetime.now(dt.UTC)
-    vm = shares_view = None
-    if record is not None:
-        vm, shares_view = _views(record)
-    identity = None if session is None else Identity(session.user_id, session.handle, session.email)
-    try:
-        bearer = await _bearer(services, areq.bearer_token, record.name, client_address(request)) if record else None
-    except RateLimited as exc:
-        return JSONResponse({"error": exc.user_message, "code": 429}, 429,
-                            headers={"Retry-After": str(int(exc.retry_after) + 1), "Cache-Control": "no-store"})
-    decision = decide(areq, domain=settings.domain, vm=vm, shares=shares_view or ShareView(), session=identity,
-                      bearer=bearer, now=now, login_url=settings.public_url(settings.domain) + LOGIN_PATH)
-    telemetry.FORWARD_AUTH.labels(decision.outcome.value).inc()
-    if decision.reason == "share_link_set" and record is not None:
-        token = next((v for k, v in _query_pairs(areq.query) if k == "ussy_share"), "")
-        if token:
-            await shares.count_link_use(token)
-    headers = dict(decision.headers)
-    if decision.allowed and record is not None:
-        page = vm_state_page(record.name, record.status, accept=areq.accept, method=areq.method)
-        if page is None:
-            try:
-                headers[UPSTREAM_HEADER] = await routes.ensure_bridge(record.vm_id, target.port)
-                if decision.access is Access.PUBLIC:
-                    routes.public_served(target.host)
-            except (UssyError, OSError) as exc:
-                log.warning("forwarder for %s:%d failed: %s", record.name, target.port, exc)
-                page = forwarder_failed_page(record.name, accept=areq.accept, method=areq.method)
-        if page is not None:
-            return Response(page.body, status_code=page.status, media_type=page.content_type,
-                            headers={"Cache-Control": "no-store", **dict(page.headers)})
-    if decision.status >= 300:
-        headers.update({"Cache-Control": "no-store"})
-    response = Response(decision.body, status_code=decision.status, headers=headers, media_type=decision.content_type)
-    if (decision.allowed and record is not None and UPSTREAM_HEADER in headers and "Set-Cookie" not in headers
-            and SHARE_PARAM not in areq.query):
-        # This answer depends only on the host and the credentials (cookies, Authorization): the lean listener
-        # may replay it for the same ones until any DB write, the session's expiry or REPLAY_TTL.
-        until = time.monotonic() + REPLAY_TTL
-        deadline = _session_deadline(session)
-        replay = Replay(generation, min(until, deadline) if deadline else until, record.vm_id, target.port)
-        response.replay = replay  # type: ignore[attr-defined]
-        if session is not None and areq.bearer_token is None and decision.access in _GRANTED:
-            # ... and Caddy may let the same browser through itself until then (proxy.grants)
-            cookie = routes.grant(session, target.host, str(decision.access), record.vm_id, target.port,
-                                  generation=generation, until=replay.until,
-                                  presented=areq.cookies.get(grant_cookie_name(settings.tls is not TlsMode.OFF)))
-            if cookie:
-                response.headers[GRANT_HEADER] = cookie
-    return response
-
-
-_GRANTED = (Access.OWNER, Access.SHARED, Access.PUBLIC)  # a signed-in visitor's own access
-
-
-REPLAY_TTL = 2.0
-
-
-@dataclass(frozen=True)
-class Replay:
-    """May an allow be replayed (api/gate.py): the store generation it was decided at, until when (monotonic),
-    and the forwarder it names (a dead forwarder is never replayed)."""
-
-    generation: int
-    until: float
-    vm_id: str
-    port: int
-
-
-def _session_deadline(session: WebSession | None) -> float | None:
-    """The session's expiry on the monotonic clock (never serve a cached session past it)."""
-    if session is None:
-        return None
-    left = (session.expires_at - dt.datetime.now(dt.UTC).replace(tzinfo=None)).total_seconds()
-    return time.monotonic() + left
-
-
-def _access_cache(request: Request) -> GenerationCache[tuple[AccessRecord | None, WebSession | None]]:
-    cache: GenerationCache[tuple[AccessRecord | None, WebSession | None]] | None = getattr(
-        request.app.state, "access_cache", None)
-    if cache is None:
-        cache = request.app.state.access_cache = GenerationCache(max_entries=8192, ttl=5.0)
-    return cache
-
-
-def _views(record: AccessRecord) -> tuple[VmView, ShareView]:
-    """What :func:`decide` needs, from the DB record."""
-    vm = VmView(record.vm_id, record.name, record.owner_id, public=8080 in record.public_ports,
-                public_ports=frozenset(p for p in record.public_ports if p != 8080), cnames=record.cnames)
-    links = tuple(ShareLink(ln.token_hash, record.vm_id, ln.port,
-                            None if ln.expires_at is None else ln.expires_at.replace(tzinfo=dt.UTC))
-                  for ln in record.links)
-    return vm, ShareView(record.user_ids, record.emails, links)
-
-
-def _query_pairs(query: str) -> list[tuple[str, str]]:
-    return parse_qsl(query, keep_blank_values=True)
-
-
 async def _vm_host(request: Request) -> tuple[Target, AccessRecord] | None:
     """The VM host this request came to (by name or verified custom domain) and its record; None for the apex,
     unknown hosts and bad Host headers."""
-    settings, shares, _ = _parts(request)
+    settings, shares, _ = web_parts(request)
     try:
         target = parse_target(request.headers.get("host", ""), settings.domain)
     except HostError:
@@ -345,7 +151,7 @@ async def _vm_host(request: Request) -> tuple[Target, AccessRecord] | None:
 async def handoff(request: Request) -> Response:
     """``/__ussycode/auth?code=…&next=/path`` on a VM host: redeem the apex's hand-off code for a session cookie
     of this host and VM, then go back to the page."""
-    settings, _, sessions = _parts(request)
+    settings, _, sessions = web_parts(request)
     found = await _vm_host(request)
     if found is None:
         return PlainTextResponse("not found", 404, headers=SECURITY_HEADERS)
@@ -385,7 +191,7 @@ class _Next:
 async def _vm_next(request: Request, next_url: str) -> _Next | None:
     """The VM URL ``next_url`` names if it is one of ours (a VM host or a verified custom domain, our scheme);
     None otherwise (never an open redirect)."""
-    settings, shares, _ = _parts(request)
+    settings, shares, _ = web_parts(request)
     try:
         parts = urlsplit(next_url)
         if parts.scheme != settings.public_scheme or not parts.hostname:
@@ -410,8 +216,8 @@ def _apex_next(value: str) -> str:
 
 async def _handoff_redirect(request: Request, session: WebSession, target: _Next) -> Response:
     """Hand the session to a VM host the user may open (public, owner, shared); anything else goes home."""
-    settings, _, sessions = _parts(request)
-    vm, shares_view = _views(target.record)
+    settings, _, sessions = web_parts(request)
+    vm, shares_view = access_views(target.record)
     if not may_open(vm, target.port, shares_view, Identity(session.user_id, session.handle, session.email)):
         # No hand-off code for a host this user may not open (a share link works without one).
         return _page("No access", f"<p>You are signed in as <b>{escape(session.handle)}</b>, but "
@@ -425,7 +231,7 @@ async def _handoff_redirect(request: Request, session: WebSession, target: _Next
 
 
 async def login(request: Request) -> Response:
-    settings, _, sessions = _parts(request)
+    settings, _, sessions = web_parts(request)
     if _host_of(request) != _apex_host(settings):
         return PlainTextResponse("not found", 404)
     token = request.query_params.get("token")
@@ -477,7 +283,7 @@ async def login(request: Request) -> Response:
 
 
 async def logout(request: Request) -> Response:
-    settings, _, sessions = _parts(request)
+    settings, _, sessions = web_parts(request)
     if _host_of(request) != _apex_host(settings):
         if await _vm_host(request) is None:
             return PlainTextResponse("not found", 404)
@@ -508,7 +314,7 @@ async def logout(request: Request) -> Response:
 
 
 async def landing(request: Request) -> Response:
-    settings, _, sessions = _parts(request)
+    settings, _, sessions = web_parts(request)
     if _host_of(request) != _apex_host(settings):
         return PlainTextResponse("not found", 404)
     session = await _apex_session(request)
@@ -518,7 +324,7 @@ async def landing(request: Request) -> Response:
         body = intro + (f"<pre>{escape(_ssh(settings))}</pre><p>Already have an account? "
                         f"<a href='{LOGIN_PATH}'>Sign in</a> with <code>{escape(_login_command(settings))}</code>.</p>")
         return _page("ussycode", body)
-    services = _services(request)
+    services = services_of(request)
     from ussycode.store import vms as vmq
 
     vms = await services.store.read(lambda c: vmq.of_owner(c, session.user_id))
@@ -560,7 +366,7 @@ async def tls_ask_endpoint(request: Request) -> Response:
     """On-demand TLS permission (Caddy's ``permission`` http module): 200 = issue a certificate for ``domain``.
     Yes for the apex, VM hosts and their port hosts, verified custom domains; with the local CA also, rate
     limited, for other single names under the domain (they answer 404)."""
-    settings, shares, _ = _parts(request)
+    settings, shares, _ = web_parts(request)
     host = request.query_params.get("domain", "")
     ok = tls_ask(host, settings.domain, await shares.vm_names(), await shares.verified_cnames())
     if not ok:

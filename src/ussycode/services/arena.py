@@ -29,11 +29,12 @@ import sqlalchemy as sa
 from ussycode import durations
 from ussycode.auth.identity import Actor
 from ussycode.errors import Conflict, NotFound, StateError, UsageError
-from ussycode.services.arena_rules import START_RATING, Scenario, elo, load_scenario
+from ussycode.services import arena_ratings as ratings
+from ussycode.services.arena_rules import Scenario, load_scenario, parse_scores
 from ussycode.services.catalog import NAME_RE, item_dir, item_dirs
 from ussycode.services.container import Services
 from ussycode.store import users as userq
-from ussycode.store.schema import arena_matches, arena_players, arena_ratings, users, utcnow
+from ussycode.store.schema import arena_matches, arena_players, users, utcnow
 from ussycode.tasks import TaskGroup
 
 log = logging.getLogger(__name__)
@@ -282,7 +283,7 @@ class Arena:
                 probes = [await self._probe(f"{match_id}-{p.handle}", path) for path in spec.probes]
                 doc["players"][p.handle] = {"probes": probes, "seconds": seconds, "forfeit": p.score == -1.0}
             code, out = await self._score(match_id, spec, doc)
-            scores = self._parse(out, [p.handle for p in players]) if code == 0 else None
+            scores = parse_scores(out, [p.handle for p in players]) if code == 0 else None
             if scores is None:
                 await self._end(match_id, "no_contest", f"the scorer failed (exit {code}): {out[-200:]}")
                 return
@@ -305,39 +306,8 @@ class Arena:
             return code, "could not install the scorer"
         return await self._run(name, "python3 /tmp/ussycode-scorer.py", stdin=json.dumps(doc).encode(), timeout=120)
 
-    @staticmethod
-    def _parse(out: str, handles: list[str]) -> dict[str, float] | None:
-        try:
-            doc = json.loads(out.strip().splitlines()[-1])
-        except (ValueError, IndexError):
-            return None
-        if not isinstance(doc, dict) or set(doc) != set(handles):
-            return None
-        if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in doc.values()):
-            return None
-        return {k: float(v) for k, v in doc.items()}
-
     async def _rate(self, match_id: str, players: list[Any], scores: dict[str, float]) -> None:
-        def tx(c: sa.Connection) -> None:
-            by_handle = {p.handle: p.user_id for p in players}
-            before = {}
-            for handle, uid in by_handle.items():
-                r = c.execute(sa.select(arena_ratings.c.rating).where(arena_ratings.c.user_id == uid)).scalar()
-                before[handle] = float(r) if r is not None else START_RATING
-            after = elo(before, scores)
-            for handle, uid in by_handle.items():
-                c.execute(arena_ratings.delete().where(arena_ratings.c.user_id == uid))
-                played = c.execute(sa.select(sa.func.count()).select_from(arena_players).join(
-                    arena_matches, arena_matches.c.id == arena_players.c.match_id).where(
-                    arena_players.c.user_id == uid, arena_matches.c.state == "done")).scalar_one()
-                c.execute(arena_ratings.insert().values(user_id=uid, rating=after[handle], matches=played + 1))
-                c.execute(arena_players.update().where(arena_players.c.match_id == match_id,
-                                                       arena_players.c.user_id == uid)
-                          .values(score=scores[handle], rating_before=before[handle], rating_after=after[handle]))
-            c.execute(arena_matches.update().where(arena_matches.c.id == match_id).values(
-                state="done", ended_at=utcnow()))
-
-        await self.services.store.write(tx)
+        await self.services.store.write(lambda c: ratings.record(c, match_id, players, scores))
 
     async def _end(self, match_id: str, state: str, note: str) -> None:
         await self.services.store.write(lambda c: c.execute(arena_matches.update().where(
@@ -394,26 +364,7 @@ class Arena:
 
     async def standing(self, actor: Actor) -> dict[str, Any]:
         """The player's rating and rank (rank None before a first rated match), and the instance's match count."""
-        def read(c: sa.Connection) -> dict[str, Any]:
-            mine = c.execute(sa.select(arena_ratings.c.rating, arena_ratings.c.matches).where(
-                arena_ratings.c.user_id == actor.id)).first()
-            rank = None
-            if mine is not None:
-                rank = 1 + int(c.execute(sa.select(sa.func.count()).select_from(arena_ratings).where(
-                    arena_ratings.c.rating > mine.rating)).scalar_one())
-            played = int(c.execute(sa.select(sa.func.count()).select_from(arena_matches).where(
-                arena_matches.c.state == "done")).scalar_one())
-            live = int(c.execute(sa.select(sa.func.count()).select_from(arena_matches).where(
-                arena_matches.c.state.in_(("open", "running", "scoring")))).scalar_one())
-            return {"rating": round(mine.rating, 1) if mine else START_RATING, "rank": rank,
-                    "matches": mine.matches if mine else 0, "instance_matches": played, "live_matches": live}
-
-        return await self.services.store.read(read)
+        return await self.services.store.read(lambda c: ratings.standing(c, actor.id))
 
     async def leaderboard(self, limit: int = 50) -> list[dict[str, Any]]:
-        rows = await self.services.store.read(lambda c: list(c.execute(
-            sa.select(users.c.handle, arena_ratings.c.rating, arena_ratings.c.matches)
-            .select_from(arena_ratings.join(users, users.c.id == arena_ratings.c.user_id))
-            .order_by(arena_ratings.c.rating.desc(), users.c.handle).limit(limit))))
-        return [{"rank": i + 1, "handle": r.handle, "rating": round(r.rating, 1), "matches": r.matches}
-                for i, r in enumerate(rows)]
+        return await self.services.store.read(lambda c: ratings.leaderboard(c, limit))

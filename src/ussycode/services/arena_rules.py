@@ -1,7 +1,9 @@
-"""The arena's pure rules: what a scenario file holds, and how ratings move (ELO, 1200 to start, K=32)."""
+"""The arena's pure rules: what a scenario file holds, what a scorer must print, and how ratings move (ELO, 1200
+to start, K=32)."""
 
 from __future__ import annotations
 
+import json
 import tomllib
 from pathlib import Path
 
@@ -48,3 +50,16 @@ def elo(ratings: dict[str, float], scores: dict[str, float]) -> dict[str, float]
             actual = 1.0 if scores[a] > scores[b] else 0.5 if scores[a] == scores[b] else 0.0
             new[a] += K * (actual - expected)
     return new
+
+
+def parse_scores(out: str, handles: list[str]) -> dict[str, float] | None:
+    """The scorer's last line, ``{handle: score}`` for exactly ``handles`` (None: the match is no contest)."""
+    try:
+        doc = json.loads(out.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return None
+    if not isinstance(doc, dict) or set(doc) != set(handles):
+        return None
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in doc.values()):
+        return None
+    return {k: float(v) for k, v in doc.items()}

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from ussycode.api import web as web_endpoints
+from ussycode.api import auth_endpoint
 from ussycode.proxy.manager import ManagedCaddy
 from ussycode.store.schema import users
 
@@ -37,7 +37,7 @@ def grants_of(web: Web, host: str) -> list[str]:
 
 async def test_signed_in_requests_skip_forward_auth_until_anything_changes(
         web: Web, needs_vms: None, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(web_endpoints, "REPLAY_TTL", 60.0)  # the grants' life here: only changes end them
+    monkeypatch.setattr(auth_endpoint, "REPLAY_TTL", 60.0)  # the grants' life here: only changes end them
     alice = await web.server.register("alice")
     bob = await web.server.register("bob")
     await web.new_vm(alice, "grv")
@@ -85,7 +85,7 @@ async def test_signed_in_requests_skip_forward_auth_until_anything_changes(
         assert r.status_code == 403 and "not shared with you" in r.text
 
         # a grant lives no longer than forward-auth's answers may be replayed (nor than its session)
-        monkeypatch.setattr(web_endpoints, "REPLAY_TTL", 0.3)
+        monkeypatch.setattr(auth_endpoint, "REPLAY_TTL", 0.3)
         assert (await a.get(web.url("grv.localhost"))).status_code == 200  # forward-auth: a new grant
         assert grants_of(web, "grv.localhost") == [grant]
         await asyncio.sleep(0.6)
@@ -95,7 +95,7 @@ async def test_signed_in_requests_skip_forward_auth_until_anything_changes(
         assert auth_decisions() == before + 1
 
         # a stopped VM: the grant went with the write, and the page says so
-        monkeypatch.setattr(web_endpoints, "REPLAY_TTL", 60.0)
+        monkeypatch.setattr(auth_endpoint, "REPLAY_TTL", 60.0)
         assert (await a.get(web.url("grv.localhost"))).status_code == 200
         assert (await web.cmd(alice, "stop", "grv")).exit_status == 0
         r = await a.get(web.url("grv.localhost"))
@@ -117,7 +117,7 @@ async def test_grants_over_https_with_curl(server_factory: Callable[..., Any], n
                                            monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """What a browser does, with the real curl over HTTPS (--tls internal, HTTP/2): sign in to a private VM,
     get the ``__Host-`` grant cookie, and the next requests are let through by Caddy with the identity."""
-    monkeypatch.setattr(web_endpoints, "REPLAY_TTL", 60.0)
+    monkeypatch.setattr(auth_endpoint, "REPLAY_TTL", 60.0)
     port = free_port()
     server = await server_factory(https_addr=f"127.0.0.1:{port}", tls="internal")
     caddy = server.app.https.caddy

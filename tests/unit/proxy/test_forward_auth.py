@@ -12,19 +12,16 @@ from ussycode.api.forward_auth import (
     Access,
     AuthRequest,
     BearerView,
-    HostError,
     Identity,
     Outcome,
     ShareLink,
     ShareView,
     VmView,
     decide,
-    normalize_host,
     parse_cookies,
-    parse_target,
     share_cookie_name,
-    tls_ask,
 )
+from ussycode.api.hostnames import HostError, normalize_host, parse_target, tls_ask
 from ussycode.auth.links import link_token_hash
 
 NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)

@@ -10,8 +10,8 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
+from ussycode.api.auth_endpoint import Replay
 from ussycode.api.gate import ForwardAuthServer
-from ussycode.api.web import Replay
 
 AUTH = b"/__ussycode/forward-auth?k=key"
 

@@ -1,0 +1,37 @@
+"""What every browser-facing endpoint reads from a request: the services, the HTTPS entry's parts, and the
+client's address as Caddy saw it."""
+
+from __future__ import annotations
+
+import hmac
+
+from starlette.requests import Request
+
+from ussycode.config import Settings
+from ussycode.proxy.hygiene import CLIENT_ADDR_HEADER, PROXY_KEY_HEADER
+from ussycode.services.container import Services
+from ussycode.services.sessions import SessionService
+from ussycode.services.shares import ShareService
+
+
+def services_of(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+def web_parts(request: Request) -> tuple[Settings, ShareService, SessionService]:
+    s = services_of(request)
+    if s.shares is None or s.sessions is None:
+        raise RuntimeError("the HTTPS entry is not set up")
+    return s.settings, s.shares, s.sessions
+
+
+def client_address(request: Request) -> str:
+    """The client's address: what Caddy saw when the request carries this start's proxy key (Caddy sets both
+    headers and drops client-sent copies); the TCP peer otherwise, whatever X-Forwarded-For says."""
+    peer = request.client.host if request.client else ""
+    routes = services_of(request).routes
+    key = request.headers.get(PROXY_KEY_HEADER, "")
+    if routes is not None and key and hmac.compare_digest(key.encode(), routes.proxy_key.encode()):
+        return request.headers.get(CLIENT_ADDR_HEADER, "")[:64] or peer
+    return peer
