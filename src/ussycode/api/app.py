@@ -74,7 +74,7 @@ class Observed:
 
 def build_app(services: Services, extra_routes: list[BaseRoute] | None = None) -> Starlette:
     routes: list[BaseRoute] = [Route("/health", health, methods=["GET"]), *exec_routes(), *openapi_routes()]
-    routes += web.routes()  # forward-auth, sign-in, logout, landing page, TLS ask (api/web.py)
+    routes += web.routes()  # forward-auth (api/auth_endpoint.py), sign-in, logout, landing page, TLS ask
     routes += docs_routes()  # the built-in docs as HTML
     routes += extra_routes or []
     app = Starlette(routes=routes, middleware=[Middleware(Observed)])

@@ -14,7 +14,7 @@ Signed-in visitors' allows are kept as grants Caddy checks itself (:class:`~ussy
 removed by any write to the database).
 
 It runs at start-up, on every VM or sharing event (before the command that caused it returns) and on a timer.
-Private URLs, unknown hosts and stopped VMs are answered per request by forward-auth (``api/web.py``), which
+Private URLs, unknown hosts and stopped VMs are answered per request by forward-auth (``api/auth_endpoint.py``), which
 names the upstream for Caddy. A watchdog restarts a managed Caddy that died (``kill -9``) within a second.
 """
 
