@@ -69,6 +69,12 @@ async def test_web_templates_in_the_full_image(web, needs_vms: None) -> None:
         async with browser_client() as c:
             page = await c.get(web.url(f"{vm}.localhost"))
             assert page.status_code == 200 and words in page.text, (name, page.status_code, page.text[:200])
+            # the documented edit loop: ~/app/restart stops the app, starts it again, returns once it answers
+            before = (await s.ssh(key, "cat ~/app/server.pid", user=vm)).stdout.strip()
+            r = await s.ssh(key, "~/app/restart && cat ~/app/server.pid", user=vm, timeout=60)
+            assert r.exit_status == 0 and r.stdout.strip() != before, r
+            page = await c.get(web.url(f"{vm}.localhost"))
+            assert page.status_code == 200 and words in page.text, (name, page.status_code, page.text[:200])
 
 
 async def test_agents_and_lessons_in_the_full_image(web_factory, needs_vms: None) -> None:
