@@ -22,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from ussycode import telemetry
-from ussycode.api.context import client_address, services_of, web_parts
+from ussycode.api.context import client_address, cookie_header, services_of, web_parts
 from ussycode.api.forward_auth import (
     SHARE_COOKIE_PREFIX,
     SHARE_PARAM,
@@ -145,11 +145,11 @@ async def forward_auth(request: Request) -> Response:
         response.replay = replay  # type: ignore[attr-defined]
         if session is not None and areq.bearer_token is None and decision.access in _GRANTED:
             # ... and Caddy may let the same browser through itself until then (proxy.grants)
-            cookie = routes.grant(session, target.host, str(decision.access), record.vm_id, target.port,
-                                  generation=generation, until=replay.until,
-                                  presented=areq.cookies.get(grant_cookie_name(settings.tls is not TlsMode.OFF)))
-            if cookie:
-                response.headers[GRANT_HEADER] = cookie
+            name = grant_cookie_name(settings.tls is not TlsMode.OFF)
+            value = routes.grant(session, target.host, str(decision.access), record.vm_id, target.port,
+                                 generation=generation, until=replay.until)
+            if value is not None and areq.cookies.get(name) != value:  # the browser lacks it: Caddy passes it on
+                response.headers[GRANT_HEADER] = cookie_header(settings, name, value, max(1, int(session.seconds_left)))
     return response
 
 
@@ -174,8 +174,7 @@ def _session_deadline(session: WebSession | None) -> float | None:
     """The session's expiry on the monotonic clock (never serve a cached session past it)."""
     if session is None:
         return None
-    left = (session.expires_at - dt.datetime.now(dt.UTC).replace(tzinfo=None)).total_seconds()
-    return time.monotonic() + left
+    return time.monotonic() + session.seconds_left
 
 
 def _access_cache(request: Request) -> GenerationCache[tuple[AccessRecord | None, WebSession | None]]:

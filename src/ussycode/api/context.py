@@ -7,7 +7,7 @@ import hmac
 
 from starlette.requests import Request
 
-from ussycode.config import Settings
+from ussycode.config import Settings, TlsMode
 from ussycode.proxy.hygiene import CLIENT_ADDR_HEADER, PROXY_KEY_HEADER
 from ussycode.services.container import Services
 from ussycode.services.sessions import SessionService
@@ -24,6 +24,14 @@ def web_parts(request: Request) -> tuple[Settings, ShareService, SessionService]
     if s.shares is None or s.sessions is None:
         raise RuntimeError("the HTTPS entry is not set up")
     return s.settings, s.shares, s.sessions
+
+
+def cookie_header(settings: Settings, name: str, value: str, max_age: int) -> str:
+    """A Set-Cookie value for one of our cookies: host-only, HttpOnly, SameSite=Lax, Secure unless --tls off."""
+    cookie = f"{name}={value}; Path=/; Max-Age={max_age}; HttpOnly; SameSite=Lax"
+    if settings.tls is not TlsMode.OFF:
+        cookie += "; Secure"
+    return cookie
 
 
 def client_address(request: Request) -> str:

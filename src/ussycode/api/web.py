@@ -19,7 +19,6 @@ unless ``--tls off``, so no VM host can set or overwrite it for the apex or anot
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 from dataclasses import dataclass
 from html import escape
@@ -31,7 +30,7 @@ from starlette.responses import HTMLResponse, PlainTextResponse, RedirectRespons
 from starlette.routing import BaseRoute, Route
 
 from ussycode.api.auth_endpoint import LOGIN_PATH, access_views, forward_auth
-from ussycode.api.context import client_address, services_of, web_parts
+from ussycode.api.context import client_address, cookie_header, services_of, web_parts
 from ussycode.api.forward_auth import (
     Identity,
     may_open,
@@ -67,13 +66,6 @@ _CSS = (
 
 
 # --- helpers ----------------------------------------------------------------------------------------------------
-
-
-def _cookie(settings: Settings, name: str, value: str, max_age: int) -> str:
-    cookie = f"{name}={value}; Path=/; Max-Age={max_age}; HttpOnly; SameSite=Lax"
-    if settings.tls is not TlsMode.OFF:
-        cookie += "; Secure"
-    return cookie
 
 
 def _page(title: str, body: str, status: int = 200, headers: dict[str, str] | None = None) -> HTMLResponse:
@@ -169,9 +161,9 @@ async def handoff(request: Request) -> Response:
                      f"<p>This sign-in hand-off is invalid, used or expired.</p><p><a href='{escape(retry)}'>"
                      "Try again</a></p>", 400)
     secret, session = result
-    max_age = max(60, int((session.expires_at - dt.datetime.now(dt.UTC).replace(tzinfo=None)).total_seconds()))
+    max_age = max(60, int(session.seconds_left))
     headers = {**SECURITY_HEADERS, "Location": next_path,
-               "Set-Cookie": _cookie(settings, cookie_name(settings), secret, max_age)}
+               "Set-Cookie": cookie_header(settings, cookie_name(settings), secret, max_age)}
     return Response("", status_code=302, headers=headers)
 
 
@@ -246,8 +238,7 @@ async def login(request: Request) -> Response:
                          "<p>This sign-in link is invalid, was already used, or expired (links last 5 minutes).</p>"
                          f"<p>Get a new one with <code>{escape(_login_command(settings))}</code>.</p>", 400)
         secret, new_session = result
-        cookie = _cookie(settings, cookie_name(settings), secret,
-                         int((new_session.expires_at - dt.datetime.now(dt.UTC).replace(tzinfo=None)).total_seconds()))
+        cookie = cookie_header(settings, cookie_name(settings), secret, int(new_session.seconds_left))
         remembered = unquote(request.cookies.get(NEXT_COOKIE, ""))
         target = await _vm_next(request, remembered)
         if target is not None:
@@ -255,7 +246,7 @@ async def login(request: Request) -> Response:
         else:
             response = RedirectResponse(_apex_next(remembered), 303, headers=SECURITY_HEADERS)
         response.headers.append("Set-Cookie", cookie)
-        response.headers.append("Set-Cookie", _cookie(settings, NEXT_COOKIE, "", 0))
+        response.headers.append("Set-Cookie", cookie_header(settings, NEXT_COOKIE, "", 0))
         return response
     session = await _apex_session(request)
     target = await _vm_next(request, next_url) if next_url else None
@@ -267,10 +258,10 @@ async def login(request: Request) -> Response:
     where = ""
     if target is None and _apex_next(next_url) != "/":
         # A page of the apex itself (the admin panel): back there after signing in.
-        extra["Set-Cookie"] = _cookie(settings, NEXT_COOKIE, quote(_apex_next(next_url), safe=""), 900)
+        extra["Set-Cookie"] = cookie_header(settings, NEXT_COOKIE, quote(_apex_next(next_url), safe=""), 900)
     if target is not None:
         # Remember where the browser wanted to go; the sign-in link brings it back there.
-        extra["Set-Cookie"] = _cookie(settings, NEXT_COOKIE, quote(next_url, safe=""), 900)
+        extra["Set-Cookie"] = cookie_header(settings, NEXT_COOKIE, quote(next_url, safe=""), 900)
         wanted = escape(settings.public_url(target.host) + target.path)
         where = f"<p class=muted>You wanted to open <code>{wanted}</code>. You go there after signing in.</p>"
     body = (
@@ -304,13 +295,13 @@ async def logout(request: Request) -> Response:
     csrf = str(form_data.get("csrf", ""))
     if session is None:
         return _page("Signed out", "<p>You are not signed in.</p>", 200,
-                     {"Set-Cookie": _cookie(settings, cookie_name(settings), "", 0)})
+                     {"Set-Cookie": cookie_header(settings, cookie_name(settings), "", 0)})
     if not sessions.check_csrf(session, csrf):
         return _page("Refused", "<p>The form expired or did not come from this site. Reload and retry.</p>", 403)
     await sessions.revoke_family(session)
     return _page("Signed out", "<p>You are signed out of this browser, on the apex and every VM URL.</p>"
                  "<p><a href='/'>Home</a></p>", 200,
-                 {"Set-Cookie": _cookie(settings, cookie_name(settings), "", 0)})
+                 {"Set-Cookie": cookie_header(settings, cookie_name(settings), "", 0)})
 
 
 async def landing(request: Request) -> Response:

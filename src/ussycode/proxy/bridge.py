@@ -56,6 +56,11 @@ class ConnectionOpener(Protocol):
     async def open_connection(self, vm_id: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]: ...
 
 
+def socket_name(vm_id: str, port: int | str) -> str:
+    """A port bridge's socket file name in the bridges' directory (``port`` may be a Caddy placeholder)."""
+    return f"{vm_id}-{port}.sock"
+
+
 def proxyd_binary() -> str | None:
     """systemd-socket-proxyd (Debian's ``systemd`` package), or None."""
     return next((p for p in PROXYD_PATHS if os.access(p, os.X_OK)), None)
@@ -284,7 +289,7 @@ class BridgeManager:
             raise ValueError(f"VM id not usable in a socket name: {vm_id!r}")
         if not 1 <= port <= 65535:
             raise ValueError(f"bad port: {port}")
-        path = self.dir / f"{vm_id}-{port}.sock"
+        path = self.dir / socket_name(vm_id, port)
         if len(str(path)) > MAX_UNIX_PATH:
             raise RuntimeFailure(
                 f"bridge socket path too long ({len(str(path))} > {MAX_UNIX_PATH} bytes): {path}; "

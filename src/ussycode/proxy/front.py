@@ -39,7 +39,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from ussycode.proxy.bridge import MAX_UNIX_PATH
+from ussycode.proxy.bridge import MAX_UNIX_PATH, socket_name
 from ussycode.proxy.grants import GRANT_HEADER, REGEXP_NAME
 from ussycode.proxy.grants import cookie_re as grant_cookie_re
 from ussycode.proxy.hygiene import (
@@ -133,8 +133,8 @@ class FrontSettings:
         a bridge's path would not fit in a unix socket address)."""
         if not self.grants:
             return None
-        dial = f"{self.bridges}/{_GRANT % 'vm'}-{_GRANT % 'port'}.sock"
-        longest = len(f"{self.bridges}/{'f' * 16}-65535.sock".encode())
+        dial = f"{self.bridges}/{socket_name(_GRANT % 'vm', _GRANT % 'port')}"
+        longest = len(f"{self.bridges}/{socket_name('f' * 16, 65535)}".encode())
         return "unix/" + dial if longest <= MAX_UNIX_PATH else None
 
     @property

@@ -66,9 +66,8 @@ def cookie_re(secure: bool) -> str:
 class Grants:
     """``<root>/<host>/<value>``: the grants Caddy checks. Use from the event loop only."""
 
-    def __init__(self, root: Path, key: bytes, generation: Callable[[], int], *, secure: bool = True) -> None:
+    def __init__(self, root: Path, key: bytes, generation: Callable[[], int]) -> None:
         self.root = Path(root)
-        self.secure = secure
         self._key = key
         self._generation = generation
         self._until: dict[tuple[str, str], float] = {}
@@ -118,10 +117,6 @@ class Grants:
             heapq.heappush(self._expiry, (until, host, value))
             self._schedule()
         return True
-
-    def set_cookie(self, value: str, max_age: int) -> str:
-        cookie = f"{cookie_name(self.secure)}={value}; Path=/; Max-Age={max(1, max_age)}; HttpOnly; SameSite=Lax"
-        return cookie + "; Secure" if self.secure else cookie
 
     def wipe(self) -> None:
         """Remove every grant now (the database changed): the directory is renamed away in one step, so from

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import datetime as dt
 import hashlib
 import hmac
 import logging
@@ -142,21 +141,15 @@ class RouteService:
         return (await self.bridges.ensure(vm_id, port)).dial
 
     def grant(self, session: WebSession, host: str, access: str, vm_id: str, port: int, *, generation: int,
-              until: float, presented: str | None) -> str | None:
+              until: float) -> str | None:
         """Forward-auth let this signed-in request through (decided on what the DB said at ``generation``):
-        keep it as a grant until ``until`` (monotonic). Returns the Set-Cookie value if the browser lacks the
-        grant's cookie."""
+        keep it as a grant until ``until`` (monotonic). Returns the grant cookie's value (None: no grant)."""
         grants = self.grants
         if grants is None:
             return None
         value = grants.value(session=session.id_hash, host=host, access=access, user_id=session.user_id,
                              handle=session.handle, email=session.email, vm_id=vm_id, port=port)
-        if value is None or not grants.admit(host, value, generation, until):
-            return None
-        if presented == value:
-            return None
-        left = (session.expires_at - dt.datetime.now(dt.UTC).replace(tzinfo=None)).total_seconds()
-        return grants.set_cookie(value, int(left))
+        return value if value is not None and grants.admit(host, value, generation, until) else None
 
     async def on_event(self, event: VmEvent) -> None:
         await self._reconcile_or_log(f"{event.kind} {event.name}")
@@ -202,7 +195,7 @@ class HttpsEntry:
         routes.health = self.health
         await routes.reconcile()
         routes.grants = grants = Grants(hosts.base / "grants", secrets.token_bytes(32),
-                                        lambda: self.services.store.generation, secure=ss.tls is not TlsMode.OFF)
+                                        lambda: self.services.store.generation)
         grants.reset()
         self.services.store.on_write.append(grants.wipe)
         bridges_dir = "../" + bridges.dir.name if not s.caddy_admin else str(bridges.dir)

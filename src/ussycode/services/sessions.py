@@ -83,6 +83,11 @@ class WebSession:
     def root_hash(self) -> str:
         return self.parent_hash or self.id_hash
 
+    @property
+    def seconds_left(self) -> float:
+        """Until the session expires (``expires_at`` is naive UTC)."""
+        return (self.expires_at - dt.datetime.now(dt.UTC).replace(tzinfo=None)).total_seconds()
+
 
 def _plausible(secret: str) -> bool:
     return _SECRET_RE_LEN[0] <= len(secret) <= _SECRET_RE_LEN[1] and secret.isascii()
