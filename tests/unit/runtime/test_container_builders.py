@@ -13,7 +13,7 @@ from ussycode.runtime import disks, netns
 from ussycode.runtime.cgroups import CgroupLimits, cgroup_values
 from ussycode.runtime.container import caps
 from ussycode.runtime.container.argv import BootPaths, boot_argv, exec_argv
-from ussycode.runtime.container.runtime import authorized_keys_file, env_script, parse_passwd
+from ussycode.runtime.container.guest import authorized_keys_file, env_script, parse_passwd
 from ussycode.runtime.container.state import VmState, parse_stat_start_time
 
 # --- capabilities -------------------------------------------------------------------------------------------

@@ -30,11 +30,9 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -42,13 +40,15 @@ from typing import Any
 from ussycode.errors import NotFound, RuntimeFailure, StateError
 from ussycode.runtime import disks, guestfs, lxcfs, netns, proc
 from ussycode.runtime.base import ExecResult, HostCheck, Runtime
-from ussycode.runtime.cgroups import CgroupLimits, Cgroups, detect_version, pick_cpus
+from ussycode.runtime.cgroups import CgroupLimits, Cgroups, pick_cpus
 from ussycode.runtime.container import argv as nsinit
+from ussycode.runtime.container import host
 from ussycode.runtime.container.argv import BootPaths
+from ussycode.runtime.container.guest import authorized_keys_file, env_script, parse_passwd
+from ussycode.runtime.container.network import ContainerNetwork
 from ussycode.runtime.container.state import VmState, alive, kill, start_time
+from ussycode.runtime.container.storage import ContainerDisks
 from ussycode.runtime.images import GUEST_DIR, ImageStore
-from ussycode.runtime.proc import run as run_command
-from ussycode.runtime.proc import run_sync as run_command_sync
 from ussycode.types import VmSpec, VmStatus
 
 log = logging.getLogger(__name__)
@@ -58,40 +58,7 @@ SSH_PORT = 22
 LAUNCH_TIMEOUT = 30.0  # the launcher sets up the namespaces and exits; longer than this, it hangs
 
 
-def env_script(env: dict[str, str]) -> str:
-    """``/etc/profile.d/ussycode.sh`` for ``env``: one shell-quoted export per variable (pure)."""
-    lines = ["# Written by ussycode at every boot; edits are overwritten."]
-    for key in sorted(env):
-        if not key.replace("_", "a").isalnum() or key[0].isdigit():
-            raise RuntimeFailure(f"environment variable name {key!r} is not a valid shell identifier")
-        lines.append(f"export {key}={shlex.quote(env[key])}")
-    return "\n".join(lines) + "\n"
-
-
-def authorized_keys_file(keys: tuple[str, ...]) -> str:
-    """authorized_keys content (pure); a key with a newline in it would smuggle in a second key: refused."""
-    for key in keys:
-        if "\n" in key or "\r" in key:
-            raise RuntimeFailure("an authorized key contains a line break")
-    return "".join(key.strip() + "\n" for key in keys if key.strip())
-
-
-def parse_passwd(passwd: str, group: str, user: str) -> tuple[int, int, list[int], str]:
-    """(uid, gid, supplementary gids, home) of ``user`` from /etc/passwd and /etc/group texts (pure)."""
-    for line in passwd.splitlines():
-        parts = line.split(":")
-        if len(parts) >= 7 and parts[0] == user:
-            uid, gid, home = int(parts[2]), int(parts[3]), parts[5]
-            groups = [gid]
-            for gline in group.splitlines():
-                gparts = gline.split(":")
-                if len(gparts) >= 4 and user in gparts[3].split(",") and gparts[2].isdigit():
-                    groups.append(int(gparts[2]))
-            return uid, gid, groups, home
-    raise NotFound(f"no user {user!r} in the VM")
-
-
-class ContainerRuntime(Runtime):
+class ContainerRuntime(ContainerNetwork, ContainerDisks, Runtime):
     """Container VMs on this host. Needs root. See the module docstring for the layout."""
 
     name = "container"
@@ -124,39 +91,7 @@ class ContainerRuntime(Runtime):
 
     @classmethod
     def check(cls) -> HostCheck:
-        problems = []
-        if os.geteuid() != 0:
-            problems.append("needs root (mounts, namespaces, cgroups)")
-        for tool in ("ip", "nft", "mkfs.ext4", "mount", "umount", "losetup"):
-            if shutil.which(tool) is None:
-                problems.append(f"{tool} is not installed")
-        try:
-            with open("/proc/filesystems") as f:
-                if "overlay" not in f.read():
-                    problems.append("the kernel has no overlayfs")
-        except OSError:
-            problems.append("cannot read /proc/filesystems")
-        if not os.path.exists("/dev/loop-control"):
-            problems.append("no loop devices (/dev/loop-control)")
-        if detect_version() is None:
-            problems.append("no usable cgroup hierarchy (need v2, or v1 memory+cpu+pids)")
-        if not os.path.exists("/proc/self/ns/net"):
-            problems.append("no network namespaces")
-        if not os.path.exists("/proc/self/ns/user"):
-            problems.append("no user namespaces")
-        if _kernel_version() < (5, 19):
-            problems.append("kernel older than 5.19 (needs id-mapped overlayfs layers)")
-        try:
-            from ussycode.runtime.container.seccomp import Filter
-
-            Filter().release()
-        except OSError as exc:
-            problems.append(f"no seccomp filter: {exc}")
-        if problems:
-            return HostCheck(False, "; ".join(problems))
-        egress = "slirp4netns egress" if shutil.which("slirp4netns") else "no egress (apt-get install slirp4netns)"
-        return HostCheck(True, f"available ({egress}, cgroup {detect_version()}, user namespaces + seccomp; "
-                               f"{lxcfs.status().reason})")
+        return host.host_check()
 
     # --- paths and state -------------------------------------------------------------------------------
 
@@ -347,72 +282,6 @@ class ContainerRuntime(Runtime):
         self._save(st)
         return argv
 
-    async def _setup_netns(self, st: VmState) -> None:
-        for argv in netns.setup_argvs(st.netns):
-            await _run(argv, f"setting up network namespace {st.netns}")
-        host = await asyncio.to_thread(netns.host_addresses)
-        ruleset = netns.nft_ruleset(host, dns_v4=netns.SLIRP_DNS_V4 if self.egress else None)
-        await _run(netns.nft_apply_argv(st.netns), "installing the VM firewall", stdin=ruleset)
-        if self.egress:
-            try:
-                st.egress_pid = await self._start_slirp(st)
-                st.egress_start = start_time(st.egress_pid)
-            except (RuntimeFailure, OSError, ValueError) as exc:
-                # Egress is best-effort: the VM still works (and stays isolated) without it.
-                with open(self._console(st.vm_id), "a") as f:  # noqa: ASYNC230
-                    f.write(f"ussycode: no egress for this VM: {exc}\n")
-
-    async def _start_slirp(self, st: VmState, timeout: float = 10.0) -> int:
-        """Start slirp4netns detached from the server (it must outlive it) and wait until the tap is up."""
-        read_fd, write_fd = os.pipe()
-        argv = netns.slirp4netns_argv(st.netns, write_fd)
-        binary = shutil.which(argv[0])
-        if binary is None:
-            raise RuntimeFailure("slirp4netns is not installed (apt-get install slirp4netns)")
-        os.set_inheritable(write_fd, True)
-        log = str(self._vm_dir(st.vm_id) / "egress.log")
-        try:
-            # posix_spawn, not Popen: the process outlives this server on purpose, and no Popen object should
-            # be left to complain about it. A new session keeps it out of the server's signals.
-            # In a thread: the spawn waits for the child's exec, which a busy host makes slow.
-            pid = await asyncio.shield(asyncio.to_thread(
-                os.posix_spawn, binary, argv, dict(os.environ), setsid=True, file_actions=[
-                    (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
-                    (os.POSIX_SPAWN_OPEN, 1, log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600),
-                    (os.POSIX_SPAWN_DUP2, 1, 2),
-                ]))
-        finally:
-            os.close(write_fd)
-        # Wait for the ready byte on the loop itself (no thread left blocked in read() on a descriptor that is
-        # closed below when the wait times out).
-        loop = asyncio.get_running_loop()
-        ready_byte: asyncio.Future[bytes] = loop.create_future()
-
-        def readable() -> None:
-            if not ready_byte.done():
-                try:
-                    ready_byte.set_result(os.read(read_fd, 1))
-                except BlockingIOError:
-                    return
-                except OSError:
-                    ready_byte.set_result(b"")
-
-        os.set_blocking(read_fd, False)
-        loop.add_reader(read_fd, readable)
-        try:
-            ready = await asyncio.wait_for(ready_byte, timeout)
-        except TimeoutError:
-            ready = b""
-        finally:
-            loop.remove_reader(read_fd)
-            os.close(read_fd)
-        if ready != b"1":
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-            await asyncio.to_thread(reap, pid)
-            raise RuntimeFailure("slirp4netns did not come up", evidence=f"$ {shlex.join(argv)}")
-        return pid
-
     async def _wait_for_sshd(self, st: VmState, argv: list[str]) -> None:
         deadline = time.monotonic() + self.boot_timeout
         last_error = ""
@@ -460,16 +329,16 @@ class ContainerRuntime(Runtime):
         if not alive(st.pid, st.pid_start):
             return
         kill(st.pid, st.pid_start, signal.SIGTERM)
-        if not await _wait_dead(st.pid, st.pid_start, timeout):
+        if not await host.wait_dead(st.pid, st.pid_start, timeout):
             kill(st.pid, st.pid_start, signal.SIGKILL)
-            if not await _wait_dead(st.pid, st.pid_start, 10.0):
+            if not await host.wait_dead(st.pid, st.pid_start, 10.0):
                 raise RuntimeFailure(f"VM {st.hostname} (pid {st.pid}) does not die")
 
     async def _teardown(self, st: VmState) -> None:
         """Release everything a (dead) VM holds on the host except its disk. Idempotent."""
         kill(st.egress_pid, st.egress_start, signal.SIGTERM)
         if st.egress_pid:
-            await asyncio.to_thread(reap, st.egress_pid)
+            await asyncio.to_thread(host.reap, st.egress_pid)
         await asyncio.to_thread(self._teardown_sync, st)
         st.pid = st.pid_start = st.egress_pid = st.egress_start = None
         if self._sidecar(st.vm_id).exists():
@@ -483,21 +352,9 @@ class ContainerRuntime(Runtime):
         for name in ("root", "lower-map", "disk-map", "disk"):
             disks.unmount(vm_dir / name)
         if netns.exists(st.netns):
-            failed = _run_sync(["ip", "netns", "delete", st.netns])
+            failed = host.run_sync(["ip", "netns", "delete", st.netns])
             if failed and netns.exists(st.netns):
                 raise RuntimeFailure(f"cannot delete network namespace {st.netns}: {failed}")
-
-    @staticmethod
-    def _wait_loop_released(disk: Path, timeout: float = 10.0) -> None:
-        """Wait until no loop device holds ``disk`` (a stopped VM's filesystem is released asynchronously)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            out = _run_sync(["losetup", "-j", str(disk)], output=True)
-            if not out.strip():
-                return
-            if time.monotonic() > deadline:
-                raise RuntimeFailure(f"disk {disk} is still attached to a loop device", evidence=out)
-            time.sleep(0.1)
 
     async def destroy(self, vm_id: str) -> None:
         """Stop the VM and remove its disk, sidecar, mounts, namespace, cgroup and run directory."""
@@ -533,46 +390,6 @@ class ContainerRuntime(Runtime):
             raise StateError(f"VM {st.hostname or vm_id} is not running")
         return st
 
-    async def open_socket(self, vm_id: str, port: int) -> socket.socket:
-        """A connected socket to 127.0.0.1:``port`` inside the VM's network namespace."""
-        return await self._socket(self._running(vm_id), port)
-
-    async def port_netns(self, vm_id: str, port: int) -> Path | None:
-        """The VM's own network namespace: the guest shares it, so its loopback is the VM's."""
-        return netns.NETNS_DIR / self._running(vm_id).netns
-
-    async def open_connection(self, vm_id: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        """A TCP stream to 127.0.0.1:``port`` inside the VM's network namespace."""
-        return await self._connect(self._running(vm_id), port)
-
-    async def open_listener(self, vm_id: str, host: str, port: int) -> socket.socket:
-        """A listening socket on ``host:port`` inside the VM's network namespace."""
-        st = self._running(vm_id)
-        if host == netns.METADATA_V4:  # namespaces made before the address was part of the set-up
-            await _run(["ip", "-n", st.netns, "addr", "replace", f"{host}/32", "dev", "lo"], "adding " + host)
-        return await self._in_netns(netns.listen_in_netns, st.netns, host, port)
-
-    async def _socket(self, st: VmState, port: int, timeout: float = 5.0) -> socket.socket:
-        sock = await self._in_netns(netns.socket_in_netns, st.netns)  # the thread only makes the socket
-        return await netns.connect_socket(sock, "127.0.0.1", port, timeout)
-
-    async def _in_netns(self, fn: Callable[..., socket.socket], *args: Any) -> socket.socket:
-        if self._executor is None:
-            # One dedicated thread switches namespaces; nothing else ever runs on it.
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ussycode-netns")
-        loop = asyncio.get_running_loop()
-        try:
-            return await loop.run_in_executor(self._executor, fn, *args)
-        except netns.NetnsBroken:
-            self._executor.shutdown(wait=False)
-            self._executor = None
-            raise
-
-    async def _connect(
-        self, st: VmState, port: int, timeout: float = 5.0
-    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        return await asyncio.open_connection(sock=await self._socket(st, port, timeout))
-
     async def exec(
         self, vm_id: str, argv: list[str], *, stdin: bytes = b"", user: str = "ussycode", timeout: float = 60.0
     ) -> ExecResult:
@@ -603,102 +420,9 @@ class ContainerRuntime(Runtime):
                                  evidence=shlex.join(argv)) from None
         return ExecResult(exit_status=child.returncode, stdout=out, stderr=err)
 
-    # --- disks ---------------------------------------------------------------------------------------------
-
-    async def copy_disk(self, src_id: str, dst: VmSpec) -> None:
-        """A new, independent disk for ``dst`` with the source's contents and its own host keys.
-
-        A running source's file system is frozen (``fsfreeze``) for the copy, so the copy is consistent (as after
-        a clean unmount) while the source only pauses its writes.
-        """
-        src = self._state(src_id)
-        async with self._lock(src_id), self._lock(dst.id):
-            if self._disk(dst.id).exists():
-                raise StateError(f"VM {dst.name} already has a disk")
-            mnt = self._vm_dir(src_id) / "disk"
-            frozen = alive(src.pid, src.pid_start) and os.path.ismount(mnt)  # noqa: ASYNC240 (instant)
-            try:
-                if frozen:  # inside the try: a freeze that timed out may still have frozen it
-                    await _run(["fsfreeze", "--freeze", str(mnt)], "freezing the source disk", timeout=30)
-                await asyncio.to_thread(disks.copy_disk, Path(src.disk), self._disk(dst.id))
-            finally:
-                if frozen:  # whatever happened (a timeout, a cancelled copy), the source is never left frozen
-                    await asyncio.shield(_unfreeze(mnt))
-            try:
-                st = self._new_state(dst, src.digest)
-                st.image = src.image
-                st.disk_gb = max(dst.disk_gb, src.disk_gb)
-                await asyncio.to_thread(self._prepare_copy, st)
-                self._save(st)
-            except BaseException:
-                self._disk(dst.id).unlink(missing_ok=True)
-                raise
-
-    def _prepare_copy(self, st: VmState) -> None:
-        """Grow the copy to its size and mark it for new SSH host keys (a copy is a different machine).
-
-        The host does not delete the source's keys from the copied disk: every path in it is the guest's to
-        redirect. The copy's init replaces them at its first boot, inside the guest (``fresh-host-keys``).
-        """
-        disk = Path(st.disk)
-        if disk.stat().st_size < st.disk_gb * disks.GIB:
-            os.truncate(disk, st.disk_gb * disks.GIB)
-            for argv in (["e2fsck", "-f", "-p", st.disk], ["resize2fs", st.disk]):
-                if out := _run_sync(argv):
-                    raise RuntimeFailure("growing the copied disk failed", evidence=f"$ {shlex.join(argv)}\n{out}")
-        st.fresh_host_keys = True
-
-    async def disk_usage(self, vm_id: str) -> int:
-        return disks.allocated_bytes(Path(self._state(vm_id).disk))
-
     async def close(self) -> None:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
 
 
-async def _run(argv: list[str], what: str, stdin: str | None = None, timeout: float = 60.0) -> None:
-    await run_command(argv, timeout=timeout, what=what, stdin=stdin.encode() if stdin is not None else None, check=True)
-
-
-async def _unfreeze(mnt: Path) -> None:
-    done = await run_command(["fsfreeze", "--unfreeze", str(mnt)], timeout=30, what="unfreezing the source disk")
-    if done.returncode != 0 and "Invalid argument" not in done.output:  # EINVAL: it was not frozen
-        log.error("could not unfreeze %s: %s", mnt, done.output.strip())
-
-
-def _kernel_version() -> tuple[int, int]:
-    try:
-        major, minor = os.uname().release.split(".")[:2]
-        return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
-    except ValueError:
-        return (0, 0)
-
-
-def reap(pid: int, timeout: float = 2.0) -> None:
-    """Collect an exited child we spawned (slirp4netns), so it does not linger as a zombie; others are ignored."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            done, _ = os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            return  # not our child (e.g. started by an earlier server): its own parent or init reaps it
-        if done or time.monotonic() > deadline:
-            return
-        time.sleep(0.02)
-
-
-def _run_sync(argv: list[str], output: bool = False) -> str:
-    done = run_command_sync(argv, timeout=60)
-    if output:
-        return done.stdout
-    return "" if done.returncode == 0 else (done.stderr or done.stdout or f"exit {done.returncode}")
-
-
-async def _wait_dead(pid: int | None, started: int | None, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while alive(pid, started):
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.05)
-    return True
