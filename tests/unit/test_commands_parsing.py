@@ -7,7 +7,7 @@ from ussycode.errors import QuotaExceeded, RateLimited, StateError, UsageError
 from ussycode.services.quotas import check_count, check_size, effective_limits
 from ussycode.services.ratelimit import RateLimiter
 from ussycode.services.users import validate_handle
-from ussycode.services.vms import parse_env, validate_vm_name
+from ussycode.services.vm_rules import parse_env, validate_vm_name
 from ussycode.store.users import User
 from ussycode.types import Limits, TrustLevel, VmStatus, check_transition
 

@@ -10,7 +10,7 @@ from ussycode.commands.output import table, vm_json
 from ussycode.commands.registry import _Parser, command
 from ussycode.errors import UsageError
 from ussycode.services.agents import validate_command, validate_prompt
-from ussycode.services.vms import DEFAULT_CPU, DEFAULT_DISK_GB, DEFAULT_MEMORY_MB, parse_env
+from ussycode.services.vm_rules import DEFAULT_CPU, DEFAULT_DISK_GB, DEFAULT_MEMORY_MB, parse_env
 from ussycode.store.vms import Vm
 
 AGENTS = ("pi", "opencode", "none")

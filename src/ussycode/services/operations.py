@@ -16,14 +16,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from ussycode import telemetry
 from ussycode.errors import StateError
 from ussycode.tasks import TaskGroup
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -184,3 +187,22 @@ class Operations:
         if tasks:
             await asyncio.wait(tasks, timeout=grace)
         await self._tasks.close(timeout=grace)
+
+
+async def say(progress: Callable[[str], Awaitable[None]] | None, message: str) -> None:
+    """Progress for whoever asked; they may have hung up, which must not stop the operation."""
+    if progress is not None:
+        try:
+            await progress(message)
+        except Exception as exc:  # noqa: BLE001 - a gone caller's channel
+            log.debug("progress not delivered: %s", exc)
+
+
+async def finish(coro: Coroutine[Any, Any, None]) -> None:
+    """Run a clean-up to its end even if the task running it is cancelled again meanwhile."""
+    task = asyncio.ensure_future(coro)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.wait([task])
+        raise

@@ -3,16 +3,15 @@
 The DB row is the truth about what the owner asked for (``desired``) and what we last saw (``status``); the
 runtime only does what it is told. Lifecycle calls on one VM are serialised by a per-VM lock; quota checks and
 inserts share one write transaction, so parallel ``new`` calls cannot overshoot a quota. Re-attachment after a
-restart and noticing VMs that died are :mod:`ussycode.services.vm_watch`.
+restart and noticing VMs that died are :mod:`ussycode.services.vm_watch`, ``cp`` is
+:mod:`ussycode.services.vm_copy`, and the rules a VM's settings follow are :mod:`ussycode.services.vm_rules`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import re
-import secrets
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import sqlalchemy as sa
@@ -34,7 +33,17 @@ from ussycode.runtime import idmap
 from ussycode.runtime.base import Runtime
 from ussycode.services import quotas
 from ussycode.services.events import EventBus, VmEvent
-from ussycode.services.operations import Operations, Pending
+from ussycode.services.operations import Operations, Pending, finish, say
+from ussycode.services.vm_copy import VmCopy
+from ussycode.services.vm_rules import (
+    DEFAULT_CPU,
+    DEFAULT_DISK_GB,
+    DEFAULT_MEMORY_MB,
+    TAG_RE,
+    check_sizes,
+    random_vm_name,
+    validate_vm_name,
+)
 from ussycode.services.vm_watch import REMOVED, VmWatch
 from ussycode.store import audit
 from ussycode.store import users as userq
@@ -42,67 +51,16 @@ from ussycode.store import vms as q
 from ussycode.store.db import Store
 from ussycode.store.users import User, new_id
 from ussycode.store.vms import Vm
-from ussycode.types import RESERVED_NAMES, VM_NAME_RE, VmSpec, VmStatus, check_transition
+from ussycode.types import VmSpec, VmStatus, check_transition
 from ussycode.validate import printable_text
 
 log = logging.getLogger(__name__)
-
-ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
-TAG_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,39}$")
-MAX_ENV = 64
-MAX_ENV_VALUE = 4096
-DEFAULT_CPU, DEFAULT_MEMORY_MB, DEFAULT_DISK_GB = 1, 1024, 5
-
-_ADJECTIVES = ("mild", "brave", "calm", "eager", "fuzzy", "gentle", "happy", "jolly", "kind", "lucky", "merry",
-               "nimble", "proud", "quiet", "rapid", "shy", "swift", "tidy", "witty", "zesty", "bold", "crisp",
-               "dusty", "fancy", "grand", "hazy", "icy", "lively", "misty", "noble", "plucky", "rusty")
-_NOUNS = ("owl", "fox", "otter", "panda", "tiger", "koala", "lynx", "heron", "badger", "bison", "crane", "dingo",
-          "eagle", "ferret", "gecko", "ibis", "jackal", "lemur", "moose", "newt", "orca", "puffin", "quail",
-          "raven", "seal", "tapir", "urchin", "vole", "walrus", "yak", "zebra", "wombat")
-
 
 class ImageResolver(Protocol):
     def resolve(self, name: str) -> Any: ...
 
 
-def validate_vm_name(name: str) -> str:
-    printable_text(name, "VM name", max_len=30, allow_empty=False)
-    if not VM_NAME_RE.fullmatch(name):
-        raise UsageError(
-            f"invalid VM name {name[:40]!r}: use 3-30 characters: lower-case letters, digits and '-', "
-            "starting with a letter and not ending with '-'"
-        )
-    if name in RESERVED_NAMES:
-        raise UsageError(f"the name {name!r} is reserved; pick another")
-    return name
-
-
-def parse_env(pairs: list[str]) -> dict[str, str]:
-    if len(pairs) > MAX_ENV:
-        raise UsageError(f"at most {MAX_ENV} --env values")
-    env: dict[str, str] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        printable_text(key, "--env name", max_len=64)
-        if not sep or not ENV_KEY_RE.fullmatch(key):
-            raise UsageError(f"invalid --env {pair[:60]!r}: expected KEY=VALUE with KEY like MY_VAR")
-        if key.upper().startswith("USSYCODE_"):
-            raise UsageError(f"{key} is set by ussycode and cannot be overridden")
-        printable_text(value, f"value of --env {key}", max_len=MAX_ENV_VALUE)
-        env[key] = value
-    return env
-
-
-def check_sizes(cpu: int, memory_mb: int, disk_gb: int) -> None:
-    if not 1 <= cpu <= 64:
-        raise UsageError("--cpu must be between 1 and 64")
-    if not 256 <= memory_mb <= 262144:
-        raise UsageError("--memory must be between 256 and 262144 (MB)")
-    if not 1 <= disk_gb <= 2048:
-        raise UsageError("--disk must be between 1 and 2048 (GB)")
-
-
-class VmService(VmWatch):
+class VmService(VmCopy, VmWatch):
     def __init__(self, store: Store, runtime: Runtime, settings: Settings, images: ImageResolver,
                  gateway_public_key: str, events: EventBus, max_parallel_starts: int = 8) -> None:
         self.store = store
@@ -152,10 +110,10 @@ class VmService(VmWatch):
 
     async def _random_name(self) -> str:
         for _ in range(50):
-            name = f"{secrets.choice(_ADJECTIVES)}-{secrets.choice(_NOUNS)}"
+            name = random_vm_name()
             if await self.by_name(name) is None:
                 return name
-        return f"{secrets.choice(_ADJECTIVES)}-{secrets.choice(_NOUNS)}-{secrets.token_hex(2)}"
+        return random_vm_name(suffix=True)
 
     # Lifecycle ----------------------------------------------------------------------------------------------
     # Every change below runs as the VM's operation (services/operations.py): the task that does the work holds
@@ -224,16 +182,16 @@ class VmService(VmWatch):
         """Make the disk (fresh or copied from ``source``) and boot ``vm``; the row exists, status ``creating``.
         Cancelled (``rm`` during ``new``), it removes what it made, row included: the VM never existed."""
         try:
-            await _say(progress, f"creating disk for {vm.name} ({vm.disk_gb} GB)")
+            await say(progress, f"creating disk for {vm.name} ({vm.disk_gb} GB)")
             if source is not None:
                 await self._copy_disk(source, vm, progress)
             else:
                 await self.runtime.create(self.spec(vm))
             await self.events.publish(VmEvent("created", vm.id, vm.name))
-            await _say(progress, f"starting {vm.name}")
+            await say(progress, f"starting {vm.name}")
             return await self._boot(actor, vm)
         except asyncio.CancelledError:
-            await _finish(self._discard(vm, "vm.create_cancelled"))
+            await finish(self._discard(vm, "vm.create_cancelled"))
             raise
         except Exception as exc:
             await self._mark_error(vm, exc)
@@ -254,33 +212,6 @@ class VmService(VmWatch):
 
         await self.store.write(tx)
         await self.events.publish(VmEvent("removed", vm.id, vm.name))
-
-    async def _copy_disk(self, src: Vm, dst: Vm, progress: Callable[[str], Awaitable[None]] | None) -> None:
-        """Copy ``src``'s disk for ``dst`` (both locks are held by the copy operation). A runtime that can only
-        copy a stopped disk gets the source stopped for the copy and started again afterwards, even when the
-        copy is cancelled (its ``desired`` stays ``running``, so a server killed meanwhile restarts it)."""
-        try:
-            await self.runtime.copy_disk(src.id, self.spec(dst))
-            return
-        except StateError:
-            if await self.runtime.status(src.id) is not VmStatus.RUNNING:
-                raise
-        await _say(progress, f"stopping {src.name} for the copy (this runtime copies stopped disks only)")
-        await self.runtime.stop(src.id)
-        try:
-            await self.runtime.copy_disk(src.id, self.spec(dst))
-        finally:
-            await _say(progress, f"starting {src.name} again")
-            await _finish(self._restart_source(src))
-
-    async def _restart_source(self, src: Vm) -> None:
-        try:
-            async with self._start_slots:
-                await self.runtime.start(self.spec(src))
-            state = self.runtime.get_state(src.id)
-            await self.store.write(lambda c: q.update(c, src.id, runtime_state=state))
-        except Exception as exc:
-            await self._mark_error(src, exc)
 
     async def _boot(self, actor: Actor, vm: Vm) -> Vm:
         async with self._start_slots:
@@ -348,7 +279,7 @@ class VmService(VmWatch):
         try:
             return await self._boot(actor, vm)
         except asyncio.CancelledError:
-            await _finish(self._halt(vm, "the start was cancelled"))
+            await finish(self._halt(vm, "the start was cancelled"))
             raise
         except Exception as exc:
             await self._mark_error(vm, exc)
@@ -468,54 +399,6 @@ class VmService(VmWatch):
 
         return await self.store.write(tx)
 
-    async def copy(self, actor: Actor, name: str, new_name: str | None = None) -> Vm:
-        """A new VM with a copy of ``name``'s disk. One operation holds both VMs' locks for the whole copy."""
-        if actor.vm_scope:
-            raise Forbidden("this token is scoped to one VM and cannot create VMs")
-        src = await self.get(actor, name)
-        if src.status is VmStatus.CREATING:
-            raise StateError(f"{name} is still being created")
-        dst_name = validate_vm_name(new_name) if new_name else await self._copy_name(name)
-        dst_id = new_id()
-
-        async def work() -> Vm:
-            source = await self._current(src)
-            if source.status is VmStatus.CREATING or source.desired == REMOVED:
-                raise StateError(f"{name} is {source.status}; it cannot be copied now")
-            dst = await self.store.write(self._insert_tx(
-                actor, dst_id, dst_name, source.image, source.cpu, source.memory_mb, source.disk_gb,
-                source.env, source))
-            return await self._build(actor, dst, None, source)
-
-        return await self.ops.run({src.id: Pending.COPYING, dst_id: Pending.CREATING}, work,
-                                  label=f"cp {name} {dst_name}")
-
-    async def _copy_name(self, name: str) -> str:
-        for i in range(2, 100):
-            candidate = f"{name[:24]}-copy{'' if i == 2 else i}"
-            if await self.by_name(candidate) is None:
-                return candidate
-        return await self._random_name()
-
     async def close(self, grace: float = 20.0) -> None:
         """Let operations in flight finish (then cancel them: each cleans up after itself)."""
         await self.ops.close(grace)
-
-
-async def _say(progress: Callable[[str], Awaitable[None]] | None, message: str) -> None:
-    """Progress for whoever asked; they may have hung up, which must not stop the operation."""
-    if progress is not None:
-        try:
-            await progress(message)
-        except Exception as exc:  # noqa: BLE001 - a gone caller's channel
-            log.debug("progress not delivered: %s", exc)
-
-
-async def _finish(coro: Coroutine[Any, Any, None]) -> None:
-    """Run a clean-up to its end even if the task running it is cancelled again meanwhile."""
-    task = asyncio.ensure_future(coro)
-    try:
-        await asyncio.shield(task)
-    except asyncio.CancelledError:
-        await asyncio.wait([task])
-        raise
