@@ -53,6 +53,11 @@ def _staff_only(actor: Actor, action: Action = Action.ADMIN_VIEW) -> None:
                         else "only an admin can remove other users' VMs")
 
 
+def _user_id(c: sa.Connection, handle: str) -> str | None:
+    user = userq.by_handle(c, handle.strip().lower()[:64])
+    return user.id if user is not None else None
+
+
 def host_usage(path: str) -> dict[str, float]:
     """Load, memory and disk of the host (for the dashboard); best effort."""
     out: dict[str, float] = {"cpus": float(os.cpu_count() or 1)}
@@ -142,12 +147,9 @@ class AdminViews:
         search = printable_text(search, "search", max_len=100)
 
         def read(c: sa.Connection) -> aq.Page:
-            owner_id = ""
-            if owner:
-                user = userq.by_handle(c, owner.strip().lower()[:64])
-                if user is None:
-                    raise NotFound(f"no user {owner[:40]!r}")
-                owner_id = user.id
+            owner_id = _user_id(c, owner) if owner else ""
+            if owner_id is None:
+                raise NotFound(f"no user {owner[:40]!r}")
             return aq.vms_page(c, owner_id=owner_id, status=status, search=search, offset=offset, limit=limit)
 
         return await self.store.read(read)
@@ -176,12 +178,9 @@ class AdminViews:
         target = printable_text(target, "target", max_len=200)
 
         def read(c: sa.Connection) -> aq.Page:
-            actor_id = ""
-            if actor_handle:
-                who = userq.by_handle(c, actor_handle.strip().lower()[:64])
-                if who is None:
-                    return aq.Page([], None)
-                actor_id = who.id
+            actor_id = _user_id(c, actor_handle) if actor_handle else ""
+            if actor_id is None:
+                return aq.Page([], None)
             return aq.audit_page(c, actor_id=actor_id, action=action, target=target, since=since, until=until,
                                  before=before, limit=limit)
 
