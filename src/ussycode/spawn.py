@@ -74,7 +74,8 @@ async def communicate(child: subprocess.Popen[bytes], stdin: bytes | None, timeo
     try:
         out, err = await asyncio.wait_for(asyncio.shield(talked), timeout)
     except BaseException:
-        kill_group(child.pid)
+        if child.returncode is None:  # once reaped, its pid (and group id) may already be another process's
+            kill_group(child.pid)
         with contextlib.suppress(ProcessLookupError):
             child.kill()
         with contextlib.suppress(BaseException):

@@ -179,6 +179,9 @@ class PortBridge:
     def connections(self) -> int:
         return len(self._conns)
 
+    def exit_reason(self) -> str:
+        return "closed"
+
     async def close(self) -> None:
         """Stop listening, end open connections, remove the socket file."""
         server, self._server = self._server, None
@@ -231,6 +234,19 @@ class Forwarder:
     @property
     def pid(self) -> int | None:
         return None if self._proc is None else self._proc.pid
+
+    def exit_reason(self) -> str:
+        """How a dead forwarder ended (its exit status or signal, the last line of its log), for the log."""
+        code = None if self._proc is None else self._proc.poll()
+        how = "never started" if self._proc is None else f"signal {-code}" if code is not None and code < 0 \
+            else f"exit status {code}"
+        try:
+            with self.log_path.open("rb") as f:
+                f.seek(max(0, f.seek(0, os.SEEK_END) - 512))
+                lines = f.read().decode("utf-8", "replace").strip().splitlines()
+        except OSError:
+            lines = []
+        return f"{how}; {lines[-1][:200]!r}" if lines else how
 
     async def start(self) -> None:
         proxyd = proxyd_binary()
@@ -307,7 +323,7 @@ class BridgeManager:
             if bridge is not None:
                 if bridge.alive:
                     return bridge
-                log.warning("forwarder for %s:%d exited; restarting it", vm_id, port)
+                log.warning("forwarder for %s:%d exited (%s); restarting it", vm_id, port, bridge.exit_reason())
                 await bridge.close()
             self._prepare_dir()
             new = await self._start(vm_id, port, self.socket_path(vm_id, port))

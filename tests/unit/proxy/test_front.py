@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -259,6 +260,17 @@ async def test_forwarder_reaches_a_port_inside_a_namespace() -> None:
             except ConnectionResetError:
                 pass  # closed with a reset: just as fast
             await other.close()
+            # a forwarder that died says how (the manager logs it when it restarts one)
+            dying = bridge.Forwarder(Path("/run/netns") / ns, "vm1", 18997, base / "vm1-18997.sock")
+            await dying.start()
+            assert dying.alive and dying.pid is not None
+            os.kill(dying.pid, signal.SIGTERM)
+            for _ in range(100):
+                if not dying.alive:
+                    break
+                await asyncio.sleep(0.02)
+            assert not dying.alive and dying.exit_reason().startswith(("signal 15", "exit status 0"))
+            await dying.close()
             pid = fwd.pid
             await fwd.close()
             assert not (base / "vm1-18999.sock").exists() and pid is not None
