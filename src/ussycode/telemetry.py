@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import logging
 import os
 import secrets
@@ -38,6 +39,14 @@ VM_OPERATIONS = Histogram("ussycode_vm_operation_seconds", "VM lifecycle operati
                           ["op", "outcome"], buckets=_OP_BUCKETS, registry=REGISTRY)
 COMMANDS = Histogram("ussycode_command_seconds", "Lobby and /exec commands", ["command", "source", "outcome"],
                      buckets=_FAST_BUCKETS, registry=REGISTRY)
+
+
+@functools.lru_cache(maxsize=1024)
+def command_seconds(command: str, source: str, outcome: str) -> Histogram:
+    """:data:`COMMANDS` for these labels, looked up once (every command passes here; the labels are few)."""
+    return COMMANDS.labels(command, source, outcome)
+
+
 SSH_SESSIONS = Gauge("ussycode_ssh_sessions", "Open SSH sessions", ["kind"], registry=REGISTRY)
 HTTP_REQUESTS = Counter("ussycode_http_requests_total", "Requests to the app server", ["route", "status"],
                         registry=REGISTRY)
@@ -143,8 +152,12 @@ def shutdown_tracing() -> None:
         provider.shutdown()
 
 
-@contextlib.contextmanager
-def span(name: str, **attributes: str | int | bool) -> Iterator[Any]:
-    """A span around a block (nothing when tracing is off); an exception marks it failed and propagates."""
-    with _tracer.start_as_current_span(name, attributes=attributes) as current:
-        yield current
+_NO_SPAN: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+
+
+def span(name: str, **attributes: str | int | bool) -> contextlib.AbstractContextManager[Any]:
+    """A span around a block; an exception marks it failed and propagates. With tracing off, nothing at all (not
+    even a no-op span: every request and command passes here)."""
+    if _provider is None:
+        return _NO_SPAN
+    return _tracer.start_as_current_span(name, attributes=attributes)

@@ -12,6 +12,20 @@ from ussycode.store.users import User
 from ussycode.types import Limits, TrustLevel, VmStatus, check_transition
 
 
+def test_plain_lines_split_as_shlex_splits_them() -> None:
+    import random
+    import shlex
+
+    rng = random.Random(7)
+    alphabet = "ab-_=.,:/@%+ \t\r\n09Z"
+    for _ in range(2000):
+        line = "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 40)))
+        assert split(line) == shlex.split(line, posix=True), repr(line)
+    # what str.split would split but shlex does not: left to shlex
+    for line in ("a\x0bb", "a\xa0b", "a\u2028b", "a\x1cb", "é b"):
+        assert split(line) == shlex.split(line, posix=True), repr(line)
+
+
 def test_split_is_posix() -> None:
     assert split("new --name=box1 --env 'A=hello world'") == ["new", "--name=box1", "--env", "A=hello world"]
     assert split('tag box1 "x y"') == ["tag", "box1", "x y"]

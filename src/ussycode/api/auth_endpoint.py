@@ -42,10 +42,10 @@ from ussycode.errors import RateLimited, UssyError
 from ussycode.proxy.front import UPSTREAM_HEADER
 from ussycode.proxy.grants import GRANT_HEADER
 from ussycode.proxy.grants import cookie_name as grant_cookie_name
-from ussycode.services.accesscache import GenerationCache
 from ussycode.services.container import Services
 from ussycode.services.sessions import WebSession, cookie_name, session_row
 from ussycode.services.shares import AccessRecord, access_record, link_token_hash
+from ussycode.store.cache import GenerationCache
 
 log = logging.getLogger(__name__)
 

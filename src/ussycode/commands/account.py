@@ -24,6 +24,7 @@ async def whoami(ctx: CommandContext, a: argparse.Namespace) -> int:
     if profile is None:
         raise NotFound("your account no longer exists")
     user, keys, count = profile
+    limits = effective_limits(user)
     address, verified = (user.email, bool(user.email))
     if ctx.services.outbox is not None:
         address, verified = await ctx.services.outbox.address(user.id)
@@ -34,7 +35,7 @@ async def whoami(ctx: CommandContext, a: argparse.Namespace) -> int:
         "trust_level": str(user.trust_level),
         "fingerprints": [k.fingerprint for k in keys],
         "vm_count": count,
-        "quota": effective_limits(user).as_json(),
+        "quota": limits.as_json(),
         "created_at": iso(user.created_at),
     }
     try:
@@ -46,7 +47,7 @@ async def whoami(ctx: CommandContext, a: argparse.Namespace) -> int:
     if a.json:
         ctx.out.json(data)
         return 0
-    q = effective_limits(user)
+    q = limits
 
     def lim(v: int | None, unit: str = "") -> str:
         return "unlimited" if v is None else f"{v}{unit}"

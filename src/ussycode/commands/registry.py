@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import functools
 import logging
+import re
 import shlex
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -33,6 +34,7 @@ from ussycode.errors import (
 
 log = logging.getLogger(__name__)
 MAX_LINE = 64 * 1024
+_PLAIN_LINE = re.compile(r"[\w \t\r\n.,:/=@%+-]*", re.ASCII)
 Handler = Callable[[CommandContext, argparse.Namespace], Awaitable[int]]
 
 
@@ -144,6 +146,8 @@ def split(line: str) -> list[str]:
         raise UsageError(f"command line too long ({len(line)} bytes; the limit is {MAX_LINE})")
     if "\x00" in line:
         raise UsageError("command line contains a NUL byte")
+    if _PLAIN_LINE.fullmatch(line):  # no quotes, escapes or unusual spaces: shlex would split it just so
+        return line.split()
     try:
         return shlex.split(line, comments=False, posix=True)
     except ValueError as exc:
@@ -180,8 +184,14 @@ def render_error(exc: BaseException) -> tuple[str, int]:
     return "error: internal error; it has been logged", 1
 
 
+_loaded = False
+
+
 def load_all() -> None:
-    """Import every command module so that they register (idempotent)."""
+    """Import every command module so that they register (idempotent; every command passes here)."""
+    global _loaded
+    if _loaded:
+        return
     from ussycode.commands import (  # noqa: F401
         account,
         admin,
@@ -196,6 +206,8 @@ def load_all() -> None:
         tutorial,
         vm,
     )
+
+    _loaded = True
 
 
 async def dispatch(ctx: CommandContext, argv: list[str]) -> int:
@@ -237,6 +249,6 @@ async def dispatch(ctx: CommandContext, argv: list[str]) -> int:
         outcome = "ok" if status == 0 else "failed"
         return status
     finally:
-        telemetry.COMMANDS.labels(cmd.name, actor.source, outcome).observe(time.monotonic() - started)
+        telemetry.command_seconds(cmd.name, actor.source, outcome).observe(time.monotonic() - started)
 
 

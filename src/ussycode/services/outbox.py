@@ -87,7 +87,8 @@ class Outbox:
 
     # --- addresses ------------------------------------------------------------------------------------------
     async def address(self, user_id: str) -> tuple[str | None, bool]:
-        """(the user's address, verified?): a verified one, else one waiting for its code."""
+        """(the user's address, verified?): a verified one, else one waiting for its code (remembered until the
+        next write)."""
         def read(c: sa.Connection) -> tuple[str | None, bool]:
             from ussycode.store.users import by_id
 
@@ -98,7 +99,7 @@ class Outbox:
             pending = mailq.pending(c, user_id)
             return (pending.address, False) if pending else (None, False)
 
-        return await self.services.store.read(read)
+        return await self.services.store.read_cached(("email-address", user_id), read)
 
     async def request_code(self, actor: Actor, raw_address: str) -> str:
         """Send a verification code to ``raw_address``; it becomes the account's address once verified."""

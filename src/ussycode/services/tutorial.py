@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import time
 import tomllib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -47,12 +48,36 @@ class Lesson:
     params: dict[str, Any]
 
 
+# The lessons last read, by the files they came from (path, size, modification time) and when they were last
+# looked at: an operator's edit shows within LESSONS_RESCAN seconds, and an unchanged set is not parsed again
+# (``whoami`` reads them on every call).
+LESSONS_RESCAN = 1.0
+_parsed: tuple[str, float, tuple[tuple[str, int, int], ...], list[Lesson]] | None = None
+
+
 def load_lessons(data_dir: Path) -> list[Lesson]:
+    global _parsed
+    now = time.monotonic()
+    if _parsed is not None and _parsed[0] == str(data_dir) and now - _parsed[1] < LESSONS_RESCAN:
+        return list(_parsed[3])
     files: dict[int, Path] = {}
     for base in (PACKAGED, Path(data_dir) / "tutorial"):
         if base.is_dir():
             for path in sorted(base.glob("[0-9][0-9]-*.toml")):
                 files[int(path.name[:2])] = path
+    try:
+        stats = tuple((str(path), st.st_size, st.st_mtime_ns) for path in files.values() for st in (path.stat(),))
+    except OSError:  # a file went away meanwhile: read what is there now, uncached
+        stats = ()
+    if stats and _parsed is not None and _parsed[0] == str(data_dir) and _parsed[2] == stats:
+        lessons = _parsed[3]
+    else:
+        lessons = _parse(files)
+    _parsed = (str(data_dir), now, stats, lessons) if stats else None
+    return list(lessons)
+
+
+def _parse(files: dict[int, Path]) -> list[Lesson]:
     lessons = []
     for number, path in sorted(files.items()):
         doc = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -223,8 +248,9 @@ class Tutorial:
         return await CHECKS[lesson.check](Probe(self.services, actor, vm, params))
 
     async def outcomes(self, actor: Actor) -> dict[int, str]:
-        rows = await self.services.store.read(lambda c: c.execute(sa.select(
-            tutorial_lessons.c.lesson, tutorial_lessons.c.outcome).where(tutorial_lessons.c.user_id == actor.id)))
+        """Lesson number -> recorded outcome (remembered until the next write)."""
+        rows = await self.services.store.read_cached(("tutorial", actor.id), lambda c: c.execute(sa.select(
+            tutorial_lessons.c.lesson, tutorial_lessons.c.outcome).where(tutorial_lessons.c.user_id == actor.id)).all())
         return {int(n): str(o) for n, o in rows}
 
     async def record(self, actor: Actor, number: int, outcome: str) -> None:

@@ -146,13 +146,13 @@ class UserService:
         return await self.store.write(tx)
 
     async def profile(self, user_id: str) -> tuple[User, list[SshKey], int] | None:
-        """The user, their keys and their VM count, in one read."""
+        """The user, their keys and their VM count, in one read (remembered until the next write)."""
 
         def read(c: sa.Connection) -> tuple[User, list[SshKey], int] | None:
             user = q.by_id(c, user_id)
             return None if user is None else (user, q.keys_of(c, user_id), vmq.count_of_owner(c, user_id))
 
-        return await self.store.read(read)
+        return await self.store.read_cached(("profile", user_id), read)
 
     async def vm_count(self, user_id: str) -> int:
         return await self.store.read(lambda c: vmq.count_of_owner(c, user_id))

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import sqlalchemy as sa
 from alembic import command
@@ -20,11 +20,13 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
+from ussycode.store.cache import GenerationCache
 from ussycode.store.schema import utcnow
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 MIGRATIONS = Path(__file__).parent / "migrations"
+CACHED_READ_TTL = 2.0  # seconds a read_cached value may miss another process's write
 
 
 def make_engine(url: str) -> sa.Engine:
@@ -111,6 +113,7 @@ class Store:
         self.generation = 0
         # Called on the loop right after each bump, before the write's caller goes on (grants Caddy keeps).
         self.on_write: list[Callable[[], None]] = []
+        self._cached: GenerationCache[object] = GenerationCache(max_entries=4096, ttl=CACHED_READ_TTL)
 
     def migrate(self) -> Path | None:
         return migrate(self.engine)
@@ -131,6 +134,18 @@ class Store:
 
     async def read(self, fn: Callable[[sa.Connection], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._readers, self._run, fn)
+
+    async def read_cached(self, key: Hashable, fn: Callable[[sa.Connection], T]) -> T:
+        """:meth:`read`, remembered under ``key`` until this store's next write (or :data:`CACHED_READ_TTL`
+        seconds, for writes by another process). The value is shared: callers must not change it."""
+        generation = self.generation  # taken before the read: a write while it runs makes the entry stale
+        hit = self._cached.get(key, generation)
+        if hit is not None:
+            return cast("T", hit)
+        value = await self.read(fn)
+        if value is not None:
+            self._cached.put(key, generation, value)
+        return value
 
     def close(self) -> None:
         self._writer.shutdown(wait=True)

@@ -177,6 +177,13 @@ async def test_exec_bad_requests(server, api) -> None:
                               headers={"Authorization": f"Bearer {token}", "Content-Type": "text/plain"})
     assert "content-length" not in r.request.headers
     assert_error(r, 413, "too large")
+    async def pieces() -> AsyncIterator[bytes]:  # a command line in several chunks is put back together
+        for part in (b"who", b"", b"ami --j", b"son"):
+            yield part
+
+    r = await api.client.post(f"{api.base}/exec", content=pieces(),
+                              headers={"Authorization": f"Bearer {token}", "Content-Type": "text/plain"})
+    assert r.status_code == 200 and json.loads(r.json()["output"])["handle"], r.text
     # just under the limit is a (long, unknown) command line, not an error of the API
     reply = await api.run(token, "x" * (64 * 1024 - 10))
     assert reply["exit_code"] == 2

@@ -29,7 +29,7 @@ from ussycode.proxy.hosts import PublicHosts
 from ussycode.proxy.hygiene import ours_route, strip_client_identity, strip_platform_credentials
 from ussycode.proxy.manager import caddy_binary
 from ussycode.proxy.routes import ServerSettings, TlsMode, build_tls_app
-from ussycode.services.accesscache import GenerationCache
+from ussycode.store.cache import GenerationCache
 
 FRONT = FrontSettings("http://127.0.0.1:8080/__ussycode/forward-auth?k=key",
                       "unix//run/u/front/sockets/{http.request.host}")

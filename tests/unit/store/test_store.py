@@ -119,6 +119,43 @@ async def test_parallel_writes_never_lock(store: Store) -> None:
     assert len(rows) == 200
 
 
+async def test_cached_reads_last_until_the_next_write(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    alice = await store.write(lambda c: users.create_user(c, "alice", "ssh-ed25519", "k1", "SHA256:a"))
+    reads = {"n": 0}
+
+    def tier(c: sa.Connection) -> TrustLevel:
+        reads["n"] += 1
+        user = users.by_id(c, alice.id)
+        assert user is not None
+        return user.trust_level
+
+    assert await store.read_cached(("tier", alice.id), tier) is TrustLevel.ADMIN
+    assert await store.read_cached(("tier", alice.id), tier) is TrustLevel.ADMIN
+    assert reads["n"] == 1  # the second came from memory
+    await store.write(lambda c: users.set_trust(c, alice.id, TrustLevel.CITIZEN))  # any write drops it
+    assert await store.read_cached(("tier", alice.id), tier) is TrustLevel.CITIZEN and reads["n"] == 2
+
+    # a write while the read runs: the value read is not kept (it may predate the write)
+    def racing(c: sa.Connection) -> TrustLevel:
+        store.generation += 1  # what Store.write does when it ends
+        return tier(c)
+
+    await store.read_cached(("race", alice.id), racing)
+    assert await store.read_cached(("race", alice.id), tier) is TrustLevel.CITIZEN and reads["n"] == 4
+
+    # another process's write (no generation bump here) shows once the entry's time is up
+    assert await store.read_cached(("tier", alice.id), tier) is TrustLevel.CITIZEN
+    with store.engine.begin() as c:
+        users.set_trust(c, alice.id, TrustLevel.OPERATOR)
+    assert await store.read_cached(("tier", alice.id), tier) is TrustLevel.CITIZEN
+    import time
+
+    later = time.monotonic() + 60
+    monkeypatch.setattr(time, "monotonic", lambda: later)
+    assert await store.read_cached(("tier", alice.id), tier) is TrustLevel.OPERATOR
+    assert await store.read_cached(("nobody",), lambda c: users.by_handle(c, "nobody")) is None  # None: not kept
+
+
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_0003_hashes_links_and_keeps_claims(backend: str, tmp_path: Path) -> None:
     """Upgrading a 0002 database with live data: link tokens become hashes (the old links keep working, for the

@@ -1,10 +1,13 @@
-"""A small cache of what forward-auth reads from the DB, dropped by any write (no stale allow, ever).
+"""Reads remembered until the next write: a small cache whose entries are dropped by any write (no stale allow,
+ever).
 
 Each entry carries the store's write generation at the time it was read (:attr:`Store.generation`): any write
 since — a share removed, a session revoked, a VM renamed, stopped or removed, a token revoked — makes every
 entry a miss, so the first request after a change that returned reads the DB again. Entries also expire after
-``ttl`` seconds and at their own deadline (a session's expiry), so time alone never extends access. The values
-are the inputs of :func:`ussycode.api.forward_auth.decide`; the decision itself is made fresh on every request.
+``ttl`` seconds (a write by another process, such as ``ussycode admin promote``, shows within it) and at their
+own deadline (a session's expiry), so time alone never extends access. Forward-auth keeps the inputs of
+:func:`ussycode.api.forward_auth.decide` here (the decision itself is made fresh on every request);
+:meth:`Store.read_cached` keeps what the cheapest commands show (``whoami``).
 """
 
 from __future__ import annotations
