@@ -88,7 +88,8 @@ def _host_admin(ns: argparse.Namespace) -> int:
             store.migrate()
             if ns.admin_cmd == "promote":
                 user = promote(store, ns.handle, TrustLevel(ns.tier))
-                print(f"{user.handle} is now {user.trust_level} (their next command or login has it)")
+                print(f"{user.handle} is now {user.trust_level} (their next lobby command has it; "
+                      "their tokens and whoami within 2 s)")
                 return 0
             people = staff(store)
             if ns.json:

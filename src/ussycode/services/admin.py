@@ -245,7 +245,7 @@ class AdminService(AdminViews):
 def promote(store: Store, handle: str, tier: TrustLevel = TrustLevel.ADMIN) -> User:
     """Host-side bootstrap and recovery (``ussycode admin promote``): set a tier with no role check (whoever runs
     it owns the host and the database). Synchronous; works while the server runs (the change shows at the
-    user's next command or login)."""
+    user's next lobby command or login; a token's cached check and ``whoami``'s cached reads see it within 2 s)."""
     with store.engine.begin() as c:
         user = userq.by_handle(c, handle.strip().lower())
         if user is None:
