@@ -75,17 +75,20 @@ async def start_vm_app(app: App, key: asyncssh.SSHKey, vm: str) -> None:
         assert r.exit_status == 0, r.stderr
 
 
-async def direct_bridge(app: App, vm_id: str) -> tuple[asyncio.Server, int]:
-    """The port bridge's code path (runtime.open_connection + pipe) on a TCP port wrk can reach."""
+async def direct_bridge(app: App, vm_id: str) -> tuple[asyncio.Server, int, list[asyncio.StreamWriter]]:
+    """The port bridge's code path (runtime.open_connection + pipe) on a TCP port wrk can reach; also the
+    connections' writers, for ending them when the benchmark is over."""
     assert app.services is not None
     runtime = app.services.vms.runtime
+    writers: list[asyncio.StreamWriter] = []
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         upstream = await runtime.open_connection(vm_id, 8080)
+        writers.extend((writer, upstream[1]))
         await pipe((reader, writer), upstream)
 
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    return server, int(server.sockets[0].getsockname()[1])
+    return server, int(server.sockets[0].getsockname()[1]), writers
 
 
 # The public path taken apart (diagnostic rows): the same Caddy binary and small server, adding one part at a time.
@@ -198,7 +201,7 @@ async def main(duration: float, connections: int) -> dict[str, Any]:
             assert child is not None
             cookies[vm.name] = f"ussy_session={child[0]}"
         cookie = cookies["bpriv"]
-        server, direct_port = await direct_bridge(app, pub.id)
+        server, direct_port, direct_writers = await direct_bridge(app, pub.id)
         procs, baseline_port, part_ports = await baseline_caddy(tmp)
         runtime = s.vms.runtime
         opened = {"n": 0}
@@ -278,6 +281,9 @@ async def main(duration: float, connections: int) -> dict[str, Any]:
         results["public_during_changes"], _ = await asyncio.gather(busy(), churn())
         results["public_during_changes"]["changes"] = changes["n"]
         server.close()
+        for writer in direct_writers:  # connections wrk left open: their pipes end before the loop does
+            writer.transport.abort()
+        await asyncio.sleep(0.1)
         for p in procs:
             if isinstance(p, Forwarder):
                 await p.close()
