@@ -97,8 +97,6 @@ class MailService:
         self.unread: dict[str, int] = {}  # VM id -> messages in new/ when last delivered to
         self.spooled: dict[str, int] = {}  # VM id -> messages waiting in the spool (counted at start)
         self._locks: dict[str, asyncio.Lock] = {}
-        # VM name -> (store generation it was read at, what it names): any DB write drops it
-        self._targets: dict[str, tuple[int, mailq.MailTarget | None]] = {}
         self.tasks = TaskGroup("mail")
         self.delivered = 0
 
@@ -165,16 +163,7 @@ class MailService:
     async def check_recipient(self, address: str) -> Recipient:
         """Whether ``address`` may receive mail now (without spending anything). :raise Refusal: 550 or 452."""
         _, name = self.parse_recipient(address)
-        store = self.services.store
-        generation = store.generation
-        cached = self._targets.get(name)
-        if cached is not None and cached[0] == generation:
-            target = cached[1]
-        else:
-            target = await store.read(lambda c: mailq.target(c, name))
-            if len(self._targets) > 10_000:
-                self._targets.clear()
-            self._targets[name] = (generation, target)
+        target = await self.services.store.read_cached(("mail-target", name), lambda c: mailq.target(c, name))
         if target is None:
             raise Refusal(550, f"no such mailbox: there is no VM named {name}")
         if not target.receive:

@@ -7,7 +7,7 @@ entry a miss, so the first request after a change that returned reads the DB aga
 ``ttl`` seconds (a write by another process, such as ``ussycode admin promote``, shows within it) and at their
 own deadline (a session's expiry), so time alone never extends access. Forward-auth keeps the inputs of
 :func:`ussycode.api.forward_auth.decide` here (the decision itself is made fresh on every request);
-:meth:`Store.read_cached` keeps what the cheapest commands show (``whoami``).
+:meth:`Store.read_cached` keeps what the cheapest commands show (``whoami``) and whom mail may be delivered to.
 """
 
 from __future__ import annotations

@@ -113,7 +113,7 @@ class Store:
         self.generation = 0
         # Called on the loop right after each bump, before the write's caller goes on (grants Caddy keeps).
         self.on_write: list[Callable[[], None]] = []
-        self._cached: GenerationCache[object] = GenerationCache(max_entries=4096, ttl=CACHED_READ_TTL)
+        self._cached: GenerationCache[tuple[object]] = GenerationCache(max_entries=4096, ttl=CACHED_READ_TTL)
 
     def migrate(self) -> Path | None:
         return migrate(self.engine)
@@ -141,10 +141,9 @@ class Store:
         generation = self.generation  # taken before the read: a write while it runs makes the entry stale
         hit = self._cached.get(key, generation)
         if hit is not None:
-            return cast("T", hit)
+            return cast("T", hit[0])
         value = await self.read(fn)
-        if value is not None:
-            self._cached.put(key, generation, value)
+        self._cached.put(key, generation, (value,))  # boxed: a None read (nothing there) is kept too
         return value
 
     def close(self) -> None:

@@ -153,7 +153,13 @@ async def test_cached_reads_last_until_the_next_write(store: Store, monkeypatch:
     later = time.monotonic() + 60
     monkeypatch.setattr(time, "monotonic", lambda: later)
     assert await store.read_cached(("tier", alice.id), tier) is TrustLevel.OPERATOR
-    assert await store.read_cached(("nobody",), lambda c: users.by_handle(c, "nobody")) is None  # None: not kept
+    def nobody(c: sa.Connection) -> object:
+        reads["n"] += 1
+        return users.by_handle(c, "nobody")
+
+    before = reads["n"]
+    assert await store.read_cached(("nobody",), nobody) is None
+    assert await store.read_cached(("nobody",), nobody) is None and reads["n"] == before + 1  # "nothing" is kept too
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
