@@ -336,7 +336,7 @@ class BridgeManager:
         os.chmod(self.dir, 0o750)  # noqa: S103
 
     async def _start(self, vm_id: str, port: int, path: Path) -> Bridge:
-        netns_path = await self._netns(vm_id, port)
+        netns_path = await self.netns_for(vm_id, port)
         new: Bridge
         if netns_path is not None:
             new = Forwarder(netns_path, vm_id, port, path, mode=self.mode)
@@ -362,9 +362,10 @@ class BridgeManager:
         new.path = path
         return new
 
-    async def _netns(self, vm_id: str, port: int) -> Path | None:
-        """Where a C forwarder can reach the port, or None for the Python bridge."""
-        if not self.use_forwarders:
+    async def netns_for(self, vm_id: str, port: int, *, forwarder: bool = True) -> Path | None:
+        """Where ``127.0.0.1:port`` is the VM's port (a C forwarder or a routed host reaches it there), or None
+        (the Python bridge). ``forwarder``: for a forwarder (None when forwarders are off)."""
+        if forwarder and not self.use_forwarders:
             return None
         port_netns = getattr(self.opener, "port_netns", None)
         if port_netns is None:

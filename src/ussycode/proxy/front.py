@@ -39,6 +39,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from ussycode.proxy import links
 from ussycode.proxy.bridge import MAX_UNIX_PATH, socket_name
 from ussycode.proxy.grants import GRANT_HEADER, REGEXP_NAME
 from ussycode.proxy.grants import cookie_re as grant_cookie_re
@@ -79,6 +80,9 @@ CREDENTIAL_COOKIE_RE = r"(^|;)[ \t]*(__Host-)?ussy_(session|share_[A-Za-z0-9_-]*
 # Host names the fast path may turn into a file name (anything else goes through forward-auth); the length is
 # bounded so that the socket path fits in a unix socket address (a longer one would fail otherwise than "no such file").
 FAST_HOST_RE = r"^[a-z0-9][a-z0-9.-]{0,%d}$"
+# Host names the routed fast path looks up (proxy.links): a name, never an address (an IPv4 literal ends with a
+# digit, so Caddy would dial it as it is) and no trailing dot.
+ROUTED_HOST_RE = r"^[a-z0-9][a-z0-9.-]{0,251}[a-z]$"
 
 NOT_ANSWERING_HTML = (
     "<!doctype html><html><head><meta charset=utf-8><title>Nothing answers on this port</title></head><body>"
@@ -98,13 +102,15 @@ class FrontSettings:
     ``auth_url``: the forward-auth endpoint (with its key); ``public_dial``: the dial template of public hosts'
     sockets (``unix/<dir>/{http.request.host}``, :meth:`~ussycode.proxy.hosts.PublicHosts.dial_template`);
     ``grants``: the grants' directory (:mod:`ussycode.proxy.grants`) and ``bridges``: the port bridges'
-    directory as Caddy dials it (both empty: no grants route).
+    directory as Caddy dials it (both empty: no grants route). ``routed``: public hosts are routed addresses
+    Caddy looks up by name (:mod:`ussycode.proxy.links`) instead of sockets.
     """
 
     auth_url: str
     public_dial: str
     grants: str = ""
     bridges: str = ""
+    routed: bool = False
 
     def __post_init__(self) -> None:
         if not self.public_dial.startswith("unix/") or not self.public_dial.endswith("/{http.request.host}"):
@@ -119,12 +125,18 @@ class FrontSettings:
     @property
     def fast_host_re(self) -> str | None:
         """The host names the public route dials (None: the directory's path leaves no room for one)."""
+        if self.routed:
+            return ROUTED_HOST_RE
         room = MAX_UNIX_PATH - len(self._sockets.encode())
         return FAST_HOST_RE % (room - 1) if room >= 1 else None
 
     @property
     def not_public_error(self) -> str:
-        """A regexp for the error of dialing a host that has no public socket (the dial sent nothing)."""
+        """A regexp for the error of dialing a host that has no public socket or route (the dial sent nothing)."""
+        if self.routed:
+            # Go names the bound source first: "dial tcp 169.254.77.1:0->240.0.0.0:8080: connect: ..."
+            return ("^dial tcp (" + re.escape(links.HOST_ADDR) + r":[0-9]{1,5}->)?"
+                    r"240\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}:" + str(links.DIAL_PORT) + ": connect: no route to host$")
         return "^dial unix " + re.escape(self._sockets) + "[^/]*: connect: no such file or directory$"
 
     @property
@@ -185,13 +197,27 @@ def build_credentials_route(settings: ServerSettings, front: FrontSettings) -> J
     return {**build_vms_route(settings, front), "@id": CREDENTIALS_ROUTE_ID, "match": credential_matchers()}
 
 
+def routed_upstreams() -> JSON:
+    """The routed fast path's upstreams: the host name's address from Caddy's hosts file (cached a second;
+    nothing is asked of any DNS server), else the unreachable sink, so the dial fails before sending a byte."""
+    return {"upstreams": [{"dial": f"{links.SINK}:{links.DIAL_PORT}"}],
+            # the one source address a VM's DNAT takes (proxy.links)
+            "transport": {"protocol": "http", "local_address": links.HOST_ADDR},
+            "dynamic_upstreams": {"source": "a", "name": "{http.request.host}", "port": str(links.DIAL_PORT),
+                                  "refresh": "1s", "versions": {"ipv4": True},
+                                  "resolver": {"addresses": [links.NO_RESOLVER]}}}
+
+
 def build_public_route(settings: ServerSettings, front: FrontSettings) -> JSON | None:
     if front.fast_host_re is None:
         return None
+    handle = vm_chain(front.public_dial, settings.http_addr, None, settings.proxy_key)
+    if front.routed:
+        handle[-1].update(routed_upstreams())
     return {
         "@id": PUBLIC_ROUTE_ID,
         "match": [{"vars_regexp": {"{http.request.host}": {"pattern": front.fast_host_re}}}],
-        "handle": vm_chain(front.public_dial, settings.http_addr, None, settings.proxy_key),
+        "handle": handle,
         "terminal": True,
     }
 

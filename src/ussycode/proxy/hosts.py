@@ -31,6 +31,7 @@ from pathlib import Path
 
 from ussycode.errors import UssyError
 from ussycode.proxy.bridge import MAX_UNIX_PATH, Bridge, BridgeManager
+from ussycode.proxy.links import FrontLinks, RoutedHost
 from ussycode.proxy.routes import valid_host
 
 log = logging.getLogger(__name__)
@@ -40,12 +41,14 @@ log = logging.getLogger(__name__)
 class PublicHosts:
     """``<base>/sockets/<host>``: a listener per public host of a running VM, each into (VM id, port)."""
 
-    def __init__(self, base: Path, *, relative: bool = False) -> None:
-        """``relative``: Caddy runs with ``base`` as its working directory (a Caddy this server starts)."""
+    def __init__(self, base: Path, *, relative: bool = False, links: FrontLinks | None = None) -> None:
+        """``relative``: Caddy runs with ``base`` as its working directory (a Caddy this server starts).
+        ``links``: public hosts are routed addresses (:mod:`ussycode.proxy.links`) instead of sockets."""
         self.base = Path(base)
         self.sockets = self.base / "sockets"
         self.relative = relative
-        self._open: dict[str, tuple[tuple[str, int], Bridge]] = {}
+        self.links = links
+        self._open: dict[str, tuple[tuple[str, int], Bridge | RoutedHost]] = {}
         self._requested: set[str] = set()
 
     @property
@@ -56,7 +59,7 @@ class PublicHosts:
         return f"unix/{self._dial_dir}/{placeholder}"
 
     def fits(self, host: str) -> bool:
-        return len(str(self._dial_dir / host)) <= MAX_UNIX_PATH
+        return self.links is not None or len(str(self._dial_dir / host)) <= MAX_UNIX_PATH
 
     def current(self) -> dict[str, tuple[str, int]]:
         """host -> (VM id, port) for every host served on the fast path now."""
@@ -88,9 +91,19 @@ class PublicHosts:
         for host, key in sorted(want.items()):
             if host in self._requested and host not in self._open:
                 try:
-                    self._open[host] = (key, await bridges.open_at(*key, self.sockets / host))
+                    self._open[host] = (key, await self._start(host, key, bridges))
                 except (OSError, UssyError) as exc:  # served through forward-auth meanwhile
                     log.warning("public host %s: no listener (%s); forward-auth serves it", host, exc)
+        if self.links is not None:
+            await self.links.publish()
+
+    async def _start(self, host: str, key: tuple[str, int], bridges: BridgeManager) -> Bridge | RoutedHost:
+        if self.links is None:
+            return await bridges.open_at(*key, self.sockets / host)
+        netns = await bridges.netns_for(*key, forwarder=False)
+        if netns is None:
+            raise UssyError(f"the runtime of VM {key[0]} offers no namespace to route into")
+        return await self.links.open(host, netns, key[1])
 
     async def _close(self, host: str) -> None:
         _, bridge = self._open.pop(host)
@@ -103,3 +116,5 @@ class PublicHosts:
         self._requested.clear()
         for host in sorted(self._open):
             await self._close(host)
+        if self.links is not None:
+            await self.links.publish()

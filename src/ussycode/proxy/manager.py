@@ -19,6 +19,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from ussycode.errors import RuntimeFailure, StateError
@@ -69,10 +70,12 @@ class ManagedCaddy:
     """
 
     def __init__(self, base_dir: Path, config: JSON, *, caddy_bin: str = "", ready_timeout: float = 15.0,
-                 cwd: Path | None = None) -> None:
+                 cwd: Path | None = None, wrap: Callable[[list[str]], list[str]] | None = None) -> None:
+        """``wrap``: the command line that runs Caddy's (``proxy.links.caddy_argv``: its own /etc/hosts)."""
         self.base_dir = Path(base_dir)
         # Caddy's working directory: relative ``unix/`` dial addresses in ``config`` are resolved from it.
         self.cwd = cwd
+        self.wrap = wrap
         self.caddy_bin = caddy_bin or caddy_binary()
         self.ready_timeout = ready_timeout
         self.state = CaddyState.NEW
@@ -92,7 +95,8 @@ class ManagedCaddy:
 
     @property
     def argv(self) -> list[str]:
-        return [self.caddy_bin, "run", "--config", str(self.config_path)]
+        argv = [self.caddy_bin, "run", "--config", str(self.config_path)]
+        return self.wrap(argv) if self.wrap is not None else argv
 
     @property
     def root_ca_path(self) -> Path:

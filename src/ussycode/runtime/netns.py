@@ -29,7 +29,8 @@ from pathlib import Path
 NETNS_DIR = Path("/run/netns")
 CLONE_NEWNET = 0x40000000
 
-PRIVATE_V4 = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "169.254.0.0/16")
+# 240.0.0.0/4: the host's routed public hosts (proxy.links) are there; a VM visits them through their URLs.
+PRIVATE_V4 = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "169.254.0.0/16", "240.0.0.0/4")
 PRIVATE_V6 = ("fc00::/7", "fe80::/10")
 METADATA_V4 = "169.254.169.254"
 SLIRP_DNS_V4 = "10.0.2.3"  # slirp4netns's built-in DNS forwarder (to the host's resolver)

@@ -33,6 +33,7 @@ from typing import Any
 
 from ussycode.config import Settings, parse_addr
 from ussycode.errors import UssyError
+from ussycode.proxy import links
 from ussycode.proxy.bridge import BridgeManager
 from ussycode.proxy.front import FrontSettings, build_front_apps, build_front_config, build_front_server
 from ussycode.proxy.grants import Grants
@@ -186,7 +187,8 @@ class HttpsEntry:
         s = self.services.settings
         ss = self.server_settings(http_port)
         bridges = BridgeManager(self.services.vms.runtime, s.run_dir)
-        hosts = PublicHosts(Path(s.run_dir) / "front", relative=not s.caddy_admin)
+        front_links = await self._front_links(Path(s.run_dir) / "front" / "routed")
+        hosts = PublicHosts(Path(s.run_dir) / "front", relative=not s.caddy_admin, links=front_links)
         auth_addr = ss.http_addr.rpartition(":")[0] + f":{auth_port}" if auth_port else ""
         self.routes = routes = RouteService(self.services, bridges, hosts, ss.http_addr, forward_auth_key(self.key),
                                             auth_addr)
@@ -199,12 +201,14 @@ class HttpsEntry:
         grants.reset()
         self.services.store.on_write.append(grants.wipe)
         bridges_dir = "../" + bridges.dir.name if not s.caddy_admin else str(bridges.dir)
-        front = FrontSettings(routes.auth_url, hosts.dial_template(), str(grants.root.resolve()), bridges_dir)
+        front = FrontSettings(routes.auth_url, hosts.dial_template(), str(grants.root.resolve()), bridges_dir,
+                              routed=front_links is not None)
         if s.caddy_admin:
             self.caddy = ExternalCaddy(s.caddy_admin, build_front_server(ss, front), build_front_apps(ss))
         else:
             hosts.base.mkdir(parents=True, exist_ok=True)
-            self.caddy = ManagedCaddy(s.caddy_dir, build_front_config(ss, front), cwd=hosts.base)
+            wrap = (lambda argv: links.caddy_argv(front_links.hosts_file, argv)) if front_links else None
+            self.caddy = ManagedCaddy(s.caddy_dir, build_front_config(ss, front), cwd=hosts.base, wrap=wrap)
         try:
             await self.caddy.start()
         except UssyError as exc:
@@ -213,6 +217,23 @@ class HttpsEntry:
         self.services.events.subscribe(routes.on_event)
         self.tasks.spawn(self._timer(), "routes-reconcile")
         self.tasks.spawn(self._watch_caddy(), "caddy-watchdog")
+
+    async def _front_links(self, base: Path) -> links.FrontLinks | None:
+        """Routed public hosts (:mod:`ussycode.proxy.links`) for a Caddy this server starts, when the host allows
+        them; otherwise (an attached Caddy, no root, a tool missing, set-up refused) public hosts are sockets."""
+        if self.services.settings.caddy_admin or not links.available():
+            return None
+
+        def caddy_pid() -> int | None:
+            return self.caddy.pid if isinstance(self.caddy, ManagedCaddy) and self.caddy.alive else None
+
+        front_links = links.FrontLinks(base, caddy_pid)
+        try:
+            await front_links.setup()
+        except UssyError as exc:
+            log.warning("public hosts are served through sockets: routed hosts could not be set up: %s", exc)
+            return None
+        return front_links
 
     @property
     def state(self) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import re
@@ -103,11 +104,12 @@ def test_tls_wildcard_where_clients_accept_one() -> None:
 
 
 @pytest.mark.skipif(not shutil.which(caddy_binary()), reason="caddy not installed")
+@pytest.mark.parametrize("routed", [False, True])
 @pytest.mark.parametrize("tls", [TlsMode.OFF, TlsMode.INTERNAL, TlsMode.ACME])
-def test_config_validates_with_the_real_caddy(tls: TlsMode, tmp_path: Path) -> None:
+def test_config_validates_with_the_real_caddy(tls: TlsMode, routed: bool, tmp_path: Path) -> None:
     s = settings(tls, "dev.example.com", acme_email="a@b.c", ask_url="http://127.0.0.1:1/ask")
     path = tmp_path / "c.json"
-    path.write_text(json.dumps(build_front_config(s, FRONT)))
+    path.write_text(json.dumps(build_front_config(s, dataclasses.replace(FRONT, routed=routed))))
     proc = subprocess.run([caddy_binary(), "validate", "--config", str(path)], capture_output=True, text=True,
                           timeout=60, env={**os.environ, "HOME": str(tmp_path), "XDG_DATA_HOME": str(tmp_path)})
     assert proc.returncode == 0, proc.stderr[-2000:]

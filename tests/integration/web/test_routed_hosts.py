@@ -1,0 +1,99 @@
+"""Routed public hosts (proxy.links) as a hostile tenant meets them: Caddy dials a public host's own address over
+a veth link into its VM; nothing else reaches a VM that way, and the link reaches nothing on the host."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+
+from ussycode.proxy import links
+from ussycode.telemetry import FORWARD_AUTH
+
+from .conftest import Web, browser_client
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.slow]
+
+
+def auth_decisions() -> float:
+    return sum(s.value for m in FORWARD_AUTH.collect() for s in m.samples if s.name.endswith("_total"))
+
+
+async def routed(web: Web, host: str) -> str:
+    """``host``'s routed address once Caddy dials it (the first visit goes through forward-auth)."""
+    hosts = web.server.app.https.routes.hosts
+    async with browser_client() as c:
+        for _ in range(150):
+            before = auth_decisions()
+            r = await c.get(web.url(host, "/probe"))
+            assert r.status_code == 200, r.text
+            if host in hosts.current() and auth_decisions() == before:
+                return str(hosts.links.addresses[host])
+            await asyncio.sleep(0.1)
+    raise AssertionError(f"{host} was never dialed on its route")
+
+
+async def guest_connects(web: Web, key: object, vm: str, addr: str, port: int) -> bool:
+    r = await web.server.ssh(key, f"timeout 3 bash -c '</dev/tcp/{addr}/{port}' && echo CONNECTED; true", user=vm)
+    return "CONNECTED" in r.stdout
+
+
+def host_connects(addr: str, port: int, source: str = "") -> bool:
+    try:
+        with socket.create_connection((addr, port), timeout=2, source_address=(source, 0) if source else None):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def needs_links(web: Web) -> None:
+    if web.server.app.https.routes.hosts.links is None:
+        pytest.skip("routed hosts need root, iproute2, nftables and util-linux (public hosts are sockets here)")
+
+
+async def test_routed_hosts_reach_only_their_vm_and_only_from_caddy(web: Web, needs_vms: None,
+                                                                    needs_links: None) -> None:
+    alice, mallory = await web.server.register("alice"), await web.server.register("mallory")
+    await web.new_vm(alice, "rta")
+    await web.new_vm(mallory, "rtm")
+    assert (await web.cmd(alice, "share", "set-public", "rta")).exit_status == 0
+    addr = await routed(web, "rta.localhost")
+    assert addr.startswith("240.")
+    # another tenant's VM: not the routed address (its egress connects from the host), not the host's link end
+    assert not await guest_connects(web, mallory, "rtm", addr, links.DIAL_PORT)
+    # the public VM's own guest: not a host service listening on every address, through either end of its link
+    with socket.create_server(("0.0.0.0", 0)) as service:
+        port = service.getsockname()[1]
+        assert await asyncio.to_thread(host_connects, links.HOST_ADDR, port)  # it does listen there
+        for target in (links.HOST_ADDR, links.OTHER_SRC):
+            assert not await guest_connects(web, alice, "rta", target, port)
+    # a host process other than Caddy: its connection comes from the other source and is never let in; Caddy's
+    # source address is what the VM admits (what Caddy's proxy binds), before and after
+    for _ in range(2):
+        assert await asyncio.to_thread(host_connects, addr, links.DIAL_PORT, links.HOST_ADDR)
+        assert not await asyncio.to_thread(host_connects, addr, links.DIAL_PORT)
+    # set-private: the route goes first, the next request is decided by forward-auth again
+    assert (await web.cmd(alice, "share", "set-private", "rta")).exit_status == 0
+    assert not await asyncio.to_thread(host_connects, addr, links.DIAL_PORT, links.HOST_ADDR)
+    async with browser_client() as c:
+        r = await c.get(web.url("rta.localhost"), headers={"Accept": "application/json"})
+        assert r.status_code == 401
+
+
+async def test_host_names_caddy_resolves_are_only_routed_ones(web: Web, needs_vms: None, needs_links: None) -> None:
+    """The fast path looks the Host header up; an address, the host's own name or a loopback name is never
+    dialed as it is (that would reach the host's own services): each goes to forward-auth like any unknown host."""
+    alice = await web.server.register("alice")
+    await web.new_vm(alice, "rtn")
+    assert (await web.cmd(alice, "share", "set-public", "rtn")).exit_status == 0
+    await routed(web, "rtn.localhost")
+    names = ["127.0.0.1", "ip6-localhost", "ip6-loopback", socket.gethostname()]
+    async with browser_client() as c:
+        for name in names:
+            r = await c.get(web.url(name, "/"), headers={"Accept": "application/json"})
+            assert r.status_code in (400, 404), (name, r.status_code, r.text)
+    text = web.server.app.https.routes.hosts.links.hosts_file.read_text()
+    lines = [ln for ln in text.splitlines() if ln and not ln.startswith("#")]
+    assert lines and all(ln.startswith("240.") and ln.endswith(".localhost") for ln in lines), text

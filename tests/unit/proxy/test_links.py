@@ -1,0 +1,94 @@
+"""Routed public hosts' pure parts (proxy.links) and the routed fast path's Caddy route (proxy.front)."""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import re
+
+import pytest
+
+from ussycode.proxy import links
+from ussycode.proxy.front import ROUTED_HOST_RE, FrontSettings, build_front_errors, build_public_route
+from ussycode.proxy.routes import ServerSettings
+
+FRONT = FrontSettings("http://127.0.0.1:8080/a?k=key", "unix/sockets/{http.request.host}", routed=True)
+SETTINGS = ServerSettings(domain="localhost", http_addr="127.0.0.1:8080")
+
+
+def test_link_names_fit_and_differ() -> None:
+    names = {links.dev_name(f"ussy-{i:012x}") for i in range(1000)}
+    assert len(names) == 1000 and all(len(n) <= 15 and n.startswith(links.DEV_PREFIX) for n in names)
+
+
+def test_hosts_file_names_only_routed_hosts() -> None:
+    text = links.hosts_text({"b.localhost": "240.0.0.2", "a.localhost": "240.0.0.1"})
+    body = [ln for ln in text.splitlines() if not ln.startswith("#")]
+    assert body == ["240.0.0.1 a.localhost", "240.0.0.2 b.localhost"]
+    assert "\nlocalhost" not in text and " localhost\n" not in text and "127." not in text and "::1" not in text
+    assert links.hosts_text({}).count("\n") == 1
+
+
+def test_link_batches_and_argvs() -> None:
+    host, vm = links.link_batches("ussy-abc")
+    dev = links.dev_name("ussy-abc")
+    assert host.splitlines()[0] == f"link add {dev} type veth peer name {links.VM_DEV} netns ussy-abc"
+    assert "addr" not in host  # the host's ends are on its loopback
+    assert f"route add {links.HOST_ADDR}/32 dev {links.VM_DEV}" in vm
+    argv = links.caddy_argv(links.Path("/r/hosts"), ["caddy", "run"])
+    assert argv[:4] == ["unshare", "--mount", "--propagation", "private"] and argv[-3:] == ["/r/hosts", "caddy", "run"]
+    assert links.remount_argv(42, links.Path("/r/hosts"))[:4] == ["nsenter", "-t", "42", "-m"]
+
+
+def test_vm_rules_admit_only_caddys_address() -> None:
+    rules = links.VM_RULESET
+    assert f"ip saddr {links.HOST_ADDR} tcp dport {links.DIAL_PORT} dnat" in rules
+    assert f'iifname "{links.VM_DEV}" ip saddr {links.HOST_ADDR} ct status dnat accept' in rules
+    host = links.HOST_RULESET
+    for rule in ("fib saddr . iif oif missing drop", "ct state established,related accept",
+                 f'iifname "{links.DEV_PREFIX}*" drop', f'oifname "{links.DEV_PREFIX}*" drop'):
+        assert rule in host
+
+
+def test_addresses_are_never_given_twice(tmp_path: links.Path) -> None:
+    first = links.FrontLinks(tmp_path)
+    seen = [first._allocate() for _ in range(5)]
+    again = links.FrontLinks(tmp_path)  # a new server on the same data dir goes on counting
+    seen += [again._allocate() for _ in range(5)]
+    assert len(set(seen)) == 10 and links.SINK not in seen
+    assert all(ipaddress.ip_address(a) in links.POOL for a in seen)
+    (tmp_path / "next-address").write_text(str(links.POOL.num_addresses - 1))
+    with pytest.raises(links.RuntimeFailure):
+        again._allocate()
+
+
+@pytest.mark.parametrize("host, dialed", [
+    ("web.localhost", True), ("3000-web.dev.example.com", True), ("a.b", True),
+    ("127.0.0.1", False), ("10.0.0.1", False), ("240.0.0.5", False), ("web.localhost.", False),
+    ("WEB.localhost", False), ("web.localhost:8080", False), ("[::1]", False), ("web/..", False), ("", False),
+    ("-web.localhost", False), ("x" * 260 + ".com", False),
+])
+def test_routed_names_are_names(host: str, dialed: bool) -> None:
+    assert bool(re.fullmatch(ROUTED_HOST_RE, host)) is dialed
+
+
+def test_routed_public_route_and_its_fallback() -> None:
+    route = build_public_route(SETTINGS, FRONT)
+    assert route is not None and route["match"][0]["vars_regexp"]["{http.request.host}"]["pattern"] == ROUTED_HOST_RE
+    proxy = route["handle"][-1]
+    assert proxy["upstreams"] == [{"dial": f"{links.SINK}:{links.DIAL_PORT}"}]
+    assert proxy["transport"] == {"protocol": "http", "local_address": links.HOST_ADDR}
+    dyn = proxy["dynamic_upstreams"]
+    assert dyn["name"] == "{http.request.host}" and dyn["resolver"]["addresses"] == [links.NO_RESOLVER]
+    pattern = FRONT.not_public_error
+    assert re.fullmatch(pattern, "dial tcp 240.0.0.0:8080: connect: no route to host")
+    assert re.fullmatch(pattern, "dial tcp 240.12.3.4:8080: connect: no route to host")
+    assert re.fullmatch(pattern, "dial tcp 169.254.77.1:0->240.0.0.0:8080: connect: no route to host")
+    assert not re.fullmatch(pattern, "dial tcp 169.254.77.1:0->240.0.0.0:8080: bind: cannot assign requested address")
+    for other in ("dial tcp 240.0.0.1:8080: connect: connection refused", "dial tcp 10.0.0.1:8080: connect: no "
+                  "route to host", "dial tcp 240.0.0.1:8080: i/o timeout", "read: connection reset by peer"):
+        assert not re.fullmatch(pattern, other)
+    errors = build_front_errors(SETTINGS, FRONT)
+    assert errors["routes"][0]["match"][0]["vars_regexp"]["{http.error.message}"]["pattern"] == pattern
+    sockets = build_public_route(SETTINGS, dataclasses.replace(FRONT, routed=False))
+    assert sockets is not None and "dynamic_upstreams" not in sockets["handle"][-1]
