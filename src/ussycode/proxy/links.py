@@ -177,6 +177,9 @@ class FrontLinks:
     async def setup(self) -> None:
         """The host's part (idempotent): the pool unreachable, the links' firewall, an empty hosts file."""
         self.base.mkdir(parents=True, exist_ok=True)
+        # A previous server's routes go (VMs it left running keep their links; Caddy dials only what the new
+        # hosts file names, and each address this server routes replaces any route it had)
+        await _run(["ip", "route", "flush", "root", str(POOL)], "removing old routes", check=False)
         await _run(["ip", "route", "replace", "unreachable", str(POOL)], "making the routed hosts' pool unreachable")
         for addr in (HOST_ADDR, OTHER_SRC):  # the host's ends of every link (Caddy binds .1 before any link exists)
             await _run(["ip", "addr", "replace", f"{addr}/32", "dev", "lo"], f"adding {addr} to the host")
@@ -223,8 +226,13 @@ class FrontLinks:
         async with self._lock:
             await self._ensure_link(netns)
             addr = self._allocate()
-            await _run(["ip", "netns", "exec", netns, "nft", "add", "element", "ip", "ussycode_front", "ports",
-                        f"{{ {addr} : {port} }}"], f"routing {host} in {netns}")
+            nft = ["ip", "netns", "exec", netns, "nft"]
+            ports = ["element", "ip", "ussycode_front", "ports"]
+            add = [*nft, "add", *ports, f"{{ {addr} : {port} }}"]
+            if (await _run(add, f"routing {host} in {netns}", check=False))[0] != 0:
+                # an element a previous server left for this address
+                await _run([*nft, "delete", *ports, f"{{ {addr} }}"], "unrouting", check=False)
+                await _run(add, f"routing {host} in {netns}")
             await _run(["ip", "route", "replace", f"{addr}/32", "via", VM_ADDR, "dev", dev_name(netns), "onlink",
                         "src", OTHER_SRC], f"routing {host}")
             self.addresses[host] = addr
