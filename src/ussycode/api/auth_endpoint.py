@@ -146,7 +146,7 @@ async def forward_auth(request: Request) -> Response:
         if session is not None and areq.bearer_token is None and decision.access in _GRANTED:
             # ... and Caddy may let the same browser through itself until then (proxy.grants)
             name = grant_cookie_name(settings.tls is not TlsMode.OFF)
-            value = routes.grant(session, target.host, str(decision.access), record.vm_id, target.port,
+            value = await routes.grant(session, target.host, str(decision.access), record.vm_id, target.port,
                                  generation=generation, until=replay.until)
             if value is not None and areq.cookies.get(name) != value:  # the browser lacks it: Caddy passes it on
                 response.headers[GRANT_HEADER] = cookie_header(settings, name, value, max(1, int(session.seconds_left)))

@@ -145,6 +145,8 @@ class FrontSettings:
         a bridge's path would not fit in a unix socket address)."""
         if not self.grants:
             return None
+        if self.routed:
+            return _GRANT % "addr" + f":{links.DIAL_PORT}"
         dial = f"{self.bridges}/{socket_name(_GRANT % 'vm', _GRANT % 'port')}"
         longest = len(f"{self.bridges}/{socket_name('f' * 16, 65535)}".encode())
         return "unix/" + dial if longest <= MAX_UNIX_PATH else None
@@ -153,6 +155,8 @@ class FrontSettings:
     def no_bridge_error(self) -> str:
         """A regexp for the error of dialing a bridge the grants route named that is not there (the dial sent
         nothing): the grant outlived the bridge, and forward-auth starts it again."""
+        if self.routed:
+            return self.not_public_error  # a routed VM port whose route is gone
         return ("^dial unix " + re.escape(self.bridges + "/") + r"[0-9a-f]{16}-[0-9]{1,5}\.sock: connect: "
                 "(no such file or directory|connection refused)$")
 
@@ -197,12 +201,15 @@ def build_credentials_route(settings: ServerSettings, front: FrontSettings) -> J
     return {**build_vms_route(settings, front), "@id": CREDENTIALS_ROUTE_ID, "match": credential_matchers()}
 
 
+def routed_transport() -> JSON:
+    """Dials of routed addresses come from the one source address a VM's DNAT takes (proxy.links)."""
+    return {"protocol": "http", "local_address": links.HOST_ADDR}
+
+
 def routed_upstreams() -> JSON:
     """The routed fast path's upstreams: the host name's address from Caddy's hosts file (cached a second;
     nothing is asked of any DNS server), else the unreachable sink, so the dial fails before sending a byte."""
-    return {"upstreams": [{"dial": f"{links.SINK}:{links.DIAL_PORT}"}],
-            # the one source address a VM's DNAT takes (proxy.links)
-            "transport": {"protocol": "http", "local_address": links.HOST_ADDR},
+    return {"upstreams": [{"dial": f"{links.SINK}:{links.DIAL_PORT}"}], "transport": routed_transport(),
             "dynamic_upstreams": {"source": "a", "name": "{http.request.host}", "port": str(links.DIAL_PORT),
                                   "refresh": "1s", "versions": {"ipv4": True},
                                   "resolver": {"addresses": [links.NO_RESOLVER]}}}
@@ -239,9 +246,12 @@ def build_grants_route(settings: ServerSettings, front: FrontSettings) -> JSON |
     dial = front.grant_dial
     if dial is None:
         return None
+    handle = vm_chain(dial, settings.http_addr, grant_identity(), settings.proxy_key)
+    if front.routed:
+        handle[-1]["transport"] = routed_transport()
     fast: JSON = {
         "match": [{"file": {"root": front.grants, "try_files": ["/{http.request.host}/" + _GRANT % "value"]}}],
-        "handle": vm_chain(dial, settings.http_addr, grant_identity(), settings.proxy_key),
+        "handle": handle,
         "terminal": True,
     }
     grant = {"name": REGEXP_NAME, "pattern": grant_cookie_re(settings.tls is not TlsMode.OFF)}

@@ -45,7 +45,8 @@ ACCESSES = ("owner", "shared", "public")
 # name or a dial address can be a path separator, a dot-dot or a glob character.
 VALUE_RE = (
     r"(?P<access>owner|shared|public)~(?P<user>[0-9a-f]{16})~(?P<handle>[a-z0-9-]{1,20})~(?P<vm>[0-9a-f]{16})"
-    r"~(?P<port>[0-9]{1,5})~(?P<email>[A-Za-z0-9._+@-]{0,128})~(?P<mac>[A-Za-z0-9_-]{43})"
+    r"~(?P<port>[0-9]{1,5})~(?P<addr>(?:240\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3})?)"
+    r"~(?P<email>[A-Za-z0-9._+@-]{0,128})~(?P<mac>[A-Za-z0-9_-]{43})"
 )
 _VALUE = re.compile(VALUE_RE)
 MAX_NAME = 255  # a file name
@@ -86,10 +87,11 @@ class Grants:
         os.chmod(self.root, DIR_MODE)
 
     def value(self, *, session: str, host: str, access: str, user_id: str, handle: str, email: str | None,
-              vm_id: str, port: int) -> str | None:
+              vm_id: str, port: int, addr: str = "") -> str | None:
         """The grant cookie's value for this allow (None if it cannot be spelled: the request keeps using
-        forward-auth)."""
-        fields = f"{access}~{user_id}~{handle}~{vm_id}~{port}~{email or ''}"
+        forward-auth). ``addr``: the VM port's routed address (:mod:`ussycode.proxy.links`), which Caddy then
+        dials instead of the port's bridge."""
+        fields = f"{access}~{user_id}~{handle}~{vm_id}~{port}~{addr}~{email or ''}"
         mac = hmac.new(self._key, f"{session}\0{host}\0{fields}".encode(), hashlib.sha256).digest()
         value = fields + "~" + base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
         if not 1 <= port <= 65535 or len(value) > MAX_NAME or not _VALUE.fullmatch(value):

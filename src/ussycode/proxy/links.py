@@ -98,8 +98,13 @@ def dev_name(netns: str) -> str:
     return DEV_PREFIX + hashlib.sha256(netns.encode()).hexdigest()[:10]
 
 
-def link_exists(netns: str) -> bool:
-    return os.path.exists(f"/sys/class/net/{dev_name(netns)}")
+def link_index(netns: str) -> int | None:
+    """The host end's interface index (a namespace made again, for a VM started again, has a new link)."""
+    try:
+        with open(f"/sys/class/net/{dev_name(netns)}/ifindex") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
 
 
 def hosts_text(addresses: dict[str, str]) -> str:
@@ -148,15 +153,17 @@ async def _run(argv: list[str], what: str, stdin: str | None = None, check: bool
 
 
 class RoutedHost:
-    """One public host's address, routed into (VM namespace, port); a Bridge-like handle for PublicHosts."""
+    """An address routed into (VM namespace, port): a public host's (a Bridge-like handle for PublicHosts), or
+    a VM port's (the grants' dial)."""
 
-    def __init__(self, links: FrontLinks, host: str, addr: str, netns: str, port: int) -> None:
+    def __init__(self, links: FrontLinks, host: str, addr: str, netns: str, port: int, ifindex: int) -> None:
         self.links, self.host, self.addr, self.netns, self.port = links, host, addr, netns, port
+        self.ifindex = ifindex
 
     @property
     def alive(self) -> bool:
-        """The namespace's link is still there (a VM that stopped took it with its namespace)."""
-        return link_exists(self.netns)
+        """The link it was routed over is still there (a VM that stopped took it with its namespace)."""
+        return link_index(self.netns) == self.ifindex
 
     async def close(self) -> None:
         await self.links.close(self)
@@ -200,10 +207,11 @@ class FrontLinks:
         os.replace(tmp, self.counter)
         return str(POOL.network_address + n)
 
-    async def _ensure_link(self, netns: str) -> None:
+    async def _ensure_link(self, netns: str) -> int:
         dev = dev_name(netns)
-        if link_exists(netns):
-            return
+        index = link_index(netns)
+        if index is not None:
+            return index
         host, vm = link_batches(netns)
         await _run(["ip", "-batch", "-"], f"linking namespace {netns}", stdin=host)
         try:
@@ -216,15 +224,19 @@ class FrontLinks:
         except RuntimeFailure:
             await _run(["ip", "link", "del", dev], "removing a half-made link", check=False)
             raise
+        index = link_index(netns)
+        if index is None:
+            raise RuntimeFailure(f"the link into {netns} went away as it was made")
+        return index
 
-    async def open(self, host: str, netns_path: Path, port: int) -> RoutedHost:
+    async def open(self, host: str, netns_path: Path, port: int, *, listed: bool = True) -> RoutedHost:
         """Route a new address for ``host`` into ``port`` of the VM whose namespace is ``netns_path``
-        (``/run/netns/<name>``); Caddy finds it at the next :meth:`publish`."""
+        (``/run/netns/<name>``); if ``listed``, Caddy finds it by name at the next :meth:`publish`."""
         netns = netns_path.name
         if netns_path.parent != Path("/run/netns"):
             raise RuntimeFailure(f"routed hosts need a named network namespace, not {netns_path}")
         async with self._lock:
-            await self._ensure_link(netns)
+            ifindex = await self._ensure_link(netns)
             addr = self._allocate()
             nft = ["ip", "netns", "exec", netns, "nft"]
             ports = ["element", "ip", "ussycode_front", "ports"]
@@ -235,8 +247,9 @@ class FrontLinks:
                 await _run(add, f"routing {host} in {netns}")
             await _run(["ip", "route", "replace", f"{addr}/32", "via", VM_ADDR, "dev", dev_name(netns), "onlink",
                         "src", OTHER_SRC], f"routing {host}")
-            self.addresses[host] = addr
-        return RoutedHost(self, host, addr, netns, port)
+            if listed:
+                self.addresses[host] = addr
+        return RoutedHost(self, host, addr, netns, port, ifindex)
 
     async def close(self, routed: RoutedHost) -> None:
         """Unroute a host: the route (new dials fail), Caddy's connections to it, the DNAT rule."""

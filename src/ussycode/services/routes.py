@@ -38,6 +38,7 @@ from ussycode.proxy.bridge import BridgeManager
 from ussycode.proxy.front import FrontSettings, build_front_apps, build_front_config, build_front_server
 from ussycode.proxy.grants import Grants
 from ussycode.proxy.hosts import PublicHosts
+from ussycode.proxy.links import RoutedHost
 from ussycode.proxy.manager import CaddyState, ExternalCaddy, ManagedCaddy
 from ussycode.proxy.routes import ServerSettings, TlsMode
 from ussycode.services.container import Services
@@ -83,6 +84,8 @@ class RouteService:
         self._requested = 0
         self._covered = 0
         self.tasks = TaskGroup("routes")
+        self._ports: dict[tuple[str, int], RoutedHost] = {}  # routed VM ports (grants dial them)
+        self._making: dict[tuple[str, int], asyncio.Task[str | None]] = {}
 
     async def _state(self) -> tuple[dict[str, str], dict[str, set[int]], dict[str, list[str]]]:
         def read(c: Any) -> tuple[dict[str, str], dict[str, set[int]], dict[str, list[str]]]:
@@ -123,6 +126,7 @@ class RouteService:
             wanted, hosts = await self.desired()
             await self.bridges.sync(wanted)
             await self.hosts.sync(hosts, self.bridges)
+            await self._sync_ports({vm_id for vm_id, _ in wanted})
             self._covered = covers
 
     def public_served(self, host: str) -> None:
@@ -141,16 +145,59 @@ class RouteService:
         """Start the VM port's forwarder if needed; its Caddy dial address."""
         return (await self.bridges.ensure(vm_id, port)).dial
 
-    def grant(self, session: WebSession, host: str, access: str, vm_id: str, port: int, *, generation: int,
-              until: float) -> str | None:
+    async def grant(self, session: WebSession, host: str, access: str, vm_id: str, port: int, *, generation: int,
+                    until: float) -> str | None:
         """Forward-auth let this signed-in request through (decided on what the DB said at ``generation``):
         keep it as a grant until ``until`` (monotonic). Returns the grant cookie's value (None: no grant)."""
         grants = self.grants
         if grants is None:
             return None
+        addr = ""
+        if self.hosts.links is not None:  # Caddy dials the VM port's routed address (none: no grant)
+            addr = await self.routed_port(vm_id, port) or ""
+            if not addr:
+                return None
         value = grants.value(session=session.id_hash, host=host, access=access, user_id=session.user_id,
-                             handle=session.handle, email=session.email, vm_id=vm_id, port=port)
+                             handle=session.handle, email=session.email, vm_id=vm_id, port=port, addr=addr)
         return value if value is not None and grants.admit(host, value, generation, until) else None
+
+    async def routed_port(self, vm_id: str, port: int) -> str | None:
+        """The VM port's routed address (:mod:`ussycode.proxy.links`), made on first use (once, however many
+        requests ask at the same time); None if it cannot be routed."""
+        routed = self._ports.get((vm_id, port))
+        if routed is not None and routed.alive:
+            return routed.addr
+        making = self._making.get((vm_id, port))
+        if making is None:
+            making = self._making[(vm_id, port)] = self.tasks.spawn(self._route_port(vm_id, port), "routed-port")
+        return await asyncio.shield(making)
+
+    async def _route_port(self, vm_id: str, port: int) -> str | None:
+        links = self.hosts.links
+        try:
+            netns = await self.bridges.netns_for(vm_id, port, forwarder=False)
+            if links is None or netns is None:
+                return None
+            old = self._ports.pop((vm_id, port), None)
+            if old is not None:
+                await old.close()
+            routed = self._ports[(vm_id, port)] = await links.open(f"{vm_id}:{port}", netns, port, listed=False)
+            return routed.addr
+        except (UssyError, OSError) as exc:
+            log.warning("VM %s port %d not routed (%s): its visitors go through forward-auth", vm_id, port, exc)
+            return None
+        finally:
+            self._making.pop((vm_id, port), None)
+
+    async def _sync_ports(self, running: set[str]) -> None:
+        """Routed VM ports of VMs that stopped (or whose link went) are unrouted."""
+        for key, routed in sorted(self._ports.items()):
+            if key[0] not in running or not routed.alive:
+                del self._ports[key]
+                await routed.close()
+
+    async def close_ports(self) -> None:
+        await self._sync_ports(set())
 
     async def on_event(self, event: VmEvent) -> None:
         await self._reconcile_or_log(f"{event.kind} {event.name}")
@@ -311,3 +358,4 @@ class HttpsEntry:
             await self.routes.tasks.close()
             await self.routes.bridges.close()
             await self.routes.hosts.clear()
+            await self.routes.close_ports()

@@ -105,7 +105,14 @@ async def test_signed_in_requests_skip_forward_auth_until_anything_changes(
         assert (await web.cmd(alice, "start", "grv")).exit_status == 0
         await web.serve_echo(alice, "grv", 8080)
         assert (await a.get(web.url("grv.localhost"))).status_code == 200
-        assert grants_of(web, "grv.localhost") == [grant]
+        renewed = grants_of(web, "grv.localhost")
+        if web.server.app.https.routes.hosts.links is None:
+            assert renewed == [grant]
+        else:  # the VM started again has a new link, so its port a new routed address, which the grant names
+            assert len(renewed) == 1 and renewed[0].split("~")[5] != grant.split("~")[5]
+        before = auth_decisions()
+        r = await a.get(web.url("grv.localhost"))
+        assert r.json()["headers"]["x-ussy-handle"] == "alice" and auth_decisions() == before
 
         # signed out: the next request is sent to sign in
         r = await a.get(web.url("localhost", "/__ussycode/logout"))

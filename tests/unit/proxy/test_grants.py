@@ -55,23 +55,28 @@ def make(tmp_path: Path) -> tuple[Grants, Clock]:
 def test_the_cookie_spells_the_allow_and_nothing_else(tmp_path: Path) -> None:
     grants, _ = make(tmp_path)
     value = grants.value(**WHO)  # type: ignore[arg-type]
-    assert value is not None and value.startswith("owner~0123456789abcdef~alice~fedcba9876543210~8080~alice+dev@")
+    assert value is not None and value.startswith("owner~0123456789abcdef~alice~fedcba9876543210~8080~~alice+dev@")
     assert value == grants.value(**WHO)  # type: ignore[arg-type]  # the same allow, the same name
-    for change in ({"session": "t" * 43}, {"host": "other.localhost"}, {"access": "shared"}, {"port": 3000}):
+    for change in ({"session": "t" * 43}, {"host": "other.localhost"}, {"access": "shared"}, {"port": 3000},
+                   {"addr": "240.0.0.9"}):
         assert grants.value(**{**WHO, **change}) != value  # type: ignore[arg-type]
     other_key = Grants(tmp_path / "g2", b"x" * 32, Clock()).value(**WHO)  # type: ignore[arg-type]
     assert other_key is not None and other_key != value
     # what cannot be spelled safely gets no grant (that visitor keeps going through forward-auth)
     for bad in ({"email": "a/b@x.org"}, {"email": "a~b@x.org"}, {"email": "a b@x.org"}, {"email": "é@x.org"},
                 {"email": "a" * 200 + "@x.org"}, {"handle": "../x"}, {"vm_id": "vm/1"}, {"user_id": "*"},
-                {"access": "bearer"}, {"port": 0}, {"port": 70000}):
+                {"access": "bearer"}, {"port": 0}, {"port": 70000}, {"addr": "127.0.0.1"}, {"addr": "240.0.0.1/x"},
+                {"addr": "240.0.0.1:80"}):
         assert grants.value(**{**WHO, **bad}) is None, bad  # type: ignore[arg-type]
     assert grants.value(**{**WHO, "email": None}) is not None  # type: ignore[arg-type]
     # Caddy's regexp (also Python's) finds exactly our cookie among the others, by its exact name
     header = f"a=1; {cookie_name(True)}={value}; b=2"
     found = re.search(cookie_re(True), header)
     assert found and found["value"] == value and found["handle"] == "alice" and found["vm"] == "fedcba9876543210"
-    assert found["email"] == "alice+dev@example.org" and found["port"] == "8080"
+    assert found["email"] == "alice+dev@example.org" and found["port"] == "8080" and found["addr"] == ""
+    routed = grants.value(**{**WHO, "addr": "240.0.0.9"})  # type: ignore[arg-type]
+    found = re.search(cookie_re(True), f"{cookie_name(True)}={routed}")
+    assert found and found["addr"] == "240.0.0.9" and found["email"] == "alice+dev@example.org"
     assert not re.search(cookie_re(True), f"ussy_grant={value}")  # not the __Host- cookie
     assert re.search(cookie_re(False), f"ussy_grant={value}")
     for hostile in (value.replace("~alice~", "~../x~"), value + "/x", value.replace("owner", "o*"), value[:-1]):
