@@ -38,6 +38,16 @@ def _caddy() -> Check:
     return Check("caddy", True, f"{binary} {text.split()[0]}")
 
 
+def _routed_hosts() -> Check:
+    from ussycode.proxy import links
+
+    if links.available():
+        return Check("routed hosts", True, "public URLs and signed-in visitors reach VMs over veth links, no "
+                     "process in between (a Caddy this server starts)")
+    return Check("routed hosts", False, "needs root and " + ", ".join(links.TOOLS) + ": public URLs go through "
+                 "forwarders instead (slower)")
+
+
 def _forwarder() -> Check:
     from ussycode.proxy.bridge import forwarder_available, proxyd_binary
 
@@ -103,6 +113,7 @@ def host_checks() -> list[Check]:
         _binary("ip", "iproute2", "VM network namespaces"),
         _caddy(),
         _forwarder(),
+        _routed_hosts(),
         _binary("mmdebstrap", "mmdebstrap", "image builds"),
         _binary("slirp4netns", "slirp4netns", "container VMs' internet egress"),
         _binary("pasta", "passt", "qemu VMs' internet egress"),
