@@ -6,6 +6,7 @@ import asyncio
 import gc
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -188,6 +189,20 @@ class Server:
 
 
 def free_port() -> int:
+    """A free port below the kernel's ephemeral range: a server started on it later cannot lose it meanwhile
+    to an outgoing connection (those take their local ports from that range)."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    for _ in range(200):
+        port = random.randint(max(1024, low // 2), low - 1)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
