@@ -35,12 +35,14 @@ from ussycode.app import App
 from ussycode.auth.identity import Actor
 from ussycode.auth.keys import parse_authorized_key
 from ussycode.config import load_settings
+from ussycode.proxy import links
 from ussycode.proxy.bridge import Forwarder, pipe
-from ussycode.proxy.front import FrontSettings, build_public_route
+from ussycode.proxy.front import FrontSettings, build_public_route, routed_transport
 from ussycode.proxy.grants import GRANT_COOKIE
 from ussycode.proxy.hosts import PublicHosts
 from ussycode.proxy.manager import caddy_binary
 from ussycode.proxy.routes import ServerSettings
+from ussycode.runtime import netns
 from ussycode.telemetry import FORWARD_AUTH
 
 ROUNDS = 3
@@ -93,16 +95,47 @@ async def direct_bridge(app: App, vm_id: str) -> tuple[asyncio.Server, int, list
 
 
 # The public path taken apart (diagnostic rows): the same Caddy binary and small server, adding one part at a time.
-PARTS = ("chain", "forwarder", "chain_forwarder")
+PARTS = ("chain", "forwarder", "chain_forwarder", "routed")
 PART_HOST = "part.localhost"
 
 
-async def baseline_caddy(tmp: Path) -> tuple[list[Any], int, dict[str, int]]:
+class RoutedPart:
+    """The same small server in a network namespace of its own (the VMs' firewall, no VM limits), reached the
+    routed hosts' way: a veth link, an address of its own, DNAT (what separates it from a routed public VM is the
+    VM itself)."""
+
+    def __init__(self, front_links: links.FrontLinks, script: Path) -> None:
+        self.links, self.script = front_links, script
+        self.ns = f"ussy-bench{os.getpid() % 100000}"
+        self.proc: asyncio.subprocess.Process | None = None
+        self.routed: links.RoutedHost | None = None
+
+    async def start(self) -> str:
+        for argv in [*netns.setup_argvs(self.ns), netns.nft_apply_argv(self.ns)]:
+            stdin = netns.nft_ruleset(netns.host_addresses()).encode() if argv[-1] == "-" else None
+            proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.PIPE)
+            await proc.communicate(stdin)
+        self.proc = await asyncio.create_subprocess_exec("ip", "netns", "exec", self.ns, sys.executable,
+                                                         str(self.script), str(links.DIAL_PORT))
+        self.routed = await self.links.open("bench-part", netns.NETNS_DIR / self.ns, links.DIAL_PORT, listed=False)
+        return f"{self.routed.addr}:{links.DIAL_PORT}"
+
+    async def close(self) -> None:
+        if self.routed is not None:
+            await self.routed.close()
+        if self.proc is not None:
+            self.proc.terminate()
+            await self.proc.wait()
+        proc = await asyncio.create_subprocess_exec("ip", "netns", "del", self.ns)
+        await proc.wait()
+
+
+async def baseline_caddy(tmp: Path, front_links: links.FrontLinks | None) -> tuple[list[Any], int, dict[str, int]]:
     """The same small server on a host loopback port, behind the same Caddy binary (a plain reverse_proxy), plus
     servers that add the public path's parts one at a time: the trust chain (the production public route's
     handlers, dialing the server's TCP port), a plain proxy through the production forwarder
     (``systemd-socket-proxyd``, here in the host's namespace), and the production public route dialing that
-    forwarder as a public host's listener."""
+    forwarder as a public host's listener; with routed hosts, also a plain proxy over a routed link."""
     server_port, caddy_port = free_port(), free_port()
     script = tmp / "srv.py"
     script.write_text(VM_SERVER)
@@ -122,6 +155,12 @@ async def baseline_caddy(tmp: Path) -> tuple[list[Any], int, dict[str, int]]:
         "forwarder": {"handle": [{"handler": "reverse_proxy", "upstreams": [{"dial": forwarder.dial}]}]},
         "chain_forwarder": public,
     }
+    parts: list[Any] = [srv, forwarder]
+    if front_links is not None:
+        routed = RoutedPart(front_links, script)
+        parts.append(routed)
+        routes["routed"] = {"handle": [{"handler": "reverse_proxy", "upstreams": [{"dial": await routed.start()}],
+                                        "transport": routed_transport()}]}
     ports = {name: (caddy_port if name == "baseline" else free_port()) for name in routes}
     servers = {name: {"listen": [f"127.0.0.1:{ports[name]}"], "automatic_https": {"disable": True},
                       "routes": [{k: v for k, v in route.items() if k != "@id"}]} for name, route in routes.items()}
@@ -138,7 +177,16 @@ async def baseline_caddy(tmp: Path) -> tuple[list[Any], int, dict[str, int]]:
             except httpx.TransportError:
                 pass
             await asyncio.sleep(0.05)
-    return [srv, caddy, forwarder], caddy_port, {name: ports[name] for name in PARTS}
+        for name in routes:  # every part answers before anything is measured
+            for _ in range(100):
+                try:
+                    r = await c.get(f"http://127.0.0.1:{ports[name]}/", headers={"Host": PART_HOST})
+                    if r.status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                await asyncio.sleep(0.05)
+    return [caddy, *parts], caddy_port, {name: ports[name] for name in PARTS if name in routes}
 
 
 async def time_to_public(s: Any, actor: Actor, url: str, host: str, rounds: int = 10) -> list[float]:
@@ -220,7 +268,7 @@ async def main(duration: float, connections: int) -> dict[str, Any]:
             cookies[vm.name] = f"ussy_session={child[0]}"
         cookie = cookies["bpriv"]
         server, direct_port, direct_writers = await direct_bridge(app, pub.id)
-        procs, baseline_port, part_ports = await baseline_caddy(tmp)
+        procs, baseline_port, part_ports = await baseline_caddy(tmp, s.routes.hosts.links if s.routes else None)
         runtime = s.vms.runtime
         opened = {"n": 0}
         real_open = runtime.open_connection
@@ -307,7 +355,7 @@ async def main(duration: float, connections: int) -> dict[str, Any]:
             writer.transport.abort()
         await asyncio.sleep(0.1)
         for p in procs:
-            if isinstance(p, Forwarder):
+            if isinstance(p, (Forwarder, RoutedPart)):
                 await p.close()
             else:
                 p.terminate()
@@ -329,7 +377,8 @@ def report(results: dict[str, Any], duration: float, connections: int) -> None:
         ratio = r["rps"] / b["rps"]
         rows.append(row(f"{name}_rps", r["rps"], "req/s", "baseline_caddy_rps", b["rps"],
                         f">= {goal:.0%} of Caddy baseline" if goal else "", ratio >= goal if goal else None))
-    for name in ("app_health", "forward_auth", "forward_auth_app_server", *(f"caddy_{p}" for p in PARTS)):
+    parts = [f"caddy_{p}" for p in PARTS if f"caddy_{p}" in results]
+    for name in ("app_health", "forward_auth", "forward_auth_app_server", *parts):
         rows.append(row(f"{name}_rps", results[name]["rps"], "req/s", "baseline_caddy_rps", b["rps"]))
     for name in ("public", "private", "public_signed_in", "direct"):
         r = results[name]
@@ -365,8 +414,10 @@ def report(results: dict[str, Any], duration: float, connections: int) -> None:
              "direct = the Python port bridge on a TCP port",
              "caddy_chain/_forwarder/_chain_forwarder = the baseline's Caddy and server with the public path's "
              "parts added one at a time (the production public route's trust chain, the production C forwarder "
-             "on the host, both); what separates caddy_chain_forwarder from public is the VM (its CPU and "
-             "priority limits, its namespace)",
+             "on the host, both); caddy_routed = the baseline's Caddy over a routed link (veth, an address of its "
+             "own, DNAT) to the same server in a network namespace of its own with the VMs' firewall; what "
+             "separates caddy_routed (or, with forwarders, caddy_chain_forwarder) from public is the VM (its pinned "
+             "CPU, CPU quota and priority, its cgroup)",
              f"route changes: share set-public -> URL answers in max {max(ttp) * 1000:.2f} ms over {len(ttp)} "
              f"rounds; {busy['changes']} set-public/set-private changes of another VM ran during the busy case",
              "app-server connections closed (TIME-WAIT) during each case: " + ", ".join(

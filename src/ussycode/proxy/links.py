@@ -1,12 +1,12 @@
 """Routed public hosts: Caddy dials a public host's own address, which the kernel routes into its VM.
 
-A public host served on the fast path gets an address of its own from ``240.0.0.0/4`` (never given to another
-host: a counter in ``<base>/next-address``), and Caddy looks the host name up in a hosts file of ours: the
-managed Caddy runs in a mount namespace of its own where ``/etc/hosts`` is ``<base>/hosts`` (bind-mounted, and
-mounted again at each change). Its proxy's A-record source caches a name for a second and asks nothing else
-(its DNS resolver is a closed port), so a host that is not in the file fails at once and the request goes
-through forward-auth, as before. No Python and no forwarder process is on the byte path: Caddy → a veth pair
-→ the VM's namespace, where a DNAT rule turns ``<address>:8080`` into the VM's ``127.0.0.1:<port>``.
+A public host served on the fast path gets an address of its own from ``240.0.0.0/4`` (never given to another host,
+by any server on the machine: one counter in ``/run/ussycode``), and Caddy looks the host name up in a hosts file of
+ours: the managed Caddy runs in a mount namespace of its own where ``/etc/hosts`` is ``<base>/hosts`` (bind-mounted,
+and mounted again at each change). Its proxy's A-record source caches a name for a second and asks nothing else (its
+DNS resolver is a closed port), so a host that is not in the file fails at once and the request goes through
+forward-auth, as before. No Python and no forwarder process is on the byte path: Caddy → a veth pair → the VM's
+namespace, where a DNAT rule turns ``<address>:8080`` into the VM's ``127.0.0.1:<port>``.
 
 The link: a veth pair per VM namespace, ``ussyf<hash>`` on the host and ``front0`` in the namespace
 (169.254.77.2/32); the host's ends are 169.254.77.1 and .3, on its loopback (there before any link). The host
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import hashlib
 import ipaddress
 import logging
@@ -52,6 +53,7 @@ VM_DEV = "front0"
 DEV_PREFIX = "ussyf"
 DIAL_PORT = 8080  # Caddy dials every routed host on this port; the VM's DNAT names the real one
 NO_RESOLVER = "udp/127.0.0.1:1"  # names not in the hosts file: refused at once, never a real DNS query
+COUNTER = Path("/run/ussycode/routed-next-address")  # host-wide: every server on the host takes from it
 TOOLS = ("ip", "nft", "ss", "unshare", "nsenter", "mount", "umount")
 
 HOST_RULESET = f"""table inet ussycode_front
@@ -128,10 +130,25 @@ def link_batches(netns: str) -> tuple[str, str]:
     return host, vm
 
 
-def caddy_argv(hosts_file: Path, argv: list[str]) -> list[str]:
-    """``argv`` (a Caddy) in a mount namespace of its own whose ``/etc/hosts`` is ``hosts_file`` (pure)."""
-    return ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-            'mount --bind "$0" /etc/hosts && exec "$@"', str(hosts_file), *argv]
+# Run in Caddy's new mount namespace before it starts: our hosts file, and none of the copies it was given of the
+# VMs' mounts (disks, overlays, everything under the run directory), which would keep a stopped VM's disk attached
+# to its loop device for as long as this Caddy lives. Network namespace handles (/run/netns is shared) follow the
+# host's removals through the slave propagation.
+_CADDY_NS_SCRIPT = """mount --bind "$0" /etc/hosts || exit 1
+run="$1"; shift
+findmnt -rn -o TARGET,SOURCE,FSTYPE | while read -r target source fstype; do
+  case "$target" in "$run"/*) umount -l "$target" 2>/dev/null; continue;; esac
+  case "$source:$fstype" in /dev/loop*|*:overlay) [ "$target" = / ] || umount -l "$target" 2>/dev/null;; esac
+done
+exec "$@"
+"""
+
+
+def caddy_argv(hosts_file: Path, run_dir: Path, argv: list[str]) -> list[str]:
+    """``argv`` (a Caddy) in a mount namespace of its own whose ``/etc/hosts`` is ``hosts_file`` and which holds
+    no VM's mounts (those under ``run_dir``, loop devices, overlays) (pure)."""
+    return ["unshare", "--mount", "--propagation", "slave", "sh", "-c", _CADDY_NS_SCRIPT, str(hosts_file),
+            str(run_dir), *argv]
 
 
 def remount_argv(pid: int, hosts_file: Path) -> list[str]:
@@ -175,7 +192,6 @@ class FrontLinks:
     def __init__(self, base: Path, caddy_pid: Callable[[], int | None] = lambda: None) -> None:
         self.base = Path(base)
         self.hosts_file = self.base / "hosts"
-        self.counter = self.base / "next-address"
         self.caddy_pid = caddy_pid
         self.addresses: dict[str, str] = {}
         self._published: tuple[str, int | None] | None = None
@@ -184,9 +200,6 @@ class FrontLinks:
     async def setup(self) -> None:
         """The host's part (idempotent): the pool unreachable, the links' firewall, an empty hosts file."""
         self.base.mkdir(parents=True, exist_ok=True)
-        # A previous server's routes go (VMs it left running keep their links; Caddy dials only what the new
-        # hosts file names, and each address this server routes replaces any route it had)
-        await _run(["ip", "route", "flush", "root", str(POOL)], "removing old routes", check=False)
         await _run(["ip", "route", "replace", "unreachable", str(POOL)], "making the routed hosts' pool unreachable")
         for addr in (HOST_ADDR, OTHER_SRC):  # the host's ends of every link (Caddy binds .1 before any link exists)
             await _run(["ip", "addr", "replace", f"{addr}/32", "dev", "lo"], f"adding {addr} to the host")
@@ -194,17 +207,22 @@ class FrontLinks:
         self._write_hosts()
 
     def _allocate(self) -> str:
-        """A new address, never given before (the counter survives restarts: a Caddy's cached lookup can never
-        name another host's address)."""
+        """A new address, never given before on this host (one counter for every server on it, until a reboot
+        ends every link and route too): a Caddy's cached lookup can never name another host's address."""
+        COUNTER.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(COUNTER, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         try:
-            n = int(self.counter.read_text().strip() or "1")
-        except (FileNotFoundError, ValueError):
-            n = 1
-        if n >= POOL.num_addresses - 1:
-            raise RuntimeFailure("the routed hosts' address pool is used up")
-        tmp = self.counter.with_suffix(".tmp")
-        tmp.write_text(f"{n + 1}\n")
-        os.replace(tmp, self.counter)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                n = max(1, int(os.pread(fd, 32, 0).decode().strip() or "1"))
+            except ValueError:
+                raise RuntimeFailure(f"{COUNTER} is damaged; remove it after a reboot") from None
+            if n >= POOL.num_addresses - 1:
+                raise RuntimeFailure("the routed hosts' address pool is used up")
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{n + 1}\n".encode(), 0)
+        finally:
+            os.close(fd)
         return str(POOL.network_address + n)
 
     async def _ensure_link(self, netns: str) -> int:

@@ -26,6 +26,7 @@ import dataclasses
 import hashlib
 import hmac
 import logging
+import os
 import secrets
 from collections.abc import Callable
 from pathlib import Path
@@ -254,7 +255,8 @@ class HttpsEntry:
             self.caddy = ExternalCaddy(s.caddy_admin, build_front_server(ss, front), build_front_apps(ss))
         else:
             hosts.base.mkdir(parents=True, exist_ok=True)
-            wrap = (lambda argv: links.caddy_argv(front_links.hosts_file, argv)) if front_links else None
+            run_dir = Path(await asyncio.to_thread(os.path.realpath, s.run_dir))
+            wrap = (lambda argv: links.caddy_argv(front_links.hosts_file, run_dir, argv)) if front_links else None
             self.caddy = ManagedCaddy(s.caddy_dir, build_front_config(ss, front), cwd=hosts.base, wrap=wrap)
         try:
             await self.caddy.start()

@@ -4,7 +4,10 @@ a veth link into its VM; nothing else reaches a VM that way, and the link reache
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -97,3 +100,42 @@ async def test_host_names_caddy_resolves_are_only_routed_ones(web: Web, needs_vm
     text = web.server.app.https.routes.hosts.links.hosts_file.read_text()
     lines = [ln for ln in text.splitlines() if ln and not ln.startswith("#")]
     assert lines and all(ln.startswith("240.") and ln.endswith(".localhost") for ln in lines), text
+
+
+async def test_a_caddy_started_while_vms_run_pins_none_of_them(web: Web, needs_vms: None, needs_links: None) -> None:
+    """Caddy's mount namespace is made with copies of the host's mounts: it gives up the VMs' (their disks would
+    stay attached to loop devices and a stopped VM could not start again) and follows the host's removal of a
+    network namespace (the VM's link and routes go with it)."""
+    alice = await web.server.register("alice")
+    await web.new_vm(alice, "rtp")
+    assert (await web.cmd(alice, "share", "set-public", "rtp")).exit_status == 0
+    https = web.server.app.https
+    caddy = https.caddy
+    old_pid = caddy.pid
+    os.kill(old_pid, signal.SIGKILL)  # the watchdog starts a new Caddy, while the VM runs
+    for _ in range(200):
+        if https.state == "running" and caddy.pid != old_pid:
+            break
+        await asyncio.sleep(0.05)
+    assert https.state == "running" and caddy.pid != old_pid
+    run_dir = os.path.realpath(web.server.app.services.settings.run_dir)
+    for line in Path(f"/proc/{caddy.pid}/mountinfo").read_text().splitlines():
+        target, (fstype, source) = line.split()[4], line.split(" - ")[1].split()[:2]
+        assert not target.startswith(run_dir + "/"), line
+        assert target == "/" or (fstype != "overlay" and not source.startswith("/dev/loop")), line
+    await routed(web, "rtp.localhost")
+    # stop and start again: the disk is released (nothing pins it), and the host answers again
+    for command in ("stop", "start"):
+        r = await web.cmd(alice, command, "rtp")
+        assert r.exit_status == 0, r
+    await web.serve_echo(alice, "rtp", 8080)
+    await routed(web, "rtp.localhost")
+    # removing the VM removes its namespace in Caddy's mount namespace too: the link goes
+    devices = {p.name for p in Path("/sys/class/net").iterdir() if p.name.startswith(links.DEV_PREFIX)}
+    assert (await web.cmd(alice, "rm", "rtp", "--yes")).exit_status == 0
+    for _ in range(100):
+        left = {p.name for p in Path("/sys/class/net").iterdir() if p.name.startswith(links.DEV_PREFIX)}
+        if len(left) < len(devices):
+            break
+        await asyncio.sleep(0.05)
+    assert len(left) < len(devices), (devices, left)

@@ -35,8 +35,9 @@ def test_link_batches_and_argvs() -> None:
     assert host.splitlines()[0] == f"link add {dev} type veth peer name {links.VM_DEV} netns ussy-abc"
     assert "addr" not in host  # the host's ends are on its loopback
     assert f"route add {links.HOST_ADDR}/32 dev {links.VM_DEV}" in vm
-    argv = links.caddy_argv(links.Path("/r/hosts"), ["caddy", "run"])
-    assert argv[:4] == ["unshare", "--mount", "--propagation", "private"] and argv[-3:] == ["/r/hosts", "caddy", "run"]
+    argv = links.caddy_argv(links.Path("/r/hosts"), links.Path("/r/run"), ["caddy", "run"])
+    assert argv[:4] == ["unshare", "--mount", "--propagation", "slave"]
+    assert argv[-4:] == ["/r/hosts", "/r/run", "caddy", "run"]
     assert links.remount_argv(42, links.Path("/r/hosts"))[:4] == ["nsenter", "-t", "42", "-m"]
 
 
@@ -50,14 +51,18 @@ def test_vm_rules_admit_only_caddys_address() -> None:
         assert rule in host
 
 
-def test_addresses_are_never_given_twice(tmp_path: links.Path) -> None:
-    first = links.FrontLinks(tmp_path)
+def test_addresses_are_never_given_twice(tmp_path: links.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(links, "COUNTER", tmp_path / "run" / "counter")
+    first = links.FrontLinks(tmp_path / "a")
     seen = [first._allocate() for _ in range(5)]
-    again = links.FrontLinks(tmp_path)  # a new server on the same data dir goes on counting
+    again = links.FrontLinks(tmp_path / "b")  # another server (or the next one) on the same host goes on counting
     seen += [again._allocate() for _ in range(5)]
     assert len(set(seen)) == 10 and links.SINK not in seen
     assert all(ipaddress.ip_address(a) in links.POOL for a in seen)
-    (tmp_path / "next-address").write_text(str(links.POOL.num_addresses - 1))
+    links.COUNTER.write_text(str(links.POOL.num_addresses - 1))
+    with pytest.raises(links.RuntimeFailure):
+        again._allocate()
+    links.COUNTER.write_text("garbage")
     with pytest.raises(links.RuntimeFailure):
         again._allocate()
 
