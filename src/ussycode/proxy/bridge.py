@@ -1,6 +1,7 @@
 """Port bridges: a unix socket per (VM, port) whose every connection reaches that port inside the VM.
 
-The host never routes to guest addresses (DESIGN §4). Caddy dials ``unix//<run-dir>/bridges/<vm>-<port>.sock``.
+No address of a guest is routed (DESIGN §4). Caddy dials ``unix//<run-dir>/bridges/<vm>-<port>.sock`` (except for
+routed hosts, :mod:`ussycode.proxy.links`: addresses of the host's own, DNATed inside the VM's namespace).
 Two implementations behind one socket path:
 
 - :class:`Forwarder` (preferred): ``systemd-socket-proxyd`` (C, splice, one process per socket) started inside the

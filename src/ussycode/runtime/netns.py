@@ -7,8 +7,10 @@ a few MB per VM, host loopback disabled, a seccomp filter, a DNS forwarder at 10
 the firewall lets through) or ``pasta`` with every port forward and the gateway→host mapping turned off (pasta's
 defaults forward the host's loopback ports into the namespace).
 
-The host reaches a VM only through :func:`connect_in_netns`: a socket created inside the namespace (``setns`` on a
-dedicated thread), never by routing to a guest address.
+The server reaches a VM through :func:`connect_in_netns`: a socket created inside the namespace (``setns`` on a
+dedicated thread), never by routing to a guest address. The one routed path is Caddy's to public hosts and signed-in
+visitors (:mod:`ussycode.proxy.links`): addresses of the host's own, DNATed to the VM's loopback, admitted only
+from Caddy's source address.
 """
 
 from __future__ import annotations

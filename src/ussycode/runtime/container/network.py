@@ -2,8 +2,9 @@
 into it (a connected socket or stream to a port on the VM's loopback, a listener inside it, the namespace a port
 forwarder enters). Part of :class:`~ussycode.runtime.container.runtime.ContainerRuntime` (a mixin).
 
-The host never routes to guest addresses (DESIGN §4): every socket is made inside the namespace by one dedicated
-thread that switches into it, and connected from the server's loop."""
+The server never routes to guest addresses (DESIGN §4): every socket is made inside the namespace by one dedicated
+thread that switches into it, and connected from the server's loop (Caddy's routed hosts:
+:mod:`ussycode.proxy.links`)."""
 
 from __future__ import annotations
 
