@@ -306,7 +306,8 @@ def build_front_errors(settings: ServerSettings, front: FrontSettings) -> JSON:
     """The server's error routes: a host the public route could not dial (it has no public socket, so nothing
     was sent) goes through the forward-auth chain, in a subroute with its own pages; everything else -> a page."""
     not_apex: JSON = {"not": [{"host": [settings.domain]}]}
-    fell_back = [front.not_public_error] + ([front.no_bridge_error] if front.grant_dial else [])
+    # (one pattern when both dials are routed addresses)
+    fell_back = list(dict.fromkeys([front.not_public_error] + ([front.no_bridge_error] if front.grant_dial else [])))
     nothing_sent = [{"vars_regexp": {"{http.error.message}": {"pattern": p}}, **not_apex} for p in fell_back]
     fallback = {
         "handler": "subroute",

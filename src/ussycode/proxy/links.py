@@ -30,7 +30,6 @@ connections Caddy kept to that address are ended (``ss -K``), then the DNAT rule
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fcntl
 import hashlib
 import ipaddress
@@ -41,6 +40,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ussycode.errors import RuntimeFailure
+from ussycode.spawn import DEVNULL, PIPE, STDOUT, communicate, spawn
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,7 @@ DEV_PREFIX = "ussyf"
 DIAL_PORT = 8080  # Caddy dials every routed host on this port; the VM's DNAT names the real one
 NO_RESOLVER = "udp/127.0.0.1:1"  # names not in the hosts file: refused at once, never a real DNS query
 COUNTER = Path("/run/ussycode/routed-next-address")  # host-wide: every server on the host takes from it
+COMMAND_TIMEOUT = 30.0
 TOOLS = ("ip", "nft", "ss", "unshare", "nsenter", "mount", "umount")
 
 HOST_RULESET = f"""table inet ussycode_front
@@ -159,14 +160,17 @@ def remount_argv(pid: int, hosts_file: Path) -> list[str]:
 
 
 async def _run(argv: list[str], what: str, stdin: str | None = None, check: bool = True) -> tuple[int, str]:
-    proc = await asyncio.create_subprocess_exec(
-        *argv, stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-    out, _ = await proc.communicate(stdin.encode() if stdin is not None else None)
-    text = out.decode(errors="replace").strip()
-    if check and proc.returncode != 0:
+    """``argv`` to its end (killed after :data:`COMMAND_TIMEOUT`, like any command the server runs)."""
+    child = await spawn(argv, stdin=PIPE if stdin is not None else DEVNULL, stdout=PIPE, stderr=STDOUT,
+                        start_new_session=True)
+    try:
+        out, _ = await communicate(child, stdin.encode() if stdin is not None else None, COMMAND_TIMEOUT)
+    except TimeoutError:
+        raise RuntimeFailure(f"{what} timed out", evidence=f"$ {' '.join(argv)}") from None
+    text = (out or b"").decode(errors="replace").strip()
+    if check and child.returncode != 0:
         raise RuntimeFailure(f"{what} failed", evidence=f"$ {' '.join(argv)}\n{text}")
-    return proc.returncode or 0, text
+    return child.returncode or 0, text
 
 
 class RoutedHost:
@@ -301,6 +305,3 @@ class FrontLinks:
                     return
             self._published = (text, pid)
 
-    async def clear(self) -> None:
-        with contextlib.suppress(OSError):
-            self.hosts_file.unlink()

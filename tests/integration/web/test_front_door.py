@@ -379,7 +379,8 @@ async def fast_path(web: Web, host: str) -> None:
     async with browser_client() as c:
         for _ in range(100):
             before = auth_decisions()
-            await c.get(web.url(host, "/fast-path-probe"))
+            r = await c.get(web.url(host, "/fast-path-probe"))
+            assert r.status_code == 200, r.text
             if auth_decisions() == before:
                 return
             await asyncio.sleep(0.1)

@@ -12,29 +12,20 @@ from pathlib import Path
 import pytest
 
 from ussycode.proxy import links
-from ussycode.telemetry import FORWARD_AUTH
 
 from .conftest import Web, browser_client
+from .test_front_door import fast_path
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.slow]
 
 
-def auth_decisions() -> float:
-    return sum(s.value for m in FORWARD_AUTH.collect() for s in m.samples if s.name.endswith("_total"))
-
-
 async def routed(web: Web, host: str) -> str:
-    """``host``'s routed address once Caddy dials it (the first visit goes through forward-auth)."""
-    hosts = web.server.app.https.routes.hosts
+    """``host``'s routed address once Caddy dials it (the first visit goes through forward-auth and routes it)."""
     async with browser_client() as c:
-        for _ in range(150):
-            before = auth_decisions()
-            r = await c.get(web.url(host, "/probe"))
-            assert r.status_code == 200, r.text
-            if host in hosts.current() and auth_decisions() == before:
-                return str(hosts.links.addresses[host])
-            await asyncio.sleep(0.1)
-    raise AssertionError(f"{host} was never dialed on its route")
+        r = await c.get(web.url(host, "/first"))
+        assert r.status_code == 200, r.text
+    await fast_path(web, host)
+    return str(web.server.app.https.routes.hosts.links.addresses[host])
 
 
 async def guest_connects(web: Web, key: object, vm: str, addr: str, port: int) -> bool:
