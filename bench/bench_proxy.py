@@ -189,6 +189,12 @@ async def baseline_caddy(tmp: Path, front_links: links.FrontLinks | None) -> tup
     return [caddy, *parts], caddy_port, {name: ports[name] for name in PARTS if name in routes}
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time a process has used (``/proc/<pid>/stat``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def time_to_public(s: Any, actor: Actor, url: str, host: str, rounds: int = 10) -> list[float]:
     """Seconds from ``share set-public`` returning to the URL answering 200 to an anonymous client."""
     out = []
@@ -316,11 +322,19 @@ async def main(duration: float, connections: int) -> dict[str, Any]:
         # The cases take turns, ROUNDS times, and each reports its median round: the two cores are shared with
         # whatever else runs, and interleaving keeps a load change from landing on one case only.
         rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in cases}
+        # The Caddy that serves each case, for its CPU time per request (steadier than req/s on shared cores).
+        managed = int(next((tmp / "d").rglob("caddy.pid")).read_text().split()[0])
+        serving = {name: procs[0].pid if name == "baseline" or name.startswith("caddy_") else managed
+                   for name in cases if name not in ("direct", "app_health") and not name.startswith("forward_auth")}
         for _ in range(ROUNDS):
             for name, (url, headers) in cases.items():
                 before = opened["n"]
                 closed_before = closed_app_connections(app.http_port)
+                cpu_before = cpu_seconds(serving[name]) if name in serving else 0.0
                 one = await run_wrk(url, "GET", None, headers, duration, connections, tmp)
+                if name in serving:
+                    one["caddy_us_per_request"] = round(
+                        (cpu_seconds(serving[name]) - cpu_before) * 1e6 / max(one["requests"], 1), 1)
                 one["vm_connections"] = opened["n"] - before
                 one["app_connections_closed"] = closed_app_connections(app.http_port) - closed_before
                 rounds[name].append(one)
@@ -328,6 +342,8 @@ async def main(duration: float, connections: int) -> dict[str, Any]:
             ordered = sorted(runs, key=lambda r: r["rps"])
             results[name] = {**ordered[len(ordered) // 2], "rounds_rps": [r["rps"] for r in runs],
                              "p99_ms": sorted(r["p99_ms"] for r in runs)[len(runs) // 2]}
+            if name in serving:
+                results[name]["caddy_us_per_request"] = sorted(r["caddy_us_per_request"] for r in runs)[len(runs) // 2]
         # route changes: time until a change is live, and what back-to-back changes cost other VMs' requests
         results["time_to_public"] = await time_to_public(s, actor, caddy, f"bchg.localhost:{https_port}")
         changes = {"n": 0}
@@ -387,6 +403,13 @@ def report(results: dict[str, Any], duration: float, connections: int) -> None:
         rows.append(row(f"{name}_p99_ms", r["p99_ms"], "ms", "baseline_p99_ms", b["p99_ms"],
                         "<= 1.5x baseline" if goal_p99 else "",
                         r["p99_ms"] <= 1.5 * b["p99_ms"] if goal_p99 else None))
+    # Caddy's own CPU time per request: what our routes cost Caddy, against the plain reverse_proxy's
+    base_cpu = b["caddy_us_per_request"]
+    rows.append(row("baseline_caddy_cpu_us_per_request", base_cpu, "us", "baseline_caddy_cpu_us_per_request",
+                    base_cpu))
+    for name in ("public", "private", "public_signed_in", *parts):
+        rows.append(row(f"{name}_caddy_cpu_us_per_request", results[name]["caddy_us_per_request"], "us",
+                        "baseline_caddy_cpu_us_per_request", base_cpu))
     ttp = results["time_to_public"]
     rows.append(row("set_public_to_answering_max_ms", max(ttp) * 1000, "ms", "set_public_to_answering_max_ms",
                     max(ttp) * 1000))
@@ -416,8 +439,9 @@ def report(results: dict[str, Any], duration: float, connections: int) -> None:
              "parts added one at a time (the production public route's trust chain, the production C forwarder "
              "on the host, both); caddy_routed = the baseline's Caddy over a routed link (veth, an address of its "
              "own, DNAT) to the same server in a network namespace of its own with the VMs' firewall; what "
-             "separates caddy_routed (or, with forwarders, caddy_chain_forwarder) from public is the VM (its pinned "
-             "CPU, CPU quota and priority, its cgroup)",
+             "separates caddy_routed (or, with forwarders, caddy_chain_forwarder) from public is the VM and the "
+             "public route's own work in Caddy (host match, trust-chain handlers, the name lookup, the routes "
+             "before it), which *_caddy_cpu_us_per_request shows: Caddy's CPU time per request in each case",
              f"route changes: share set-public -> URL answers in max {max(ttp) * 1000:.2f} ms over {len(ttp)} "
              f"rounds; {busy['changes']} set-public/set-private changes of another VM ran during the busy case",
              "app-server connections closed (TIME-WAIT) during each case: " + ", ".join(

@@ -25,6 +25,7 @@ from ussycode.proxy.front import (
     VMS_ROUTE_ID,
     FrontSettings,
     build_front_config,
+    host_matches,
 )
 from ussycode.proxy.hosts import PublicHosts
 from ussycode.proxy.hygiene import ours_route, strip_client_identity, strip_platform_credentials
@@ -53,10 +54,10 @@ def test_routes_are_static_and_name_no_vm() -> None:
     assert creds["handle"] == vms["handle"]
     # the public fast path: no check at all, the dial itself (only a public host has a socket by that name);
     # names whose socket path would not fit in a unix address are left to forward-auth
-    host_re = public["match"][0]["vars_regexp"]["{http.request.host}"]["pattern"]
+    (fast,) = public["match"]
     room = 107 - len("/run/u/front/sockets/")
-    assert re.fullmatch(host_re, "a" * room) and not re.fullmatch(host_re, "a" * (room + 1))
-    assert not any(re.fullmatch(host_re, h) for h in ("", ".", "..", "Web.localhost", "a/b", "a_b", "a b"))
+    assert host_matches(fast, "a" * room) and not host_matches(fast, "a" * (room + 1))
+    assert not any(host_matches(fast, h) for h in ("", ".", "..", "Web.localhost", "a/b", "a_b", "a b"))
     assert public["handle"][-1]["upstreams"] == [{"dial": "unix//run/u/front/sockets/{http.request.host}"}]
     assert len(public["handle"]) == 4  # no access step
     # every other host: forward-auth names the upstream, kept in a variable

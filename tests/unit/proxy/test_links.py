@@ -4,12 +4,28 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import json
+import os
 import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
 
+import httpx
 import pytest
 
 from ussycode.proxy import links
-from ussycode.proxy.front import ROUTED_HOST_RE, FrontSettings, build_front_errors, build_public_route
+from ussycode.proxy.front import (
+    HOST_MAX,
+    ROUTED_HOST_RE,
+    FrontSettings,
+    build_front_errors,
+    build_public_route,
+    host_match,
+    host_matches,
+)
+from ussycode.proxy.manager import caddy_binary
 from ussycode.proxy.routes import ServerSettings
 
 FRONT = FrontSettings("http://127.0.0.1:8080/a?k=key", "unix/sockets/{http.request.host}", routed=True)
@@ -71,15 +87,23 @@ def test_addresses_are_never_given_twice(tmp_path: links.Path, monkeypatch: pyte
     ("web.localhost", True), ("3000-web.dev.example.com", True), ("a.b", True),
     ("127.0.0.1", False), ("10.0.0.1", False), ("240.0.0.5", False), ("web.localhost.", False),
     ("WEB.localhost", False), ("web.localhost:8080", False), ("[::1]", False), ("web/..", False), ("", False),
-    ("-web.localhost", False), ("x" * 260 + ".com", False),
+    ("-web.localhost", False), ("x" * 260 + ".com", False), ("x" * 249 + ".com", True), ("x" * 250 + ".com", False),
 ])
 def test_routed_names_are_names(host: str, dialed: bool) -> None:
-    assert bool(re.fullmatch(ROUTED_HOST_RE, host)) is dialed
+    assert host_matches(build_public_route(SETTINGS, FRONT)["match"][0], host) is dialed  # type: ignore[index]
+
+
+def test_host_matchers_have_no_counted_repetition() -> None:
+    """Go's regexp walks every step of a counted repetition in parallel: a shape has none, the bound is fixed."""
+    matcher = host_match(ROUTED_HOST_RE, HOST_MAX)
+    assert not re.search(r"\{\d*,\d*\}", matcher["vars_regexp"]["{http.request.host}"]["pattern"])
+    assert matcher["not"] == [{"vars_regexp": {"{http.request.host}": {"pattern": "^.{254}"}}}]
+    assert host_matches(matcher, "a" * 252 + "b") and not host_matches(matcher, "a" * 253 + "b")
 
 
 def test_routed_public_route_and_its_fallback() -> None:
     route = build_public_route(SETTINGS, FRONT)
-    assert route is not None and route["match"][0]["vars_regexp"]["{http.request.host}"]["pattern"] == ROUTED_HOST_RE
+    assert route is not None and route["match"] == [host_match(ROUTED_HOST_RE, HOST_MAX)]
     proxy = route["handle"][-1]
     assert proxy["upstreams"] == [{"dial": f"{links.SINK}:{links.DIAL_PORT}"}]
     assert proxy["transport"] == {"protocol": "http", "local_address": links.HOST_ADDR}
@@ -97,3 +121,32 @@ def test_routed_public_route_and_its_fallback() -> None:
     assert errors["routes"][0]["match"][0]["vars_regexp"]["{http.error.message}"]["pattern"] == pattern
     sockets = build_public_route(SETTINGS, dataclasses.replace(FRONT, routed=False))
     assert sockets is not None and "dynamic_upstreams" not in sockets["handle"][-1]
+
+
+@pytest.mark.skipif(not shutil.which(caddy_binary()), reason="caddy not installed")
+def test_caddy_decides_hosts_as_host_matches(tmp_path: Path) -> None:
+    """The real Caddy (Go's regexp) matches what host_matches says, at the length bound and around it."""
+    sock = tmp_path / "c.sock"
+    matcher = host_match(ROUTED_HOST_RE, HOST_MAX)
+    answer = [{"handler": "static_response", "body": "in"}]
+    config = {"admin": {"disabled": True}, "apps": {"http": {"servers": {"s": {
+        "listen": [f"unix/{sock}"], "automatic_https": {"disable": True},
+        "routes": [{"match": [matcher], "handle": answer, "terminal": True},
+                   {"handle": [{"handler": "static_response", "body": "out"}]}]}}}}}
+    (tmp_path / "c.json").write_text(json.dumps(config))
+    caddy = subprocess.Popen([caddy_binary(), "run", "--config", str(tmp_path / "c.json")], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, env={**os.environ, "HOME": str(tmp_path)})
+    hosts = ["web.localhost", "a.b", "a" * 252 + "b", "a" * 253 + "b", "a" * 300 + "b", "web.localhost.", "10.0.0.1",
+             "-web.localhost", "web_x.localhost", "Web.localhost", "w"]
+    try:
+        with httpx.Client(transport=httpx.HTTPTransport(uds=str(sock))) as client:
+            for _ in range(100):
+                if sock.exists():
+                    break
+                time.sleep(0.05)
+            for host in hosts:
+                said = client.get("http://x/", headers={"Host": host}).text
+                assert said == ("in" if host_matches(matcher, host) else "out"), host
+    finally:
+        caddy.kill()
+        caddy.wait()
