@@ -8,23 +8,26 @@ server (forward-auth names the upstream) and, for public hosts, in the file syst
 Routes of our server, in order:
 
 1. ``ussycode-apex`` — the domain itself -> the app server (API, ``/exec``, sign-in).
-2. ``ussycode-grants`` — a request with a well-formed grant cookie (:mod:`ussycode.proxy.grants`): if its file
+2. ``ussycode-public-anonymous`` — a request to a plain host name with no Cookie, no Authorization, no share
+   parameter and a path outside ``/__ussycode``: what the public route (5.) does for it, without the steps that
+   have nothing to act on (the chain only strips client identity headers), ahead of the routes that need one.
+3. ``ussycode-grants`` — a request with a well-formed grant cookie (:mod:`ussycode.proxy.grants`): if its file
    ``<grants>/<host>/<value>`` exists, straight to the VM port's bridge the cookie names, with the identity
    headers it spells (forward-auth let this signed-in browser in moments ago and nothing changed since);
    otherwise the forward-auth chain. A bridge that is gone (the dial sent nothing) falls back the same way.
-3. ``ussycode-credentials`` — a request carrying one of our credentials (session or share-link cookie, share-link
+4. ``ussycode-credentials`` — a request carrying one of our credentials (session or share-link cookie, share-link
    parameter, platform token) -> forward-auth, which decides access (private URLs) or names the signed-in visitor
    (public URLs) and names the upstream in ``X-Ussy-Upstream``; Caddy keeps it in a variable and dials it.
-4. ``ussycode-public`` — every other request to a plain host name -> dials ``<hosts>/sockets/<host>``, with no
+5. ``ussycode-public`` — every other request to a plain host name -> dials ``<hosts>/sockets/<host>``, with no
    Python and no extra check on the path: only a public host has that socket. For any other host the dial fails
    with "no such file" before a byte is sent, and the server's error routes hand the untouched request (body
    included: Caddy 2.11.2 and later keep it on dial errors) to the forward-auth chain, which answers private URLs
    (sign-in), unknown hosts (404) and stopped VMs (a page) itself.
-5. ``ussycode-vms`` — any other host (upper case, odd characters) -> the forward-auth chain.
+6. ``ussycode-vms`` — any other host (upper case, odd characters) -> the forward-auth chain.
 
-Every VM route runs the trust boundary's handler chain (:mod:`ussycode.proxy.hygiene`, in its order): strip
-client identity headers in every spelling, ``/__ussycode/*`` to the app server, the access decision, strip our
-credentials, proxy. A 502/504 from a VM (nothing listens on the port) becomes a page (HTML for browsers, JSON
+Every VM route but 2. (whose requests carry nothing else to act on) runs the trust boundary's handler chain
+(:mod:`ussycode.proxy.hygiene`, in its order): strip client identity headers in every spelling,
+``/__ussycode/*`` to the app server, the access decision, strip our credentials, proxy. A 502/504 from a VM (nothing listens on the port) becomes a page (HTML for browsers, JSON
 otherwise) in the server's error routes.
 
 TLS: ``--tls internal`` keeps a wildcard certificate ``*.<domain>`` (and the apex) from Caddy's local CA, so
@@ -44,12 +47,14 @@ from ussycode.proxy.bridge import MAX_UNIX_PATH, socket_name
 from ussycode.proxy.grants import GRANT_HEADER, REGEXP_NAME
 from ussycode.proxy.grants import cookie_re as grant_cookie_re
 from ussycode.proxy.hygiene import (
+    OURS_PREFIX,
     PLATFORM_TOKEN_RE,
     SHARE_PARAM,
     ours_route,
     strip_client_identity,
     strip_platform_credentials,
 )
+from ussycode.proxy.matchers import HOST_MAX, host_match
 from ussycode.proxy.routes import (
     JSON,
     SERVER_NAME,
@@ -67,14 +72,13 @@ from ussycode.proxy.routes import (
 UPSTREAM_HEADER = "X-Ussy-Upstream"
 UPSTREAM_VAR = "ussy_upstream"
 PUBLIC_ROUTE_ID = "ussycode-public"
+ANONYMOUS_ROUTE_ID = "ussycode-public-anonymous"
 CREDENTIALS_ROUTE_ID = "ussycode-credentials"
 VMS_ROUTE_ID = "ussycode-vms"
 GRANTS_ROUTE_ID = "ussycode-grants"
 _GRANT = "{http.regexp." + REGEXP_NAME + ".%s}"
 # Host names the grants route looks up as a directory name (no slash; a leading dot-dot is impossible).
 GRANT_HOST_RE = r"^[a-z0-9][a-z0-9.-]*$"
-# The longest host name any route turns into a file name or a lookup (DNS: 253).
-HOST_MAX = 253
 # Streams (WebSockets) stay open this long after a config unload (only an attached Caddy's own reloads).
 STREAM_CLOSE_DELAY = "24h"
 # Our session and share-link cookies (``__Host-`` prefixed unless --tls off): credentials forward-auth reads.
@@ -86,30 +90,6 @@ FAST_HOST_RE = r"^[a-z0-9][a-z0-9.-]*$"
 # Host names the routed fast path looks up (proxy.links): a name, never an address (an IPv4 literal ends with a
 # digit, so Caddy would dial it as it is) and no trailing dot.
 ROUTED_HOST_RE = r"^[a-z0-9][a-z0-9.-]*[a-z]$"
-HOST = "{http.request.host}"
-
-
-def host_match(shape: str, longest: int) -> JSON:
-    """A matcher set for hosts of ``shape`` (a regexp without counted repetition) that are at most ``longest``
-    characters long.
-
-    Go's regexp expands a counted repetition such as ``{0,252}`` into as many optional steps, which its matcher
-    walks in parallel: every request would pay in proportion to its host's length times the count (measured with
-    our Caddy: 2.6 µs for a 14-character host, 15 µs for 250). A plain star costs one step per character, and the
-    bound is a second pattern of ``longest + 1`` fixed steps, which a shorter host leaves after its last one.
-    """
-    too_long = {"vars_regexp": {HOST: {"pattern": f"^.{{{longest + 1}}}"}}}
-    return {"vars_regexp": {HOST: {"pattern": shape}}, "not": [too_long]}
-
-
-def host_matches(matcher: JSON, host: str) -> bool:
-    """What Caddy decides for ``host`` with a matcher set made by :func:`host_match` (its patterns are RE2
-    syntax that Python's ``re`` reads the same way)."""
-    (too_long,) = matcher["not"]
-    return bool(re.search(matcher["vars_regexp"][HOST]["pattern"], host)) and not re.search(
-        too_long["vars_regexp"][HOST]["pattern"], host)
-
-
 NOT_ANSWERING_HTML = (
     "<!doctype html><html><head><meta charset=utf-8><title>Nothing answers on this port</title></head><body>"
     "<h1>The VM is running, but nothing answers on this port</h1>"
@@ -257,6 +237,23 @@ def build_public_route(settings: ServerSettings, front: FrontSettings) -> JSON |
     }
 
 
+def build_anonymous_route(settings: ServerSettings, front: FrontSettings) -> JSON | None:
+    """The public route for a request that carries nothing the trust chain would act on: no Cookie header, no
+    Authorization header, no share parameter, not under ``/__ussycode``. For such a request the chain only deletes
+    client identity headers, so this route does that and dials as the public route does, skipping the grants and
+    credentials routes (which need one of those to match) and the chain's subroutes: 5 µs less of Caddy's CPU
+    per anonymous request, measured against the whole route list (35 µs) with a static answer."""
+    public = build_public_route(settings, front)
+    if public is None:
+        return None
+    (fast,) = public["match"]
+    carries_nothing = {**fast, "header": {"Cookie": None, "Authorization": None},  # null: the field is absent
+                       "not": [*fast["not"], {"path": [OURS_PREFIX, OURS_PREFIX + "/*"]},
+                               {"query": {SHARE_PARAM: ["*"]}}]}
+    return {"@id": ANONYMOUS_ROUTE_ID, "match": [carries_nothing],
+            "handle": [strip_client_identity(), public["handle"][-1]], "terminal": True}
+
+
 def grant_identity() -> JSON:
     """The identity headers a grant cookie spells (its file exists, so forward-auth wrote exactly these)."""
     identity = {"X-Ussy-Access": [_GRANT % "access"], "X-Ussy-User-Id": [_GRANT % "user"],
@@ -352,9 +349,10 @@ def build_front_server(settings: ServerSettings, front: FrontSettings) -> JSON:
                              proxy_key=settings.proxy_key))
     server: JSON = {
         "listen": [listen_address(settings.https_addr)],
-        "routes": [route for route in (apex, build_grants_route(settings, front),
-                                       build_credentials_route(settings, front), build_public_route(settings, front),
-                                       build_vms_route(settings, front)) if route],
+        "routes": [route for route in (apex, build_anonymous_route(settings, front),
+                                       build_grants_route(settings, front), build_credentials_route(settings, front),
+                                       build_public_route(settings, front), build_vms_route(settings, front))
+                   if route],
         "errors": build_front_errors(settings, front),
     }
     if settings.tls is TlsMode.OFF:

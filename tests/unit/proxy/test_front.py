@@ -18,6 +18,7 @@ import pytest
 
 from ussycode.proxy import bridge
 from ussycode.proxy.front import (
+    ANONYMOUS_ROUTE_ID,
     CREDENTIALS_ROUTE_ID,
     PUBLIC_ROUTE_ID,
     UPSTREAM_HEADER,
@@ -25,11 +26,11 @@ from ussycode.proxy.front import (
     VMS_ROUTE_ID,
     FrontSettings,
     build_front_config,
-    host_matches,
 )
 from ussycode.proxy.hosts import PublicHosts
 from ussycode.proxy.hygiene import ours_route, strip_client_identity, strip_platform_credentials
 from ussycode.proxy.manager import caddy_binary
+from ussycode.proxy.matchers import host_matches
 from ussycode.proxy.routes import ServerSettings, TlsMode, build_tls_app
 from ussycode.store.cache import GenerationCache
 
@@ -45,9 +46,9 @@ def test_routes_are_static_and_name_no_vm() -> None:
     config = build_front_config(settings(), FRONT)
     server = config["apps"]["http"]["servers"]["ussycode"]
     routes = server["routes"]
-    assert [r.get("@id") for r in routes] == ["ussycode-apex-localhost", CREDENTIALS_ROUTE_ID, PUBLIC_ROUTE_ID,
-                                              VMS_ROUTE_ID]
-    creds, public, vms = routes[1], routes[2], routes[3]
+    assert [r.get("@id") for r in routes] == ["ussycode-apex-localhost", ANONYMOUS_ROUTE_ID, CREDENTIALS_ROUTE_ID,
+                                              PUBLIC_ROUTE_ID, VMS_ROUTE_ID]
+    anonymous, creds, public, vms = routes[1:]
     # any of our credentials (session or share cookie, platform token, share parameter) -> forward-auth
     patterns = json.dumps(creds["match"])
     assert "ussy_(session|share_" in patterns and "usy[01]" in patterns and '"ussy_share": ["*"]' in patterns
@@ -60,6 +61,14 @@ def test_routes_are_static_and_name_no_vm() -> None:
     assert not any(host_matches(fast, h) for h in ("", ".", "..", "Web.localhost", "a/b", "a_b", "a b"))
     assert public["handle"][-1]["upstreams"] == [{"dial": "unix//run/u/front/sockets/{http.request.host}"}]
     assert len(public["handle"]) == 4  # no access step
+    # a request that carries nothing of ours and nothing the chain would change: the same hosts and dial, the
+    # identity headers stripped, nothing else to do
+    (carries_nothing,) = anonymous["match"]
+    assert {k: carries_nothing[k] for k in ("vars_regexp", "header")} == {
+        "vars_regexp": fast["vars_regexp"], "header": {"Cookie": None, "Authorization": None}}
+    assert carries_nothing["not"] == [*fast["not"], {"path": ["/__ussycode", "/__ussycode/*"]},
+                                      {"query": {"ussy_share": ["*"]}}]
+    assert anonymous["handle"] == [strip_client_identity(), public["handle"][-1]]
     # every other host: forward-auth names the upstream, kept in a variable
     auth = vms["handle"][2]
     assert auth["handler"] == "reverse_proxy" and auth["rewrite"]["method"] == "GET"

@@ -17,16 +17,15 @@ from ussycode.proxy.front import (
     CREDENTIALS_ROUTE_ID,
     GRANT_HOST_RE,
     GRANTS_ROUTE_ID,
-    HOST_MAX,
     FrontSettings,
     build_front_config,
     build_vms_route,
     grant_identity,
-    host_match,
 )
 from ussycode.proxy.grants import GRANT_HEADER, Grants, cookie_name, cookie_re
 from ussycode.proxy.hygiene import strip_platform_credentials
 from ussycode.proxy.manager import caddy_binary
+from ussycode.proxy.matchers import HOST_MAX, host_match
 from ussycode.proxy.routes import ServerSettings, TlsMode
 
 FRONT = FrontSettings("http://127.0.0.1:8080/__ussycode/forward-auth?k=key",
@@ -136,8 +135,8 @@ def test_a_previous_servers_grants_are_gone_at_start(tmp_path: Path) -> None:
 def test_the_grants_route_checks_the_file_and_dials_the_bridge_named() -> None:
     server = build_front_config(settings(TlsMode.INTERNAL), FRONT)["apps"]["http"]["servers"]["ussycode"]
     routes = server["routes"]
-    assert [r.get("@id") for r in routes][1:3] == [GRANTS_ROUTE_ID, CREDENTIALS_ROUTE_ID]
-    route = routes[1]
+    assert [r.get("@id") for r in routes][2:4] == [GRANTS_ROUTE_ID, CREDENTIALS_ROUTE_ID]
+    route = routes[2]
     match = route["match"][0]
     assert match["header_regexp"]["Cookie"] == {"name": "ussy_grant", "pattern": cookie_re(True)}
     assert {k: match[k] for k in ("vars_regexp", "not")} == host_match(GRANT_HOST_RE, HOST_MAX)

@@ -17,15 +17,14 @@ import pytest
 
 from ussycode.proxy import links
 from ussycode.proxy.front import (
-    HOST_MAX,
     ROUTED_HOST_RE,
     FrontSettings,
+    build_anonymous_route,
     build_front_errors,
     build_public_route,
-    host_match,
-    host_matches,
 )
 from ussycode.proxy.manager import caddy_binary
+from ussycode.proxy.matchers import HOST_MAX, host_match, host_matches
 from ussycode.proxy.routes import ServerSettings
 
 FRONT = FrontSettings("http://127.0.0.1:8080/a?k=key", "unix/sockets/{http.request.host}", routed=True)
@@ -123,30 +122,54 @@ def test_routed_public_route_and_its_fallback() -> None:
     assert sockets is not None and "dynamic_upstreams" not in sockets["handle"][-1]
 
 
-@pytest.mark.skipif(not shutil.which(caddy_binary()), reason="caddy not installed")
-def test_caddy_decides_hosts_as_host_matches(tmp_path: Path) -> None:
-    """The real Caddy (Go's regexp) matches what host_matches says, at the length bound and around it."""
+def caddy_decides(tmp_path: Path, matcher: dict, requests: list[tuple[str, str, dict[str, str]]]) -> list[bool]:
+    """Whether the real Caddy's matcher set ``matcher`` takes each request (host, path, headers)."""
     sock = tmp_path / "c.sock"
-    matcher = host_match(ROUTED_HOST_RE, HOST_MAX)
-    answer = [{"handler": "static_response", "body": "in"}]
     config = {"admin": {"disabled": True}, "apps": {"http": {"servers": {"s": {
         "listen": [f"unix/{sock}"], "automatic_https": {"disable": True},
-        "routes": [{"match": [matcher], "handle": answer, "terminal": True},
+        "routes": [{"match": [matcher], "handle": [{"handler": "static_response", "body": "in"}], "terminal": True},
                    {"handle": [{"handler": "static_response", "body": "out"}]}]}}}}}
     (tmp_path / "c.json").write_text(json.dumps(config))
     caddy = subprocess.Popen([caddy_binary(), "run", "--config", str(tmp_path / "c.json")], stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, env={**os.environ, "HOME": str(tmp_path)})
-    hosts = ["web.localhost", "a.b", "a" * 252 + "b", "a" * 253 + "b", "a" * 300 + "b", "web.localhost.", "10.0.0.1",
-             "-web.localhost", "web_x.localhost", "Web.localhost", "w"]
     try:
+        for _ in range(200):
+            if sock.exists():
+                break
+            time.sleep(0.05)
         with httpx.Client(transport=httpx.HTTPTransport(uds=str(sock))) as client:
-            for _ in range(100):
-                if sock.exists():
-                    break
-                time.sleep(0.05)
-            for host in hosts:
-                said = client.get("http://x/", headers={"Host": host}).text
-                assert said == ("in" if host_matches(matcher, host) else "out"), host
+            said = [client.get(f"http://x{path}", headers={"Host": host, **headers}).text
+                    for host, path, headers in requests]
     finally:
         caddy.kill()
         caddy.wait()
+    assert set(said) <= {"in", "out"}, said
+    return [s == "in" for s in said]
+
+
+@pytest.mark.skipif(not shutil.which(caddy_binary()), reason="caddy not installed")
+def test_caddy_decides_hosts_as_host_matches(tmp_path: Path) -> None:
+    """The real Caddy (Go's regexp) matches what host_matches says, at the length bound and around it."""
+    matcher = host_match(ROUTED_HOST_RE, HOST_MAX)
+    hosts = ["web.localhost", "a.b", "a" * 252 + "b", "a" * 253 + "b", "a" * 300 + "b", "web.localhost.", "10.0.0.1",
+             "-web.localhost", "web_x.localhost", "Web.localhost", "w"]
+    assert caddy_decides(tmp_path, matcher, [(h, "/", {}) for h in hosts]) == [host_matches(matcher, h) for h in hosts]
+
+
+@pytest.mark.skipif(not shutil.which(caddy_binary()), reason="caddy not installed")
+def test_only_requests_carrying_nothing_take_the_anonymous_route(tmp_path: Path) -> None:
+    """A Cookie or an Authorization header (even empty), a share parameter or a /__ussycode path sends a request
+    to the routes with the whole trust chain; nothing else does."""
+    (matcher,) = build_anonymous_route(SETTINGS, FRONT)["match"]  # type: ignore[index]
+    cases = [
+        ("web.localhost", "/", {}, True), ("web.localhost", "/a/b?x=1&y", {"Accept": "*/*"}, True),
+        ("web.localhost", "/", {"X-Ussy-User-Id": "forged", "X_Ussy_Access": "owner"}, True),
+        ("web.localhost", "/", {"Cookie": ""}, False), ("web.localhost", "/", {"Cookie": "theme=dark"}, False),
+        ("web.localhost", "/", {"Authorization": ""}, False),
+        ("web.localhost", "/", {"Authorization": "Basic eDp5"}, False),
+        ("web.localhost", "/?ussy_share=abc", {}, False), ("web.localhost", "/?a=1&ussy_share=", {}, False),
+        ("web.localhost", "/__ussycode", {}, False), ("web.localhost", "/__ussycode/logout", {}, False),
+        ("Web.localhost", "/", {}, False), ("a" * 254 + "b", "/", {}, False),
+    ]
+    took = caddy_decides(tmp_path, matcher, [(h, p, hd) for h, p, hd, _ in cases])
+    assert took == [expected for *_, expected in cases], list(zip(cases, took, strict=True))
