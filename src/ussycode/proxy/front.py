@@ -27,8 +27,8 @@ Routes of our server, in order:
 
 Every VM route but 2. (whose requests carry nothing else to act on) runs the trust boundary's handler chain
 (:mod:`ussycode.proxy.hygiene`, in its order): strip client identity headers in every spelling,
-``/__ussycode/*`` to the app server, the access decision, strip our credentials, proxy. A 502/504 from a VM (nothing listens on the port) becomes a page (HTML for browsers, JSON
-otherwise) in the server's error routes.
+``/__ussycode/*`` to the app server, the access decision, strip our credentials, proxy. A 502/504 from a VM
+(nothing listens on the port) becomes a page (HTML for browsers, JSON otherwise) in the server's error routes.
 
 TLS: ``--tls internal`` keeps a wildcard certificate ``*.<domain>`` (and the apex) from Caddy's local CA, so
 every VM URL, every port URL and unknown hosts complete a handshake; custom domains get on-demand
