@@ -8,13 +8,14 @@ server (forward-auth names the upstream) and, for public hosts, in the file syst
 Routes of our server, in order:
 
 1. ``ussycode-apex`` — the domain itself -> the app server (API, ``/exec``, sign-in).
-2. ``ussycode-public-anonymous`` — a request to a plain host name with no Cookie, no Authorization, no share
-   parameter and a path outside ``/__ussycode``: what the public route (5.) does for it, without the steps that
-   have nothing to act on (the chain only strips client identity headers), ahead of the routes that need one.
-3. ``ussycode-grants`` — a request with a well-formed grant cookie (:mod:`ussycode.proxy.grants`): if its file
+2. ``ussycode-grants`` — a request with a well-formed grant cookie (:mod:`ussycode.proxy.grants`): if its file
    ``<grants>/<host>/<value>`` exists, straight to the VM port's bridge the cookie names, with the identity
    headers it spells (forward-auth let this signed-in browser in moments ago and nothing changed since);
    otherwise the forward-auth chain. A bridge that is gone (the dial sent nothing) falls back the same way.
+3. ``ussycode-public-anonymous`` — a request to a plain host name with no Cookie, no Authorization, no share
+   parameter and a path outside ``/__ussycode``: what the public route (5.) does for it, without the steps that
+   have nothing to act on (the chain only strips client identity headers); ahead of the credentials route (which
+   needs one of those) and after the grants route (so a signed-in browser's requests never test this one).
 4. ``ussycode-credentials`` — a request carrying one of our credentials (session or share-link cookie, share-link
    parameter, platform token) -> forward-auth, which decides access (private URLs) or names the signed-in visitor
    (public URLs) and names the upstream in ``X-Ussy-Upstream``; Caddy keeps it in a variable and dials it.
@@ -25,7 +26,7 @@ Routes of our server, in order:
    (sign-in), unknown hosts (404) and stopped VMs (a page) itself.
 6. ``ussycode-vms`` — any other host (upper case, odd characters) -> the forward-auth chain.
 
-Every VM route but 2. (whose requests carry nothing else to act on) runs the trust boundary's handler chain
+Every VM route but 3. (whose requests carry nothing else to act on) runs the trust boundary's handler chain
 (:mod:`ussycode.proxy.hygiene`, in its order): strip client identity headers in every spelling,
 ``/__ussycode/*`` to the app server, the access decision, strip our credentials, proxy. A 502/504 from a VM
 (nothing listens on the port) becomes a page (HTML for browsers, JSON otherwise) in the server's error routes.
@@ -240,9 +241,9 @@ def build_public_route(settings: ServerSettings, front: FrontSettings) -> JSON |
 def build_anonymous_route(settings: ServerSettings, front: FrontSettings) -> JSON | None:
     """The public route for a request that carries nothing the trust chain would act on: no Cookie header, no
     Authorization header, no share parameter, not under ``/__ussycode``. For such a request the chain only deletes
-    client identity headers, so this route does that and dials as the public route does, skipping the grants and
-    credentials routes (which need one of those to match) and the chain's subroutes: 5 µs less of Caddy's CPU
-    per anonymous request, measured against the whole route list (35 µs) with a static answer."""
+    client identity headers, so this route does that and dials as the public route does, skipping the credentials
+    route (which needs one of those to match) and the chain's subroutes: 5 µs less of Caddy's CPU per anonymous
+    request, measured against the whole route list (35 µs) with a static answer."""
     public = build_public_route(settings, front)
     if public is None:
         return None
@@ -349,8 +350,8 @@ def build_front_server(settings: ServerSettings, front: FrontSettings) -> JSON:
                              proxy_key=settings.proxy_key))
     server: JSON = {
         "listen": [listen_address(settings.https_addr)],
-        "routes": [route for route in (apex, build_anonymous_route(settings, front),
-                                       build_grants_route(settings, front), build_credentials_route(settings, front),
+        "routes": [route for route in (apex, build_grants_route(settings, front),
+                                       build_anonymous_route(settings, front), build_credentials_route(settings, front),
                                        build_public_route(settings, front), build_vms_route(settings, front))
                    if route],
         "errors": build_front_errors(settings, front),

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from ussycode.proxy.front import (
+    ANONYMOUS_ROUTE_ID,
     CREDENTIALS_ROUTE_ID,
     GRANT_HOST_RE,
     GRANTS_ROUTE_ID,
@@ -135,8 +136,8 @@ def test_a_previous_servers_grants_are_gone_at_start(tmp_path: Path) -> None:
 def test_the_grants_route_checks_the_file_and_dials_the_bridge_named() -> None:
     server = build_front_config(settings(TlsMode.INTERNAL), FRONT)["apps"]["http"]["servers"]["ussycode"]
     routes = server["routes"]
-    assert [r.get("@id") for r in routes][2:4] == [GRANTS_ROUTE_ID, CREDENTIALS_ROUTE_ID]
-    route = routes[2]
+    assert [r.get("@id") for r in routes][1:4] == [GRANTS_ROUTE_ID, ANONYMOUS_ROUTE_ID, CREDENTIALS_ROUTE_ID]
+    route = routes[1]
     match = route["match"][0]
     assert match["header_regexp"]["Cookie"] == {"name": "ussy_grant", "pattern": cookie_re(True)}
     assert {k: match[k] for k in ("vars_regexp", "not")} == host_match(GRANT_HOST_RE, HOST_MAX)
