@@ -40,7 +40,7 @@ from ussycode.proxy.bridge import Forwarder, pipe
 from ussycode.proxy.front import FrontSettings, build_public_route, routed_transport
 from ussycode.proxy.grants import GRANT_COOKIE
 from ussycode.proxy.hosts import PublicHosts
-from ussycode.proxy.manager import caddy_binary
+from ussycode.proxy.manager import ManagedCaddy, caddy_binary
 from ussycode.proxy.routes import ServerSettings
 from ussycode.runtime import netns
 from ussycode.telemetry import FORWARD_AUTH
@@ -323,7 +323,9 @@ async def main(duration: float, connections: int) -> dict[str, Any]:
         # whatever else runs, and interleaving keeps a load change from landing on one case only.
         rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in cases}
         # The Caddy that serves each case, for its CPU time per request (steadier than req/s on shared cores).
-        managed = int(next((tmp / "d").rglob("caddy.pid")).read_text().split()[0])
+        managed_caddy = app.https.caddy
+        assert isinstance(managed_caddy, ManagedCaddy) and managed_caddy.pid is not None
+        managed = managed_caddy.pid
         serving = {name: procs[0].pid if name == "baseline" or name.startswith("caddy_") else managed
                    for name in cases if name not in ("direct", "app_health") and not name.startswith("forward_auth")}
         for _ in range(ROUNDS):

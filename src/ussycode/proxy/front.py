@@ -85,12 +85,13 @@ STREAM_CLOSE_DELAY = "24h"
 # Our session and share-link cookies (``__Host-`` prefixed unless --tls off): credentials forward-auth reads.
 CREDENTIAL_COOKIE_RE = r"(^|;)[ \t]*(__Host-)?ussy_(session|share_[A-Za-z0-9_-]*)="
 # Host names the fast path may turn into a file name (anything else goes through forward-auth); the length is
-# bounded (FrontSettings.fast_host_max) so that the socket path fits in a unix socket address (a longer one would
+# bounded (FrontSettings.fast_host) so that the socket path fits in a unix socket address (a longer one would
 # fail otherwise than "no such file").
 FAST_HOST_RE = r"^[a-z0-9][a-z0-9.-]*$"
 # Host names the routed fast path looks up (proxy.links): a name, never an address (an IPv4 literal ends with a
 # digit, so Caddy would dial it as it is) and no trailing dot.
 ROUTED_HOST_RE = r"^[a-z0-9][a-z0-9.-]*[a-z]$"
+
 NOT_ANSWERING_HTML = (
     "<!doctype html><html><head><meta charset=utf-8><title>Nothing answers on this port</title></head><body>"
     "<h1>The VM is running, but nothing answers on this port</h1>"
