@@ -161,6 +161,11 @@ class FrontSettings:
         return "unix/" + dial if longest <= MAX_UNIX_PATH else None
 
     @property
+    def grant_parts(self) -> tuple[str, ...]:
+        """The grant cookie's parts the grants route reads: the identity headers' and the dial's."""
+        return ("access", "user", "handle", "email") + (("addr",) if self.routed else ("vm", "port"))
+
+    @property
     def no_bridge_error(self) -> str:
         """A regexp for the error of dialing a bridge the grants route named that is not there (the dial sent
         nothing): the grant outlived the bridge, and forward-auth starts it again."""
@@ -276,12 +281,16 @@ def build_grants_route(settings: ServerSettings, front: FrontSettings) -> JSON |
     handle = vm_chain(dial, settings.http_addr, grant_identity(), settings.proxy_key)
     if front.routed:
         handle[-1]["transport"] = routed_transport()
+    # first_exist_fallback: the one entry is tried by globbing it, which opens it once and yields it only if it
+    # exists; the default policy would open it a second time (stock Caddy stats a file by opening it).
+    grant_file = {"root": front.grants, "try_files": ["/{http.request.host}/" + _GRANT % "value"],
+                  "try_policy": "first_exist_fallback"}
     fast: JSON = {
-        "match": [{"file": {"root": front.grants, "try_files": ["/{http.request.host}/" + _GRANT % "value"]}}],
+        "match": [{"file": grant_file}],
         "handle": handle,
         "terminal": True,
     }
-    grant = {"name": REGEXP_NAME, "pattern": grant_cookie_re(settings.tls is not TlsMode.OFF)}
+    grant = {"name": REGEXP_NAME, "pattern": grant_cookie_re(settings.tls is not TlsMode.OFF, front.grant_parts)}
     return {
         "@id": GRANTS_ROUTE_ID,
         # One matcher set: both run before the subroute, whose file matcher reads what the cookie's captured.

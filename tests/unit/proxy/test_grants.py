@@ -83,6 +83,15 @@ def test_the_cookie_spells_the_allow_and_nothing_else(tmp_path: Path) -> None:
     assert re.search(cookie_re(False), f"ussy_grant={value}")
     for hostile in (value.replace("~alice~", "~../x~"), value + "/x", value.replace("owner", "o*"), value[:-1]):
         assert not re.search(cookie_re(True), f"{cookie_name(True)}={hostile}"), hostile
+    # the route captures only the parts it reads (Caddy pays for every group), and matches exactly the same values
+    for parts in (("access", "user", "handle", "email", "addr"), ("access", "user", "handle", "email", "vm", "port")):
+        pattern = cookie_re(True, parts)
+        assert re.compile(pattern).groupindex.keys() == {"value", *parts}
+        for cookie in (header, f"{cookie_name(True)}={routed}"):
+            full, few = re.search(cookie_re(True), cookie), re.search(pattern, cookie)
+            assert full and few and few.groupdict() == {k: full[k] for k in ("value", *parts)}
+        for hostile in (value.replace("~alice~", "~../x~"), value + "/x", value.replace("owner", "o*"), value[:-1]):
+            assert not re.search(pattern, f"{cookie_name(True)}={hostile}"), hostile
 
 
 async def test_a_grant_is_made_only_on_what_the_database_still_says(tmp_path: Path) -> None:
@@ -139,13 +148,15 @@ def test_the_grants_route_checks_the_file_and_dials_the_bridge_named() -> None:
     assert [r.get("@id") for r in routes][1:4] == [GRANTS_ROUTE_ID, ANONYMOUS_ROUTE_ID, CREDENTIALS_ROUTE_ID]
     route = routes[1]
     match = route["match"][0]
-    assert match["header_regexp"]["Cookie"] == {"name": "ussy_grant", "pattern": cookie_re(True)}
+    assert match["header_regexp"]["Cookie"] == {"name": "ussy_grant", "pattern": cookie_re(True, FRONT.grant_parts)}
     assert {k: match[k] for k in ("vars_regexp", "not")} == host_match(GRANT_HOST_RE, HOST_MAX)
     assert not any(re.fullmatch(GRANT_HOST_RE, h) for h in ("..", "../x", "a/b", "*", "a*", "[a]", "Web.localhost"))
     fast, fallback = route["handle"][0]["routes"]
     # the file matcher runs inside the subroute, after the cookie's parts were captured
+    # (one entry, first_exist_fallback: Caddy opens the file once, by globbing it; a missing file yields nothing)
     assert fast["match"] == [{"file": {"root": "/run/u/front/grants",
-                                       "try_files": ["/{http.request.host}/{http.regexp.ussy_grant.value}"]}}]
+                                       "try_files": ["/{http.request.host}/{http.regexp.ussy_grant.value}"],
+                                       "try_policy": "first_exist_fallback"}}]
     chain = fast["handle"]
     assert chain[2] == grant_identity() and chain[-2] == strip_platform_credentials()
     assert chain[-1]["upstreams"] == [
