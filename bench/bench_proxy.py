@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import functools
 import json
 import logging
 import os
@@ -23,6 +25,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -195,6 +198,26 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def vm_cpu_seconds(vm_id: str) -> float:
+    """CPU time the processes now in a VM's cgroup have used (v1 ``cpu`` hierarchy or v2)."""
+    for procs in (Path("/sys/fs/cgroup/cpu/ussycode", vm_id, "cgroup.procs"),
+                  Path("/sys/fs/cgroup/ussycode", vm_id, "cgroup.procs")):
+        with contextlib.suppress(OSError):
+            total = 0.0
+            for pid in procs.read_text().split():
+                with contextlib.suppress(OSError):
+                    total += cpu_seconds(int(pid))
+            return total
+    return 0.0
+
+
+def machine_cpu_seconds() -> tuple[float, float]:
+    """CPU time every core of the machine spent busy, and idle (``/proc/stat``)."""
+    fields = [int(f) for f in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
+    idle = fields[3] + fields[4]
+    return (sum(fields) - idle) / os.sysconf("SC_CLK_TCK"), idle / os.sysconf("SC_CLK_TCK")
+
+
 async def time_to_public(s: Any, actor: Actor, url: str, host: str, rounds: int = 10) -> list[float]:
     """Seconds from ``share set-public`` returning to the URL answering 200 to an anonymous client."""
     out = []
@@ -328,12 +351,27 @@ async def main(duration: float, connections: int) -> dict[str, Any]:
         managed = managed_caddy.pid
         serving = {name: procs[0].pid if name == "baseline" or name.startswith("caddy_") else managed
                    for name in cases if name not in ("direct", "app_health") and not name.startswith("forward_auth")}
+        # The VM whose server answers each case, for that server's CPU time per request.
+        host_server = procs[1].pid  # the baseline's server, on the host
+        in_vm: dict[str, Callable[[], float]] = {
+            "baseline": lambda: cpu_seconds(host_server), "caddy_chain": lambda: cpu_seconds(host_server),
+            **{name: functools.partial(vm_cpu_seconds, vm.id)
+               for name, vm in (("public", pub), ("public_signed_in", pub), ("private", priv), ("direct", pub))}}
         for _ in range(ROUNDS):
             for name, (url, headers) in cases.items():
                 before = opened["n"]
                 closed_before = closed_app_connections(app.http_port)
                 cpu_before = cpu_seconds(serving[name]) if name in serving else 0.0
+                busy_before, idle_before = machine_cpu_seconds()
+                vm_before = in_vm[name]() if name in in_vm else 0.0
                 one = await run_wrk(url, "GET", None, headers, duration, connections, tmp)
+                busy_after, idle_after = machine_cpu_seconds()
+                if name in in_vm:
+                    one["vm_us_per_request"] = round(
+                        (in_vm[name]() - vm_before) * 1e6 / max(one["requests"], 1), 1)
+                one["machine_us_per_request"] = round((busy_after - busy_before) * 1e6 / max(one["requests"], 1), 1)
+                one["machine_idle_share"] = round((idle_after - idle_before) / max(
+                    busy_after - busy_before + idle_after - idle_before, 1e-9), 3)
                 if name in serving:
                     one["caddy_us_per_request"] = round(
                         (cpu_seconds(serving[name]) - cpu_before) * 1e6 / max(one["requests"], 1), 1)
@@ -346,6 +384,9 @@ async def main(duration: float, connections: int) -> dict[str, Any]:
                              "p99_ms": sorted(r["p99_ms"] for r in runs)[len(runs) // 2]}
             if name in serving:
                 results[name]["caddy_us_per_request"] = sorted(r["caddy_us_per_request"] for r in runs)[len(runs) // 2]
+            for key in ("machine_us_per_request", "machine_idle_share", "vm_us_per_request"):
+                if key in runs[0]:
+                    results[name][key] = sorted(r[key] for r in runs)[len(runs) // 2]
         # route changes: time until a change is live, and what back-to-back changes cost other VMs' requests
         results["time_to_public"] = await time_to_public(s, actor, caddy, f"bchg.localhost:{https_port}")
         changes = {"n": 0}
@@ -412,6 +453,17 @@ def report(results: dict[str, Any], duration: float, connections: int) -> None:
     for name in ("public", "private", "public_signed_in", *parts):
         rows.append(row(f"{name}_caddy_cpu_us_per_request", results[name]["caddy_us_per_request"], "us",
                         "baseline_caddy_cpu_us_per_request", base_cpu))
+    # the whole machine's busy CPU time per request (Caddy, the server, wrk, the kernel), and how idle it was
+    base_machine = b["machine_us_per_request"]
+    for name in ("baseline", "public", "private", "public_signed_in", *parts):
+        rows.append(row(f"{name}_machine_cpu_us_per_request", results[name]["machine_us_per_request"], "us",
+                        "baseline_machine_cpu_us_per_request", base_machine))
+        rows.append(row(f"{name}_machine_idle_share", results[name]["machine_idle_share"], "share", "all_cpu_time",
+                        1.0))
+    base_server = b["vm_us_per_request"]
+    for name in ("baseline", "public", "private", "public_signed_in", "direct"):
+        rows.append(row(f"{name}_server_cpu_us_per_request", results[name]["vm_us_per_request"], "us",
+                        "baseline_server_cpu_us_per_request", base_server))
     ttp = results["time_to_public"]
     rows.append(row("set_public_to_answering_max_ms", max(ttp) * 1000, "ms", "set_public_to_answering_max_ms",
                     max(ttp) * 1000))
