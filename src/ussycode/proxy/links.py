@@ -3,11 +3,10 @@
 A public host served on the fast path gets an address of its own from ``240.0.0.0/4`` (never given to another host,
 by any server on the machine: one counter in ``/run/ussycode``), and Caddy looks the host name up in a hosts file of
 ours: the managed Caddy runs in a mount namespace of its own where ``/etc/hosts`` is ``<base>/hosts`` (bind-mounted,
-and mounted again at each change). Its proxy dials the host name, looked up when a connection is opened (Go
-re-reads the file within 5 s of a change) and nowhere else (the dialer's DNS resolver is a closed port), so a host
-that is not in the file fails at once and the request goes through forward-auth, as before. No Python and no
-forwarder process is on the byte path: Caddy → a veth pair → the VM's namespace, where a DNAT rule turns
-``<address>:8080`` into the VM's ``127.0.0.1:<port>``.
+and mounted again at each change). Its proxy's A-record source caches a name for a second and asks nothing else (its
+DNS resolver is a closed port), so a host that is not in the file fails at once and the request goes through
+forward-auth, as before. No Python and no forwarder process is on the byte path: Caddy → a veth pair → the VM's
+namespace, where a DNAT rule turns ``<address>:8080`` into the VM's ``127.0.0.1:<port>``.
 
 The link: a veth pair per VM namespace, ``ussyf<hash>`` on the host and ``front0`` in the namespace
 (169.254.77.2/32); the host's ends are 169.254.77.1 and .3, on its loopback (there before any link). The host
@@ -46,7 +45,7 @@ from ussycode.spawn import DEVNULL, PIPE, STDOUT, communicate, spawn
 log = logging.getLogger(__name__)
 
 POOL = ipaddress.IPv4Network("240.0.0.0/4")
-SINK = "240.0.0.0"  # the pool's first address: never given to a host
+SINK = "240.0.0.0"  # the static upstream when a name is not in the file: unreachable, so the dial fails at once
 HOST_ADDR = "169.254.77.1"  # Caddy's end: its proxy binds it, and only connections from it are let into a VM
 OTHER_SRC = "169.254.77.3"  # what any other host process connecting to a routed address is sent from
 VM_ADDR = "169.254.77.2"

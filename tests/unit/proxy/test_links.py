@@ -104,16 +104,11 @@ def test_routed_public_route_and_its_fallback() -> None:
     route = build_public_route(SETTINGS, FRONT)
     assert route is not None and route["match"] == [host_match(ROUTED_HOST_RE, HOST_MAX)]
     proxy = route["handle"][-1]
-    assert proxy["upstreams"] == [{"dial": f"{{http.request.host}}:{links.DIAL_PORT}"}]
-    assert proxy["transport"] == {"protocol": "http", "local_address": links.HOST_ADDR,
-                                  "resolver": {"addresses": [links.NO_RESOLVER]}}
-    assert "dynamic_upstreams" not in proxy
+    assert proxy["upstreams"] == [{"dial": f"{links.SINK}:{links.DIAL_PORT}"}]
+    assert proxy["transport"] == {"protocol": "http", "local_address": links.HOST_ADDR}
+    dyn = proxy["dynamic_upstreams"]
+    assert dyn["name"] == "{http.request.host}" and dyn["resolver"]["addresses"] == [links.NO_RESOLVER]
     pattern = FRONT.not_public_error
-    # a name not in Caddy's hosts file: the lookup fails, no connection was tried
-    assert re.fullmatch(pattern, "dial tcp: lookup web.localhost on 10.255.255.53:53: read udp "
-                                 "127.0.0.1:40866->127.0.0.1:1: read: connection refused")
-    assert re.fullmatch(pattern, "dial tcp: lookup 3000-web.dev.example.com: no such host")
-    assert not re.fullmatch(pattern, "dial tcp 127.0.0.1:8080: connect: connection refused")
     assert re.fullmatch(pattern, "dial tcp 240.0.0.0:8080: connect: no route to host")
     assert re.fullmatch(pattern, "dial tcp 240.12.3.4:8080: connect: no route to host")
     assert re.fullmatch(pattern, "dial tcp 169.254.77.1:0->240.0.0.0:8080: connect: no route to host")
