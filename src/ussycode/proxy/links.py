@@ -131,11 +131,11 @@ def link_batches(netns: str) -> tuple[str, str]:
     return host, vm
 
 
-# Run in Caddy's new mount namespace before it starts: our hosts file, and none of the copies it was given of the
-# VMs' mounts (disks, overlays, everything under the run directory), which would keep a stopped VM's disk attached
-# to its loop device for as long as this Caddy lives. Network namespace handles (/run/netns is shared) follow the
-# host's removals through the slave propagation.
-_CADDY_NS_SCRIPT = """mount --bind "$0" /etc/hosts || exit 1
+# Run in Caddy's new mount namespace before it starts: our hosts file, over an empty one (/dev/null), and none of
+# the copies it was given of the VMs' mounts (disks, overlays, everything under the run directory), which would keep
+# a stopped VM's disk attached to its loop device for as long as this Caddy lives. Network namespace handles
+# (/run/netns is shared) follow the host's removals through the slave propagation.
+_CADDY_NS_SCRIPT = """mount --bind /dev/null /etc/hosts && mount --bind "$0" /etc/hosts || exit 1
 run="$1"; shift
 findmnt -rn -o TARGET,SOURCE,FSTYPE | while read -r target source fstype; do
   case "$target" in "$run"/*) umount -l "$target" 2>/dev/null; continue;; esac
@@ -152,11 +152,20 @@ def caddy_argv(hosts_file: Path, run_dir: Path, argv: list[str]) -> list[str]:
             str(run_dir), *argv]
 
 
+# The previous hosts file goes (unless the top mount is already the empty base), then the new one comes. Between the
+# two, Go's resolver (which re-reads /etc/hosts when it changed) finds the empty base, never the host's own file, so
+# no name there (the host's name, "localhost" and its kin) is ever dialed.
+_REMOUNT_SCRIPT = """top=
+while read -r _ _ _ root point _; do [ "$point" = /etc/hosts ] && top=$root; done < /proc/self/mountinfo
+if [ "$top" != /null ]; then umount /etc/hosts || exit 1; fi
+mount --bind "$0" /etc/hosts
+"""
+
+
 def remount_argv(pid: int, hosts_file: Path) -> list[str]:
     """Show ``hosts_file`` as ``/etc/hosts`` in the mount namespace of process ``pid`` (a Caddy from
     :func:`caddy_argv`): its previous mount goes, the new one comes (pure)."""
-    return ["nsenter", "-t", str(pid), "-m", "--", "sh", "-c",
-            'umount /etc/hosts; mount --bind "$0" /etc/hosts', str(hosts_file)]
+    return ["nsenter", "-t", str(pid), "-m", "--", "sh", "-c", _REMOUNT_SCRIPT, str(hosts_file)]
 
 
 async def _run(argv: list[str], what: str, stdin: str | None = None, check: bool = True) -> tuple[int, str]:

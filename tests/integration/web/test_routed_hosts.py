@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from ussycode.proxy import links
+from ussycode.proxy.manager import ManagedCaddy
 
 from .conftest import Web, browser_client
 from .test_front_door import fast_path
@@ -91,6 +92,41 @@ async def test_host_names_caddy_resolves_are_only_routed_ones(web: Web, needs_vm
     text = web.server.app.https.routes.hosts.links.hosts_file.read_text()
     lines = [ln for ln in text.splitlines() if ln and not ln.startswith("#")]
     assert lines and all(ln.startswith("240.") and ln.endswith(".localhost") for ln in lines), text
+
+
+def caddy_hosts_mounts(pid: int) -> list[str]:
+    """What is mounted on /etc/hosts in Caddy's mount namespace, bottom first (each mount's root)."""
+    info = Path(f"/proc/{pid}/mountinfo").read_text().splitlines()
+    return [line.split()[3] for line in info if line.split()[4] == "/etc/hosts"]
+
+
+async def test_caddy_never_reads_the_hosts_own_hosts_file(web: Web, needs_vms: None, needs_links: None) -> None:
+    """Caddy's /etc/hosts is ours over an empty base: while one hosts file replaces another (the old one is
+    unmounted first) Caddy finds no name at all, never the host's own file (where its name, ``localhost`` and any
+    name an operator added point at the host's own services)."""
+    alice = await web.server.register("alice")
+    await web.new_vm(alice, "rtb")
+    front, caddy = web.server.app.https.routes.hosts.links, web.server.app.https.caddy
+    assert front is not None and isinstance(caddy, ManagedCaddy) and caddy.pid is not None
+    pid, hosts_file = caddy.pid, str(front.hosts_file)
+    for public in (True, False, True):  # each change mounts the new file in Caddy's namespace
+        assert (await web.cmd(alice, "share", "set-public" if public else "set-private", "rtb")).exit_status == 0
+        mounts = caddy_hosts_mounts(pid)
+        assert mounts[-2:] == ["/null", hosts_file] and mounts.count("/null") == 1, mounts
+    await routed(web, "rtb.localhost")
+    # the moment between two files: the old one is gone, the next not yet there
+    proc = await asyncio.create_subprocess_exec("nsenter", "-t", str(pid), "-m", "--", "sh", "-c",
+                                                "umount /etc/hosts && cat /etc/hosts",
+                                                stdout=asyncio.subprocess.PIPE)
+    shown, _ = await proc.communicate()
+    assert proc.returncode == 0 and shown == b""  # empty: not the host's file
+    assert caddy_hosts_mounts(pid)[-1] == "/null"
+    # the next change shows the whole file again, over the same base
+    assert (await web.cmd(alice, "share", "set-private", "rtb")).exit_status == 0
+    assert (await web.cmd(alice, "share", "set-public", "rtb")).exit_status == 0
+    await routed(web, "rtb.localhost")
+    mounts = caddy_hosts_mounts(pid)
+    assert mounts[-2:] == ["/null", hosts_file] and mounts.count("/null") == 1, mounts
 
 
 async def test_a_caddy_started_while_vms_run_pins_none_of_them(web: Web, needs_vms: None, needs_links: None) -> None:
