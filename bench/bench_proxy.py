@@ -351,9 +351,9 @@ async def main(duration: float, connections: int) -> dict[str, Any]:
         managed = managed_caddy.pid
         serving = {name: procs[0].pid if name == "baseline" or name.startswith("caddy_") else managed
                    for name in cases if name not in ("direct", "app_health") and not name.startswith("forward_auth")}
-        # The VM whose server answers each case, for that server's CPU time per request.
-        host_server = procs[1].pid  # the baseline's server, on the host
-        in_vm: dict[str, Callable[[], float]] = {
+        # The CPU time of the server that answers each case (the baseline's on the host, or a VM's), per request.
+        host_server = procs[1].pid
+        server_cpu: dict[str, Callable[[], float]] = {
             "baseline": lambda: cpu_seconds(host_server), "caddy_chain": lambda: cpu_seconds(host_server),
             **{name: functools.partial(vm_cpu_seconds, vm.id)
                for name, vm in (("public", pub), ("public_signed_in", pub), ("private", priv), ("direct", pub))}}
@@ -363,12 +363,12 @@ async def main(duration: float, connections: int) -> dict[str, Any]:
                 closed_before = closed_app_connections(app.http_port)
                 cpu_before = cpu_seconds(serving[name]) if name in serving else 0.0
                 busy_before, idle_before = machine_cpu_seconds()
-                vm_before = in_vm[name]() if name in in_vm else 0.0
+                server_before = server_cpu[name]() if name in server_cpu else 0.0
                 one = await run_wrk(url, "GET", None, headers, duration, connections, tmp)
                 busy_after, idle_after = machine_cpu_seconds()
-                if name in in_vm:
-                    one["vm_us_per_request"] = round(
-                        (in_vm[name]() - vm_before) * 1e6 / max(one["requests"], 1), 1)
+                if name in server_cpu:
+                    one["server_us_per_request"] = round(
+                        (server_cpu[name]() - server_before) * 1e6 / max(one["requests"], 1), 1)
                 one["machine_us_per_request"] = round((busy_after - busy_before) * 1e6 / max(one["requests"], 1), 1)
                 one["machine_idle_share"] = round((idle_after - idle_before) / max(
                     busy_after - busy_before + idle_after - idle_before, 1e-9), 3)
@@ -384,7 +384,7 @@ async def main(duration: float, connections: int) -> dict[str, Any]:
                              "p99_ms": sorted(r["p99_ms"] for r in runs)[len(runs) // 2]}
             if name in serving:
                 results[name]["caddy_us_per_request"] = sorted(r["caddy_us_per_request"] for r in runs)[len(runs) // 2]
-            for key in ("machine_us_per_request", "machine_idle_share", "vm_us_per_request"):
+            for key in ("machine_us_per_request", "machine_idle_share", "server_us_per_request"):
                 if key in runs[0]:
                     results[name][key] = sorted(r[key] for r in runs)[len(runs) // 2]
         # route changes: time until a change is live, and what back-to-back changes cost other VMs' requests
@@ -460,9 +460,9 @@ def report(results: dict[str, Any], duration: float, connections: int) -> None:
                         "baseline_machine_cpu_us_per_request", base_machine))
         rows.append(row(f"{name}_machine_idle_share", results[name]["machine_idle_share"], "share", "all_cpu_time",
                         1.0))
-    base_server = b["vm_us_per_request"]
+    base_server = b["server_us_per_request"]
     for name in ("baseline", "public", "private", "public_signed_in", "direct"):
-        rows.append(row(f"{name}_server_cpu_us_per_request", results[name]["vm_us_per_request"], "us",
+        rows.append(row(f"{name}_server_cpu_us_per_request", results[name]["server_us_per_request"], "us",
                         "baseline_server_cpu_us_per_request", base_server))
     ttp = results["time_to_public"]
     rows.append(row("set_public_to_answering_max_ms", max(ttp) * 1000, "ms", "set_public_to_answering_max_ms",

@@ -39,6 +39,7 @@ permission endpoint (``tls-ask``) approves it (existing VM hosts, their port hos
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -78,6 +79,7 @@ CREDENTIALS_ROUTE_ID = "ussycode-credentials"
 VMS_ROUTE_ID = "ussycode-vms"
 GRANTS_ROUTE_ID = "ussycode-grants"
 _GRANT = "{http.regexp." + REGEXP_NAME + ".%s}"
+_GRANT_PART = re.escape(_GRANT).replace("%s", "([a-z]+)")  # the part a placeholder of _GRANT names
 # Host names the grants route looks up as a directory name (no slash; a leading dot-dot is impossible).
 GRANT_HOST_RE = r"^[a-z0-9][a-z0-9.-]*$"
 # Streams (WebSockets) stay open this long after a config unload (only an attached Caddy's own reloads).
@@ -159,11 +161,6 @@ class FrontSettings:
         dial = f"{self.bridges}/{socket_name(_GRANT % 'vm', _GRANT % 'port')}"
         longest = len(f"{self.bridges}/{socket_name('f' * 16, 65535)}".encode())
         return "unix/" + dial if longest <= MAX_UNIX_PATH else None
-
-    @property
-    def grant_parts(self) -> tuple[str, ...]:
-        """The grant cookie's parts the grants route reads: the identity headers' and the dial's."""
-        return ("access", "user", "handle", "email") + (("addr",) if self.routed else ("vm", "port"))
 
     @property
     def no_bridge_error(self) -> str:
@@ -290,7 +287,10 @@ def build_grants_route(settings: ServerSettings, front: FrontSettings) -> JSON |
         "handle": handle,
         "terminal": True,
     }
-    grant = {"name": REGEXP_NAME, "pattern": grant_cookie_re(settings.tls is not TlsMode.OFF, front.grant_parts)}
+    # The cookie's pattern captures exactly the parts the fast route reads (its placeholders): no more, as each
+    # capture costs Caddy placeholders per request; no fewer, or a header or the dial would keep a placeholder.
+    parts = set(re.findall(_GRANT_PART, json.dumps(fast))) - {"value"}
+    grant = {"name": REGEXP_NAME, "pattern": grant_cookie_re(settings.tls is not TlsMode.OFF, parts)}
     return {
         "@id": GRANTS_ROUTE_ID,
         # One matcher set: both run before the subroute, whose file matcher reads what the cookie's captured.

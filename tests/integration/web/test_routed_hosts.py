@@ -109,7 +109,7 @@ async def test_caddy_never_reads_the_hosts_own_hosts_file(web: Web, needs_vms: N
     front, caddy = web.server.app.https.routes.hosts.links, web.server.app.https.caddy
     assert front is not None and isinstance(caddy, ManagedCaddy) and caddy.pid is not None
     pid, hosts_file = caddy.pid, str(front.hosts_file)
-    for public in (True, False, True):  # each change mounts the new file in Caddy's namespace
+    for public in (True, False, True):  # whatever a change mounted, it is over the one base
         assert (await web.cmd(alice, "share", "set-public" if public else "set-private", "rtb")).exit_status == 0
         mounts = caddy_hosts_mounts(pid)
         assert mounts[-2:] == ["/null", hosts_file] and mounts.count("/null") == 1, mounts

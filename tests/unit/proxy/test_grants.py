@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import re
@@ -148,7 +149,12 @@ def test_the_grants_route_checks_the_file_and_dials_the_bridge_named() -> None:
     assert [r.get("@id") for r in routes][1:4] == [GRANTS_ROUTE_ID, ANONYMOUS_ROUTE_ID, CREDENTIALS_ROUTE_ID]
     route = routes[1]
     match = route["match"][0]
-    assert match["header_regexp"]["Cookie"] == {"name": "ussy_grant", "pattern": cookie_re(True, FRONT.grant_parts)}
+    # the cookie's pattern captures exactly the parts the route reads: the identity, and the bridge's VM and port
+    who = {"access", "user", "handle", "email"}
+    assert match["header_regexp"]["Cookie"] == {"name": "ussy_grant", "pattern": cookie_re(True, who | {"vm", "port"})}
+    routed = build_front_config(settings(TlsMode.INTERNAL), dataclasses.replace(FRONT, routed=True))
+    routed_match = routed["apps"]["http"]["servers"]["ussycode"]["routes"][1]["match"][0]
+    assert routed_match["header_regexp"]["Cookie"]["pattern"] == cookie_re(True, who | {"addr"})
     assert {k: match[k] for k in ("vars_regexp", "not")} == host_match(GRANT_HOST_RE, HOST_MAX)
     assert not any(re.fullmatch(GRANT_HOST_RE, h) for h in ("..", "../x", "a/b", "*", "a*", "[a]", "Web.localhost"))
     fast, fallback = route["handle"][0]["routes"]
