@@ -43,7 +43,7 @@ from ussycode.proxy.bridge import Forwarder, pipe
 from ussycode.proxy.front import FrontSettings, build_public_route, routed_transport
 from ussycode.proxy.grants import GRANT_COOKIE
 from ussycode.proxy.hosts import PublicHosts
-from ussycode.proxy.manager import ManagedCaddy, caddy_binary
+from ussycode.proxy.manager import ManagedCaddy, caddy_binary, go_runtime_env, machine_memory
 from ussycode.proxy.routes import ServerSettings
 from ussycode.runtime import netns
 from ussycode.telemetry import FORWARD_AUTH
@@ -97,8 +97,9 @@ async def direct_bridge(app: App, vm_id: str) -> tuple[asyncio.Server, int, list
     return server, int(server.sockets[0].getsockname()[1]), writers
 
 
-# The public path taken apart (diagnostic rows): the same Caddy binary and small server, adding one part at a time.
-PARTS = ("chain", "forwarder", "chain_forwarder", "routed")
+# The public path taken apart (diagnostic rows): the same Caddy binary and small server, adding one part at a time,
+# in a Caddy run as the managed one is (its garbage-collector settings); "tuned" is the baseline's route alone there.
+PARTS = ("tuned", "chain", "forwarder", "chain_forwarder", "routed")
 PART_HOST = "part.localhost"
 
 
@@ -134,11 +135,14 @@ class RoutedPart:
 
 
 async def baseline_caddy(tmp: Path, front_links: links.FrontLinks | None) -> tuple[list[Any], int, dict[str, int]]:
-    """The same small server on a host loopback port, behind the same Caddy binary (a plain reverse_proxy), plus
-    servers that add the public path's parts one at a time: the trust chain (the production public route's
-    handlers, dialing the server's TCP port), a plain proxy through the production forwarder
-    (``systemd-socket-proxyd``, here in the host's namespace), and the production public route dialing that
-    forwarder as a public host's listener; with routed hosts, also a plain proxy over a routed link."""
+    """The same small server on a host loopback port, behind the same Caddy binary (a plain reverse_proxy, Go's
+    default runtime settings: any Caddy deployment), plus, in a second Caddy run with the managed Caddy's runtime
+    settings, the same plain proxy and servers that add the public path's parts one at a time: the trust chain
+    (the production public route's handlers, dialing the server's TCP port), a plain proxy through the production
+    forwarder (``systemd-socket-proxyd``, here in the host's namespace), and the production public route dialing
+    that forwarder as a public host's listener; with routed hosts, also a plain proxy over a routed link.
+    Returns the processes (the baseline's Caddy, the server, the second Caddy, then the rest), the baseline's
+    port and the parts' ports."""
     server_port, caddy_port = free_port(), free_port()
     script = tmp / "srv.py"
     script.write_text(VM_SERVER)
@@ -152,13 +156,15 @@ async def baseline_caddy(tmp: Path, front_links: links.FrontLinks | None) -> tup
     assert public is not None
     tcp = f"127.0.0.1:{server_port}"
     chain = public["handle"][:-1] + [{**public["handle"][-1], "upstreams": [{"dial": tcp}]}]
+    plain = {"handle": [{"handler": "reverse_proxy", "upstreams": [{"dial": tcp}]}]}
     routes = {
-        "baseline": {"handle": [{"handler": "reverse_proxy", "upstreams": [{"dial": tcp}]}]},
+        "baseline": plain,
+        "tuned": plain,
         "chain": {"handle": chain},
         "forwarder": {"handle": [{"handler": "reverse_proxy", "upstreams": [{"dial": forwarder.dial}]}]},
         "chain_forwarder": public,
     }
-    parts: list[Any] = [srv, forwarder]
+    parts: list[Any] = [forwarder]
     if front_links is not None:
         routed = RoutedPart(front_links, script)
         parts.append(routed)
@@ -167,11 +173,18 @@ async def baseline_caddy(tmp: Path, front_links: links.FrontLinks | None) -> tup
     ports = {name: (caddy_port if name == "baseline" else free_port()) for name in routes}
     servers = {name: {"listen": [f"127.0.0.1:{ports[name]}"], "automatic_https": {"disable": True},
                       "routes": [{k: v for k, v in route.items() if k != "@id"}]} for name, route in routes.items()}
-    config = {"admin": {"disabled": True}, "logging": {"logs": {"default": {"level": "ERROR"}}},
-              "apps": {"http": {"servers": servers}}}
-    (tmp / "baseline.json").write_text(json.dumps(config))
-    caddy = await asyncio.create_subprocess_exec(caddy_binary(), "run", "--config", str(tmp / "baseline.json"),
-                                                 stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    default_env = {k: v for k, v in os.environ.items() if k not in ("GOGC", "GOMEMLIMIT")}
+    managed_env = {**default_env, **go_runtime_env(default_env, machine_memory())}
+    caddies = []
+    for name, chosen, env in (("baseline", {"baseline"}, default_env),
+                              ("tuned", set(routes) - {"baseline"}, managed_env)):
+        config = {"admin": {"disabled": True}, "logging": {"logs": {"default": {"level": "ERROR"}}},
+                  "apps": {"http": {"servers": {k: v for k, v in servers.items() if k in chosen}}}}
+        (tmp / f"{name}.json").write_text(json.dumps(config))
+        caddies.append(await asyncio.create_subprocess_exec(
+            caddy_binary(), "run", "--config", str(tmp / f"{name}.json"), env=env,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL))
+    caddy, tuned = caddies
     async with httpx.AsyncClient() as c:
         for _ in range(100):
             try:
@@ -189,7 +202,7 @@ async def baseline_caddy(tmp: Path, front_links: links.FrontLinks | None) -> tup
                 except httpx.TransportError:
                     pass
                 await asyncio.sleep(0.05)
-    return [caddy, *parts], caddy_port, {name: ports[name] for name in PARTS if name in routes}
+    return [caddy, srv, tuned, *parts], caddy_port, {name: ports[name] for name in PARTS if name in routes}
 
 
 def cpu_seconds(pid: int) -> float:
@@ -349,12 +362,12 @@ async def main(duration: float, connections: int) -> dict[str, Any]:
         managed_caddy = app.https.caddy
         assert isinstance(managed_caddy, ManagedCaddy) and managed_caddy.pid is not None
         managed = managed_caddy.pid
-        serving = {name: procs[0].pid if name == "baseline" or name.startswith("caddy_") else managed
+        serving = {name: procs[0].pid if name == "baseline" else procs[2].pid if name.startswith("caddy_") else managed
                    for name in cases if name not in ("direct", "app_health") and not name.startswith("forward_auth")}
         # The CPU time of the server that answers each case (the baseline's on the host, or a VM's), per request.
         host_server = procs[1].pid
         server_cpu: dict[str, Callable[[], float]] = {
-            "baseline": lambda: cpu_seconds(host_server), "caddy_chain": lambda: cpu_seconds(host_server),
+            **{name: lambda: cpu_seconds(host_server) for name in ("baseline", "caddy_tuned", "caddy_chain")},
             **{name: functools.partial(vm_cpu_seconds, vm.id)
                for name, vm in (("public", pub), ("public_signed_in", pub), ("private", priv), ("direct", pub))}}
         for _ in range(ROUNDS):
@@ -439,6 +452,10 @@ def report(results: dict[str, Any], duration: float, connections: int) -> None:
     parts = [f"caddy_{p}" for p in PARTS if f"caddy_{p}" in results]
     for name in ("app_health", "forward_auth", "forward_auth_app_server", *parts):
         rows.append(row(f"{name}_rps", results[name]["rps"], "req/s", "baseline_caddy_rps", b["rps"]))
+    # like for like: the same plain proxy in a Caddy run with the managed Caddy's garbage-collector settings
+    tuned = results["caddy_tuned"]["rps"]
+    for name in ("public", "private"):
+        rows.append(row(f"{name}_rps_vs_tuned_caddy", results[name]["rps"], "req/s", "caddy_tuned_rps", tuned))
     for name in ("public", "private", "public_signed_in", "direct"):
         r = results[name]
         rows.append(row(f"{name}_p50_ms", r["p50_ms"], "ms", "baseline_p50_ms", b["p50_ms"]))
@@ -477,7 +494,8 @@ def report(results: dict[str, Any], duration: float, connections: int) -> None:
              "req/s per round: " + "; ".join(f"{k} {v['rounds_rps']}" for k, v in results.items()
                                              if isinstance(v, dict) and "rounds_rps" in v),
              "baseline = the same Caddy binary, plain reverse_proxy to the same small server on a host loopback "
-             "port; "
+             "port, Go's default runtime settings; caddy_tuned = the same in a Caddy started with the managed "
+             "Caddy's garbage-collector settings (GOGC, GOMEMLIMIT), the like-for-like baseline (*_vs_tuned_caddy); "
              + ("public = wrk -> Caddy (static config, looks the host up in its hosts file and dials the host's "
                 "routed address) -> veth link -> DNAT in the VM's namespace -> VM; private = a signed-in browser "
                 "(session and grant cookies): Caddy checks the grant's file and dials the VM port's routed address"
@@ -489,9 +507,9 @@ def report(results: dict[str, Any], duration: float, connections: int) -> None:
              "public_signed_in the same on a public VM (identity headers); private_no_grant = a client that keeps "
              "only the session cookie: forward-auth (lean listener, cached decision inputs) on every request; "
              "direct = the Python port bridge on a TCP port",
-             "caddy_chain/_forwarder/_chain_forwarder = the baseline's Caddy and server with the public path's "
+             "caddy_chain/_forwarder/_chain_forwarder = caddy_tuned's Caddy and server with the public path's "
              "parts added one at a time (the production public route's trust chain, the production C forwarder "
-             "on the host, both); caddy_routed = the baseline's Caddy over a routed link (veth, an address of its "
+             "on the host, both); caddy_routed = caddy_tuned's Caddy over a routed link (veth, an address of its "
              "own, DNAT) to the same server in a network namespace of its own with the VMs' firewall; what "
              "separates caddy_routed (or, with forwarders, caddy_chain_forwarder) from public is the VM and the "
              "public route's own work in Caddy (host match, trust-chain handlers, the name lookup, the routes "

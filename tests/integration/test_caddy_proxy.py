@@ -46,8 +46,8 @@ from ussycode.api.hostnames import parse_target
 from ussycode.auth.links import link_token_hash
 from ussycode.errors import RuntimeFailure
 from ussycode.proxy.bridge import BridgeManager
-from ussycode.proxy.caddy import CaddyAdmin
-from ussycode.proxy.manager import ExternalCaddy, ManagedCaddy
+from ussycode.proxy.caddy import CaddyAdmin, admin_transport
+from ussycode.proxy.manager import ExternalCaddy, ManagedCaddy, go_runtime_env, machine_memory
 from ussycode.proxy.routes import (
     CATCHALL_ID,
     Route,
@@ -646,4 +646,40 @@ async def test_a_caddy_left_by_a_killed_server_is_replaced() -> None:
             await second.stop()
     finally:
         await first.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+async def _go_gc_settings(caddy: ManagedCaddy) -> dict[str, float]:
+    """The garbage-collector settings the running Caddy reports on its admin ``/metrics``."""
+    base_url, transport = admin_transport(caddy.admin_address)
+    headers = {"Host": ""} if caddy.admin_address.startswith("unix/") else {}
+    async with httpx.AsyncClient(base_url=base_url, transport=transport, timeout=5, headers=headers) as c:
+        text = (await c.get("/metrics")).text
+    wanted = ("go_gc_gogc_percent", "go_gc_gomemlimit_bytes")
+    return {ln.split()[0]: float(ln.split()[1]) for ln in text.splitlines() if ln.split(" ")[0] in wanted}
+
+
+@pytest.mark.parametrize("operator", [{}, {"GOGC": "150", "GOMEMLIMIT": "300MiB"}])
+async def test_managed_caddy_runs_with_our_gc_settings_unless_the_operator_sets_them(
+        operator: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("GOGC", "GOMEMLIMIT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in operator.items():
+        monkeypatch.setenv(name, value)
+    base = Path(tempfile.mkdtemp(prefix="uc", dir="/tmp"))
+    caddy = ManagedCaddy(base / "caddy", build_config(ServerSettings(
+        domain=DOMAIN, https_addr=f"127.0.0.1:{free_port()}", tls=TlsMode.OFF)))
+    try:
+        await caddy.start()
+        seen = await _go_gc_settings(caddy)
+        expected = go_runtime_env(operator, machine_memory())
+        assert seen["go_gc_gogc_percent"] == float(expected["GOGC"])
+        assert seen["go_gc_gomemlimit_bytes"] == float(expected["GOMEMLIMIT"].removesuffix("MiB")) * 2**20
+        if not operator:
+            assert seen["go_gc_gogc_percent"] == 400
+            assert seen["go_gc_gomemlimit_bytes"] >= 256 * 2**20
+        else:
+            assert seen == {"go_gc_gogc_percent": 150, "go_gc_gomemlimit_bytes": 300 * 2**20}
+    finally:
+        await caddy.stop()
         shutil.rmtree(base, ignore_errors=True)

