@@ -47,7 +47,14 @@ from ussycode.auth.links import link_token_hash
 from ussycode.errors import RuntimeFailure
 from ussycode.proxy.bridge import BridgeManager
 from ussycode.proxy.caddy import CaddyAdmin, admin_transport
-from ussycode.proxy.manager import ExternalCaddy, ManagedCaddy, go_runtime_env, machine_memory
+from ussycode.proxy.manager import (
+    LOG_FIRST,
+    ExternalCaddy,
+    ManagedCaddy,
+    caddy_logging,
+    go_runtime_env,
+    machine_memory,
+)
 from ussycode.proxy.routes import (
     CATCHALL_ID,
     Route,
@@ -680,6 +687,35 @@ async def test_managed_caddy_runs_with_our_gc_settings_unless_the_operator_sets_
             assert seen["go_gc_gomemlimit_bytes"] >= 256 * 2**20
         else:
             assert seen == {"go_gc_gogc_percent": 150, "go_gc_gomemlimit_bytes": 300 * 2**20}
+    finally:
+        await caddy.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+async def test_a_message_visitors_cause_on_every_request_cannot_fill_caddys_log() -> None:
+    """An anonymous request to a private or unknown host fails its name lookup by design, and Caddy logs that; the
+    managed Caddy's log keeps each message at most LOG_FIRST times a second, in a file Caddy rolls."""
+    base = Path(tempfile.mkdtemp(prefix="uc", dir="/tmp"))
+    port, closed = free_port(), free_port()
+    config = {"apps": {"http": {"servers": {"s": {
+        "listen": [f"127.0.0.1:{port}"], "automatic_https": {"disable": True},
+        "routes": [{"handle": [{"handler": "reverse_proxy", "upstreams": [{"dial": f"127.0.0.1:{closed}"}],
+                                "dynamic_upstreams": {"source": "a", "name": "{http.request.host}", "port": "8080",
+                                                      "resolver": {"addresses": ["udp/127.0.0.1:1"]}}}]}],
+        "errors": {"routes": [{"handle": [{"handler": "static_response", "status_code": 502}]}]}}}}}}
+    caddy = ManagedCaddy(base / "caddy", config)
+    try:
+        admin = await caddy.start()
+        assert await admin.get_config("logging") == caddy_logging(caddy.log_path)
+        started = time.monotonic()
+        async with httpx.AsyncClient(timeout=5) as client:
+            for i in range(400):
+                r = await client.get(f"http://127.0.0.1:{port}/", headers={"Host": f"nosuch{i}.localhost"})
+                assert r.status_code == 502
+        seconds = time.monotonic() - started
+        await asyncio.sleep(0.2)
+        lines = [ln for ln in caddy.log_path.read_text().splitlines() if "failed getting dynamic upstreams" in ln]
+        assert 1 <= len(lines) <= LOG_FIRST * (int(seconds) + 2), (len(lines), seconds)
     finally:
         await caddy.stop()
         shutil.rmtree(base, ignore_errors=True)

@@ -50,6 +50,25 @@ CADDY_MEMORY_SHARE = 8  # GOMEMLIMIT: an eighth of the machine's memory
 CADDY_MEMORY_FLOOR = 256 * 2**20
 
 
+# Caddy's own log: a file Caddy rolls itself (at most LOG_ROLL_MB x (LOG_ROLL_KEEP + 1) on disk), where each message
+# is written at most LOG_FIRST times a second and then once in LOG_THEREAFTER: a message a visitor can cause on every
+# request (an anonymous request to a private or unknown host fails its name lookup, by design) cannot fill the disk.
+LOG_ROLL_MB = 10
+LOG_ROLL_KEEP = 5
+LOG_FIRST = 20
+LOG_THEREAFTER = 10_000
+
+
+def caddy_logging(path: Path) -> JSON:
+    """The managed Caddy's ``logging`` config (pure): INFO and up, JSON, rolled, sampled."""
+    return {"logs": {"default": {
+        "level": "INFO",
+        "encoder": {"format": "json"},
+        "writer": {"output": "file", "filename": str(path), "roll_size_mb": LOG_ROLL_MB, "roll_keep": LOG_ROLL_KEEP},
+        "sampling": {"interval": 1_000_000_000, "first": LOG_FIRST, "thereafter": LOG_THEREAFTER},
+    }}}
+
+
 def go_runtime_env(environ: dict[str, str], memory_bytes: int) -> dict[str, str]:
     """The Go runtime settings the managed Caddy starts with (pure): ours unless ``environ`` names its own."""
     limit = max(memory_bytes // CADDY_MEMORY_SHARE, CADDY_MEMORY_FLOOR)
@@ -85,8 +104,9 @@ def caddy_version(binary: str = "") -> tuple[str, tuple[int, ...]]:
 class ManagedCaddy:
     """A child ``caddy run`` owned by this server.
 
-    ``config`` comes from :func:`ussycode.proxy.routes.build_config`; its ``admin.listen`` and ``storage`` are
-    filled in here (unix socket and storage under ``base_dir``) unless already set.
+    ``config`` comes from :func:`ussycode.proxy.routes.build_config`; its ``admin.listen``, ``storage`` and
+    ``logging`` are filled in here (unix socket, storage and a rolled log under ``base_dir``) unless already set.
+    Caddy's standard error goes to the same log (what it says before its config is loaded).
     """
 
     def __init__(self, base_dir: Path, config: JSON, *, caddy_bin: str = "", ready_timeout: float = 15.0,
@@ -109,6 +129,7 @@ class ManagedCaddy:
         admin_cfg.setdefault("listen", f"unix/{self.admin_socket}")
         admin_cfg.setdefault("config", {"persist": False})
         self.config.setdefault("storage", {"module": "file_system", "root": str(self.storage_dir)})
+        self.config.setdefault("logging", caddy_logging(self.log_path))
         self.admin_address: str = admin_cfg["listen"]
         self._proc: asyncio.subprocess.Process | None = None
         self.admin: CaddyAdmin | None = None
