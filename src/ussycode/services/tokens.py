@@ -210,13 +210,13 @@ class TokenService:
     async def _refuse(self, source: str, reason: str, message: str, *, user_id: str | None = None,
                       target: str = "") -> Unauthenticated:
         """Count a refused credential against the caller's address and audit it, aggregated: the first refusal
-        of a (source, reason, address, target) in a :data:`REFUSAL_WINDOW` writes a row, later ones only count,
-        and the next row carries how many were folded (``repeated``). The token itself is never recorded."""
+        of a (source, reason, address, target) in a :data:`REFUSAL_WINDOW` writes a row and a log line, later ones
+        only count, and the next row and line carry how many were folded (``repeated``). The token itself is never
+        recorded."""
         client = _client.get("")
         if client:
             with contextlib.suppress(RateLimited):
                 self._failures.take(client)
-        log.info("refused %s token (%s) %s from %s", source, reason, target, client or "?")
         key = (source, reason, client, target)
         now = time.monotonic()
         window = self._refusals.get(key)
@@ -228,6 +228,8 @@ class TokenService:
                 self._refusals = {k: v for k, v in self._refusals.items() if now - v[0] < REFUSAL_WINDOW}
             self._refusals[key] = [now, 1]
             extra = {"repeated": repeated} if repeated else {}
+            log.info("refused %s token (%s) %s from %s%s", source, reason, target, client or "?",
+                     f" ({repeated} more since the last line)" if repeated else "")
             await self.store.write(lambda c: audit.record(c, actor_id=user_id, source=source, action="token.refused",
                                                           target=target, reason=reason, client=client[:64],
                                                           **extra))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -330,7 +331,8 @@ async def test_plain_curl_d_works_as_typed(server, api) -> None:
     assert "a+b%20c" in json.loads(out)["error"]  # no form decoding
 
 
-async def test_bad_token_flood_is_rate_limited_per_address_and_audited_once(server, api) -> None:
+async def test_bad_token_flood_is_rate_limited_per_address_and_audited_once(server, api, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="ussycode.services.tokens")
     key = await server.register("flood")
     token = (await api.create_token(key))["token"]
     codes = [(await api.exec("usy1.abcdefghijkl." + "A" * 43, "whoami")).status_code for _ in range(60)]
@@ -341,6 +343,9 @@ async def test_bad_token_flood_is_rate_limited_per_address_and_audited_once(serv
     assert (await api.exec(token, "whoami")).status_code == 429
     refused = [a for a in await api.audit("token.refused") if a["target"] == "abcdefghijkl"]
     assert len(refused) == 1, refused  # 20 refusals, one audit row (the window folds the rest)
+    lines = [r.getMessage() for r in caplog.records if r.name == "ussycode.services.tokens"
+             and "abcdefghijkl" in r.getMessage()]
+    assert len(lines) == 1 and "refused api token" in lines[0], lines  # and one log line
 
 
 async def test_token_cannot_outlive_the_token_that_creates_it(server, api) -> None:
