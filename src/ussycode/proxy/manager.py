@@ -43,8 +43,9 @@ MIN_CADDY_VERSION = (2, 11, 2)
 
 # Caddy's garbage collector. Go's default (GOGC=100) collects whenever the heap has doubled; proxying allocates
 # per request, so at 400 (a collection at five times the live heap) the managed Caddy spends ~15% less CPU per
-# proxied request (bench_proxy's ``baseline_tuned``) for ~15 MB more resident memory. GOMEMLIMIT bounds what that
-# lets the heap grow to: past it Go collects sooner. An operator's own GOGC or GOMEMLIMIT wins.
+# proxied request (bench_proxy's ``caddy_tuned`` against its baseline) for ~15 MB more resident memory.
+# GOMEMLIMIT bounds what that lets the heap grow to: past it Go collects sooner. An operator's own GOGC or
+# GOMEMLIMIT wins.
 CADDY_GOGC = "400"
 CADDY_MEMORY_SHARE = 8  # GOMEMLIMIT: an eighth of the machine's memory
 CADDY_MEMORY_FLOOR = 256 * 2**20
