@@ -43,7 +43,7 @@ from ussycode.proxy.bridge import Forwarder, pipe
 from ussycode.proxy.front import FrontSettings, build_public_route, routed_transport
 from ussycode.proxy.grants import GRANT_COOKIE
 from ussycode.proxy.hosts import PublicHosts
-from ussycode.proxy.manager import ManagedCaddy, caddy_binary, go_runtime_env, machine_memory
+from ussycode.proxy.manager import ManagedCaddy, caddy_binary, caddy_logging, go_runtime_env, machine_memory
 from ussycode.proxy.routes import ServerSettings
 from ussycode.runtime import netns
 from ussycode.telemetry import FORWARD_AUTH
@@ -98,7 +98,8 @@ async def direct_bridge(app: App, vm_id: str) -> tuple[asyncio.Server, int, list
 
 
 # The public path taken apart (diagnostic rows): the same Caddy binary and small server, adding one part at a time,
-# in a Caddy run as the managed one is (its garbage-collector settings); "tuned" is the baseline's route alone there.
+# in a Caddy run as the managed one is (its garbage-collector and log settings); "tuned" is the baseline's route
+# alone there.
 PARTS = ("tuned", "chain", "forwarder", "chain_forwarder", "routed")
 PART_HOST = "part.localhost"
 
@@ -136,13 +137,13 @@ class RoutedPart:
 
 async def baseline_caddy(tmp: Path, front_links: links.FrontLinks | None) -> tuple[list[Any], int, dict[str, int]]:
     """The same small server on a host loopback port, behind the same Caddy binary (a plain reverse_proxy, Go's
-    default runtime settings: any Caddy deployment), plus, in a second Caddy run with the managed Caddy's runtime
-    settings, the same plain proxy and servers that add the public path's parts one at a time: the trust chain
-    (the production public route's handlers, dialing the server's TCP port), a plain proxy through the production
-    forwarder (``systemd-socket-proxyd``, here in the host's namespace), and the production public route dialing
-    that forwarder as a public host's listener; with routed hosts, also a plain proxy over a routed link.
-    Returns the processes (the baseline's Caddy, the server, the second Caddy, then the rest), the baseline's
-    port and the parts' ports."""
+    default runtime settings and a plain log: any Caddy deployment), plus, in a second Caddy run with the managed
+    Caddy's runtime and log settings, the same plain proxy and servers that add the public path's parts one at a
+    time: the trust chain (the production public route's handlers, dialing the server's TCP port), a plain proxy
+    through the production forwarder (``systemd-socket-proxyd``, here in the host's namespace), and the production
+    public route dialing that forwarder as a public host's listener; with routed hosts, also a plain proxy over a
+    routed link. Returns the processes (the baseline's Caddy, the server, the second Caddy, then the rest), the
+    baseline's port and the parts' ports."""
     server_port, caddy_port = free_port(), free_port()
     script = tmp / "srv.py"
     script.write_text(VM_SERVER)
@@ -178,7 +179,8 @@ async def baseline_caddy(tmp: Path, front_links: links.FrontLinks | None) -> tup
     caddies = []
     for name, chosen, env in (("baseline", {"baseline"}, default_env),
                               ("tuned", set(routes) - {"baseline"}, managed_env)):
-        config = {"admin": {"disabled": True}, "logging": {"logs": {"default": {"level": "ERROR"}}},
+        logging = {"logs": {"default": {"level": "ERROR"}}} if name == "baseline" else caddy_logging(tmp / "tuned.log")
+        config = {"admin": {"disabled": True}, "logging": logging,
                   "apps": {"http": {"servers": {k: v for k, v in servers.items() if k in chosen}}}}
         (tmp / f"{name}.json").write_text(json.dumps(config))
         caddies.append(await asyncio.create_subprocess_exec(

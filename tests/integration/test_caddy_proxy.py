@@ -49,6 +49,7 @@ from ussycode.proxy.bridge import BridgeManager
 from ussycode.proxy.caddy import CaddyAdmin, admin_transport
 from ussycode.proxy.manager import (
     LOG_FIRST,
+    PROXY_LOGGER,
     ExternalCaddy,
     ManagedCaddy,
     caddy_logging,
@@ -692,9 +693,9 @@ async def test_managed_caddy_runs_with_our_gc_settings_unless_the_operator_sets_
         shutil.rmtree(base, ignore_errors=True)
 
 
-async def test_a_message_visitors_cause_on_every_request_cannot_fill_caddys_log() -> None:
-    """An anonymous request to a private or unknown host fails its name lookup by design, and Caddy logs that; the
-    managed Caddy's log keeps each message at most LOG_FIRST times a second, in a file Caddy rolls."""
+async def flood_unknown_hosts(debug_log: bool, requests: int = 400) -> tuple[list[str], float]:
+    """A managed Caddy whose proxy looks each request's host up (as the public route does), flooded with anonymous
+    requests to unknown hosts: (its log's lines, the flood's seconds)."""
     base = Path(tempfile.mkdtemp(prefix="uc", dir="/tmp"))
     port, closed = free_port(), free_port()
     config = {"apps": {"http": {"servers": {"s": {
@@ -703,19 +704,37 @@ async def test_a_message_visitors_cause_on_every_request_cannot_fill_caddys_log(
                                 "dynamic_upstreams": {"source": "a", "name": "{http.request.host}", "port": "8080",
                                                       "resolver": {"addresses": ["udp/127.0.0.1:1"]}}}]}],
         "errors": {"routes": [{"handle": [{"handler": "static_response", "status_code": 502}]}]}}}}}}
-    caddy = ManagedCaddy(base / "caddy", config)
+    caddy = ManagedCaddy(base / "caddy", config, debug_log=debug_log)
     try:
         admin = await caddy.start()
-        assert await admin.get_config("logging") == caddy_logging(caddy.log_path)
+        assert await admin.get_config("logging") == caddy_logging(caddy.log_path, debug_log)
         started = time.monotonic()
         async with httpx.AsyncClient(timeout=5) as client:
-            for i in range(400):
+            for i in range(requests):
                 r = await client.get(f"http://127.0.0.1:{port}/", headers={"Host": f"nosuch{i}.localhost"})
                 assert r.status_code == 502
         seconds = time.monotonic() - started
         await asyncio.sleep(0.2)
-        lines = [ln for ln in caddy.log_path.read_text().splitlines() if "failed getting dynamic upstreams" in ln]
-        assert 1 <= len(lines) <= LOG_FIRST * (int(seconds) + 2), (len(lines), seconds)
+        return caddy.log_path.read_text().splitlines(), seconds
     finally:
         await caddy.stop()
         shutil.rmtree(base, ignore_errors=True)
+
+
+async def test_a_message_visitors_cause_on_every_request_cannot_fill_caddys_log() -> None:
+    """An anonymous request to a private or unknown host fails its name lookup by design, and Caddy's proxy logs
+    that (with ``--log-level DEBUG``, when its lines are kept): the managed Caddy's log keeps each message at most
+    LOG_FIRST times a second, in a file Caddy rolls."""
+    lines, seconds = await flood_unknown_hosts(debug_log=True)
+    failed = [ln for ln in lines if "failed getting dynamic upstreams" in ln]
+    assert 1 <= len(failed) <= LOG_FIRST * (int(seconds) + 2), (len(failed), seconds)
+    roundtrips = [ln for ln in lines if '"msg":"upstream roundtrip"' in ln]
+    assert 1 <= len(roundtrips) <= LOG_FIRST * (int(seconds) + 2), (len(roundtrips), seconds)
+
+
+async def test_caddys_log_leaves_out_its_proxys_lines_unless_debugging() -> None:
+    """By default the proxy's logger is a no-op (its per-request cost is gone and it writes nothing), while Caddy's
+    own lines are still written."""
+    lines, _ = await flood_unknown_hosts(debug_log=False, requests=50)
+    assert not [ln for ln in lines if PROXY_LOGGER in ln], [ln for ln in lines if PROXY_LOGGER in ln][:3]
+    assert any('"msg":"serving initial configuration"' in ln for ln in lines), lines[:5]

@@ -257,7 +257,8 @@ class HttpsEntry:
             hosts.base.mkdir(parents=True, exist_ok=True)
             run_dir = Path(await asyncio.to_thread(os.path.realpath, s.run_dir))
             wrap = (lambda argv: links.caddy_argv(front_links.hosts_file, run_dir, argv)) if front_links else None
-            self.caddy = ManagedCaddy(s.caddy_dir, build_front_config(ss, front), cwd=hosts.base, wrap=wrap)
+            self.caddy = ManagedCaddy(s.caddy_dir, build_front_config(ss, front), cwd=hosts.base, wrap=wrap,
+                                      debug_log=s.log_level.upper() == "DEBUG")
         try:
             await self.caddy.start()
         except UssyError as exc:

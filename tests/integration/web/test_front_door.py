@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from ussycode.proxy.manager import ManagedCaddy
+from ussycode.proxy.manager import ManagedCaddy, caddy_logging
 from ussycode.telemetry import FORWARD_AUTH
 
 from .conftest import Web, browser_client, free_port
@@ -169,6 +169,20 @@ async def test_readme_exec_example_over_https_with_curl(server_factory: Callable
                              f"https://3000-api1.localhost:{port}/")
     assert rc == 0 and out == "502", (out, err)  # allowed; nothing listens on 3000 in a fresh VM
     assert caddy_reloads(caddy.base_dir) == 0  # two VMs created: Caddy's config never changed
+
+
+@pytest.mark.parametrize("level", ["INFO", "debug"])
+async def test_the_servers_log_level_decides_whether_caddy_logs_its_proxy(server_factory: Callable[..., Any],
+                                                                           level: str) -> None:
+    """The running managed Caddy leaves its proxy's lines out of its log unless the server logs at DEBUG."""
+    server = await server_factory(https_addr=f"127.0.0.1:{free_port()}", tls="internal", log_level=level)
+    https = server.app.https
+    assert https is not None and not https.error, https.error
+    caddy = https.caddy
+    assert isinstance(caddy, ManagedCaddy) and caddy.admin is not None
+    running = await caddy.admin.get_config("logging")
+    assert running == caddy_logging(caddy.log_path, debug=level == "debug")
+    assert ("exclude" in running["logs"]["default"]) is (level == "INFO")
 
 
 async def test_streams_survive_other_users_churn(web: Web, needs_vms: None) -> None:
