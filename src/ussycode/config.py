@@ -112,6 +112,9 @@ class RuntimeName(enum.StrEnum):
     FIRECRACKER = "firecracker"
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
 def parse_addr(addr: str) -> tuple[str, int]:
     """``":2222"`` → ``("0.0.0.0", 2222)``; ``"127.0.0.1:8080"`` → ``("127.0.0.1", 8080)``; ``[::1]:22`` too."""
     host, sep, port = addr.rpartition(":")
@@ -144,7 +147,7 @@ class Settings(BaseSettings):
     agent_run_seconds: int = Field(3600, ge=5, le=7 * 86400,
                                    description="How long an unattended agent run (new --prompt) may take before it "
                                                "is stopped and reported failed.")
-    log_level: str = Field("INFO", description="Log level: DEBUG, INFO, WARNING, ERROR.")
+    log_level: str = Field("INFO", description="Log level: DEBUG, INFO, WARNING, ERROR (any case).")
     log_format: LogFormat = Field(LogFormat.TEXT, description="Logs as text lines or one JSON object per line.")
     rate_per_minute: int = Field(120, description="Commands per minute per user (SSH one-shot and API).")
     rate_burst: int = Field(30, description="Burst size of the per-user command rate limit.")
@@ -189,6 +192,14 @@ class Settings(BaseSettings):
     def _valid_addr(cls, v: str) -> str:
         parse_addr(v)
         return v
+
+    @field_validator("log_level")
+    @classmethod
+    def _valid_log_level(cls, v: str) -> str:
+        level = v.strip().upper()
+        if level not in LOG_LEVELS:
+            raise ValueError(f"--log-level must be one of {', '.join(LOG_LEVELS)}")
+        return level
 
     @field_validator("routussy_url")
     @classmethod

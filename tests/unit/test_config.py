@@ -56,10 +56,17 @@ def test_settings_are_frozen() -> None:
 
 
 @pytest.mark.parametrize("bad", [{"ssh_addr": "nonsense"}, {"http_addr": "1.2.3.4:99999"}, {"domain": "a b"},
-                                 {"runtime": "docker"}, {"tls": "maybe"}, {"unknown_setting": "x"}])
+                                 {"runtime": "docker"}, {"tls": "maybe"}, {"unknown_setting": "x"},
+                                 {"log_level": "LOUD"}, {"log_level": ""}])
 def test_bad_settings_are_refused(bad: dict[str, str]) -> None:
     with pytest.raises(ValidationError):
         load_settings(**bad)
+
+
+def test_log_level_is_taken_in_any_case() -> None:
+    assert load_settings(log_level="debug").log_level == "DEBUG"
+    assert load_settings(log_level=" Warning ").log_level == "WARNING"
+    assert load_settings().log_level == "INFO"
 
 
 def test_missing_config_file(tmp_path: Path) -> None:

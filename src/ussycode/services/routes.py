@@ -258,7 +258,7 @@ class HttpsEntry:
             run_dir = Path(await asyncio.to_thread(os.path.realpath, s.run_dir))
             wrap = (lambda argv: links.caddy_argv(front_links.hosts_file, run_dir, argv)) if front_links else None
             self.caddy = ManagedCaddy(s.caddy_dir, build_front_config(ss, front), cwd=hosts.base, wrap=wrap,
-                                      debug_log=s.log_level.upper() == "DEBUG")
+                                      debug_log=s.log_level == "DEBUG")
         try:
             await self.caddy.start()
         except UssyError as exc:
