@@ -170,3 +170,53 @@ def test_free_text_flags_change_nothing_else() -> None:
     args = ["--name=x", "stray", "--prompt"]
     assert gather_text(args, ("--prompt",), ["--name", "--prompt"]) == args  # argparse reports both
     assert gather_text(["a", "b"], (), []) == ["a", "b"]
+
+
+def test_a_bare_command_parses_to_its_defaults_every_time() -> None:
+    """A command without words reuses its first parse: each caller still gets its own namespace, equal to what
+    argparse gives, and words after the name are parsed as always."""
+    load_all()
+    checked = set()
+    for cmd in REGISTRY.values():
+        try:
+            want = vars(cmd.parser.parse_args([]))
+        except UsageError:  # a command that needs words fails the same way every time
+            with pytest.raises(UsageError):
+                cmd.parse([])
+            with pytest.raises(UsageError):
+                cmd.parse([])
+            continue
+        first, second = cmd.parse([]), cmd.parse([])
+        assert vars(first) == vars(second) == want, cmd.name
+        assert first is not second
+        first.help = "changed by a handler"
+        assert cmd.parse([]).help is False
+        checked.add(cmd.name)
+    assert {"whoami", "ls", "help"} <= checked, checked
+    whoami = REGISTRY["whoami"]
+    assert whoami.parse([]).json is False and whoami.parse(["--json"]).json is True
+    assert whoami.parse([]).json is False
+    with pytest.raises(UsageError):
+        whoami.parse(["--nope"])
+
+
+def test_a_default_converted_at_each_parse_is_not_reused() -> None:
+    import argparse
+
+    from ussycode.commands.registry import Command, _Parser
+
+    calls = []
+
+    def stamp(text: str) -> str:
+        calls.append(text)
+        return f"{text}#{len(calls)}"
+
+    parser = _Parser(prog="t", add_help=False)
+    parser.add_argument("-h", "--help", action="store_true")
+    parser.add_argument("--when", type=stamp, default="now")
+
+    async def handler(ctx: object, a: argparse.Namespace) -> int:
+        return 0
+
+    cmd = Command("t", "test", handler, parser)
+    assert [cmd.parse([]).when for _ in range(3)] == ["now#1", "now#2", "now#3"]

@@ -37,9 +37,14 @@ def cookie_header(settings: Settings, name: str, value: str, max_age: int) -> st
 def client_address(request: Request) -> str:
     """The client's address: what Caddy saw when the request carries this start's proxy key (Caddy sets both
     headers and drops client-sent copies); the TCP peer otherwise, whatever X-Forwarded-For says."""
-    peer = request.client.host if request.client else ""
-    routes = services_of(request).routes
-    key = request.headers.get(PROXY_KEY_HEADER, "")
-    if routes is not None and key and hmac.compare_digest(key.encode(), routes.proxy_key.encode()):
-        return request.headers.get(CLIENT_ADDR_HEADER, "")[:64] or peer
+    return client_address_from(services_of(request), request.client.host if request.client else "",
+                               request.headers.get(PROXY_KEY_HEADER, ""), request.headers.get(CLIENT_ADDR_HEADER, ""))
+
+
+def client_address_from(services: Services, peer: str, proxy_key: str, forwarded: str) -> str:
+    """:func:`client_address` from the parts already read: the TCP peer, and the request's proxy key and
+    client-address headers ("" when absent)."""
+    routes = services.routes
+    if routes is not None and proxy_key and hmac.compare_digest(proxy_key.encode(), routes.proxy_key.encode()):
+        return forwarded[:64] or peer
     return peer

@@ -22,15 +22,16 @@ import math
 import time
 from typing import Any
 
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
-from ussycode.api.context import client_address
+from ussycode.api.context import client_address_from
 from ussycode.commands.context import CommandContext, Output
 from ussycode.commands.registry import dispatch, render_error, split_async
 from ussycode.errors import CommandNotPermitted, Forbidden, RateLimited, Unauthenticated, UsageError
+from ussycode.proxy.hygiene import CLIENT_ADDR_HEADER, PROXY_KEY_HEADER
 from ussycode.services.container import Services
 
 log = logging.getLogger(__name__)
@@ -52,14 +53,27 @@ def error_response(code: int, message: str, headers: dict[str, str] | None = Non
     return JSONResponse({"error": message, "code": code}, status_code=code, headers=headers)
 
 
-def bearer_of(request: Request) -> str:
+_AUTHORIZATION, _CONTENT_TYPE, _CONTENT_LENGTH = b"authorization", b"content-type", b"content-length"
+_PROXY_KEY, _CLIENT_ADDR = PROXY_KEY_HEADER.lower().encode(), CLIENT_ADDR_HEADER.lower().encode()
+_READ = frozenset({_AUTHORIZATION, _CONTENT_TYPE, _CONTENT_LENGTH, _PROXY_KEY, _CLIENT_ADDR})
+
+
+def read_headers(scope: Scope) -> dict[bytes, str]:
+    """The headers /exec reads, each at its first occurrence (as Starlette's ``Headers.get``), in one pass."""
+    found: dict[bytes, str] = {}
+    for name, value in scope["headers"]:
+        if name in _READ and name not in found:
+            found[name] = value.decode("latin-1")
+    return found
+
+
+def bearer_of(headers: dict[bytes, str]) -> str:
     """The Bearer credential, or "" when there is none (the token service refuses and audits that)."""
-    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+    scheme, _, value = headers.get(_AUTHORIZATION, "").partition(" ")
     return value.strip() if scheme.lower() == "bearer" else ""
 
 
-def _media_type(request: Request) -> tuple[str, dict[str, str]]:
-    raw = request.headers.get("content-type", "")
+def _media_type(raw: str) -> tuple[str, dict[str, str]]:
     parts = [p.strip() for p in raw.split(";")]
     params: dict[str, str] = {}
     for p in parts[1:]:
@@ -68,8 +82,8 @@ def _media_type(request: Request) -> tuple[str, dict[str, str]]:
     return parts[0].lower(), params
 
 
-def _content_kind(request: Request) -> str:
-    media, params = _media_type(request)
+def _content_kind(content_type: str) -> str:
+    media, params = _media_type(content_type)
     # `curl -d 'ls --json'` labels its body application/x-www-form-urlencoded but sends it as typed: it is taken
     # as the command line, verbatim (no form decoding, which would turn '+' into a space). /exec never reads
     # cookies, so a cross-site form cannot carry a credential here.
@@ -83,18 +97,21 @@ def _content_kind(request: Request) -> str:
                        "{\"command\": \"...\"} as application/json (curl: -H 'Content-Type: text/plain')")
 
 
-async def read_body(request: Request) -> bytes:
-    """The body, refusing more than :data:`MAX_BODY` bytes by header and by counting what actually arrives."""
-    length = request.headers.get("content-length")
+def _check_length(length: str | None) -> None:
     if length is not None:
         if not length.isdigit():
             raise _Reject(400, "invalid Content-Length")
         if int(length) > MAX_BODY:
             raise _Reject(413, f"body too large: at most {MAX_BODY} bytes")
+
+
+async def read_body(receive: Receive) -> bytes:
+    """The body, refusing more than :data:`MAX_BODY` bytes by counting what actually arrives (the declared
+    length is checked before: :func:`_check_length`)."""
     chunks: list[bytes] = []
     size = 0
     while True:  # the ASGI messages themselves (Starlette's stream() costs more than a small command line)
-        message = await request.receive()
+        message = await receive()
         if message["type"] == "http.disconnect":
             raise ClientDisconnect()
         chunk = message.get("body", b"")
@@ -135,35 +152,39 @@ class ExecEndpoint:
         self.timeout = timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        request = Request(scope, receive)
         try:
-            response = await self.handle(request)
+            response = await self.handle(scope, receive)
         except _Reject as rej:
             response = error_response(rej.code, rej.message, rej.headers)
         except ClientDisconnect:
             return  # the client went away while sending the body: nobody to answer
         await response(scope, receive, send)
 
-    async def handle(self, request: Request) -> Response:
-        if request.method != "POST":
+    async def handle(self, scope: Scope, receive: Receive) -> Response:
+        # Read from the ASGI scope in one pass rather than through a Request: every step here is paid per command.
+        if scope["method"] != "POST":
             raise _Reject(405, "use POST /exec", {"Allow": "POST"})
-        services: Services = request.app.state.services
+        services: Services = scope["app"].state.services
         if services.tokens is None:
             raise _Reject(503, "API tokens are not available on this server")
-        length = request.headers.get("content-length")
+        headers = read_headers(scope)
+        length = headers.get(_CONTENT_LENGTH)
         if length is not None and length.isdigit() and int(length) > MAX_BODY:
             raise _Reject(413, f"body too large: at most {MAX_BODY} bytes")
-        bearer = bearer_of(request)
+        peer = scope.get("client")
+        client = client_address_from(services, peer[0] if peer else "", headers.get(_PROXY_KEY, ""),
+                                     headers.get(_CLIENT_ADDR, ""))
         try:
-            actor = await services.tokens.authenticate(bearer, source="api", client=client_address(request))
+            actor = await services.tokens.authenticate(bearer_of(headers), source="api", client=client)
         except Unauthenticated as exc:
             raise _Reject(401, exc.user_message, {"WWW-Authenticate": 'Bearer realm="ussycode"'}) from None
         except RateLimited as exc:  # too many refused tokens from this address
             raise _Reject(429, exc.user_message, {"Retry-After": str(math.ceil(exc.retry_after))}) from None
         except Forbidden as exc:  # a suspended account
             raise _Reject(403, exc.user_message) from None
-        kind = _content_kind(request)
-        line = command_line(kind, await read_body(request))
+        kind = _content_kind(headers.get(_CONTENT_TYPE, ""))
+        _check_length(length)
+        line = command_line(kind, await read_body(receive))
         try:
             argv = await split_async(line)
         except UsageError as exc:

@@ -59,6 +59,7 @@ class Command:
     admin_only: bool = False
     aliases: tuple[str, ...] = ()
     text_flags: tuple[str, ...] = ()
+    _bare: argparse.Namespace | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
     @property
     def usage(self) -> str:
@@ -70,10 +71,23 @@ class Command:
         return frozenset(option_strings(self.parser))
 
     def parse(self, args: list[str]) -> argparse.Namespace:
-        """The command's arguments (the words after its name), free-text flags gathered first."""
+        """The command's arguments (the words after its name), free-text flags gathered first.
+
+        A bare command (no words) always parses to the same defaults, so that first result is copied afterwards
+        (argparse hands out its default objects themselves on every parse too); not when a default is a string
+        argparse converts at each parse."""
+        if not args and self._bare is not None:
+            return argparse.Namespace(**vars(self._bare))
         if self.text_flags:
             args = gather_text(args, self.text_flags, self.options)
-        return self.parser.parse_args(args)
+        ns = self.parser.parse_args(args)
+        if not args and self._fixed_defaults:
+            self._bare = argparse.Namespace(**vars(ns))
+        return ns
+
+    @functools.cached_property
+    def _fixed_defaults(self) -> bool:
+        return not any(isinstance(a.default, str) and a.type is not None for a in self.parser._actions)
 
 
 REGISTRY: dict[str, Command] = {}

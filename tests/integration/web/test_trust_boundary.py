@@ -22,6 +22,8 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
+from ussycode.store import audit
+
 from .conftest import Web, browser_client, free_port
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.slow]
@@ -380,3 +382,33 @@ async def test_client_address_comes_from_caddy_only(web: Web, needs_vms: None) -
         r = await c.get(web.url("localhost", "/__ussycode/login?token=bad-token-through-caddy-xxxxxxxx"),
                         headers={"X-Forwarded-For": "203.0.113.200", "X-Ussy-Client-Addr": "198.51.100.200"})
         assert r.status_code == 429  # 127.0.0.1 is the same client, already over its limit
+
+
+async def test_exec_audits_the_address_caddy_saw_and_trusts_only_its_key(web: Web) -> None:
+    """/exec reads the client's address as every endpoint does: through Caddy a forged client-address header
+    is replaced by Caddy's; on the app port it counts only with this start's proxy key."""
+    services = web.server.app.services
+    routes = services.routes
+    assert routes is not None
+
+    tried = 0
+
+    async def refused_from(url: str, headers: dict[str, str]) -> str:
+        nonlocal tried
+        tried += 1  # a new token id each time: refusals of one id are audited once a minute
+        async with browser_client() as c:
+            r = await c.post(url, content="whoami", headers={"Authorization": f"Bearer usy1.nosuchtok{tried:03d}."
+                                                             + "A" * 43, "Content-Type": "text/plain", **headers})
+        assert r.status_code == 401, r.text
+        rows = await services.store.read(lambda c: audit.recent(c, 1, "token.refused"))
+        client: str = rows[0]["detail"]["client"]
+        return client
+
+    forged = {"X-Forwarded-For": "203.0.113.9", "X-Ussy-Client-Addr": "198.51.100.9"}
+    assert await refused_from(web.url("localhost", "/exec"), forged) == "127.0.0.1"
+    app = f"http://127.0.0.1:{web.server.app.http_port}/exec"
+    assert await refused_from(app, {**forged, "X-Ussy-Proxy-Key": "guess"}) == "127.0.0.1"
+    # the first copy of a header counts, as everywhere in Starlette: a second, right key does not
+    assert await refused_from(app, {**forged, "X-Ussy-Proxy-Key": "guess",
+                                    "x-ussy-proxy-key": routes.proxy_key}) == "127.0.0.1"
+    assert await refused_from(app, {**forged, "X-Ussy-Proxy-Key": routes.proxy_key}) == "198.51.100.9"
