@@ -315,7 +315,8 @@ async def test_forward_auth_allow_deny_and_header_stripping() -> None:
         # Bearer: bad -> 401 JSON, good -> allowed
         r = await client.get(st.url("/"),
                              headers={"Host": st.host("web.localhost"), "Authorization": "Bearer usy1.nope"})
-        assert r.status_code == 401 and r.json() == {"error": "invalid or expired token", "code": 401}
+        assert r.status_code == 401 and r.json() == {"error": "invalid or expired token", "code": 401,
+                                                  "reason": "bearer_invalid"}
         r = await client.get(
             st.url("/"), headers={"Host": st.host("web.localhost"), "Authorization": "Bearer usy1.good-token"}
         )

@@ -77,7 +77,7 @@ async def forward_auth(request: Request) -> Response:
     try:
         target = parse_target(areq.host, settings.domain)
     except HostError:
-        return JSONResponse({"error": "bad host", "code": 400}, 400)
+        return JSONResponse({"error": "bad host", "code": 400, "reason": "bad_host"}, 400)
     session_secret = areq.cookies.get(cookie_name(settings))
     # Only the share links this request presents are read (cookies and the URL), by the hashes of their tokens.
     presented = tuple({link_token_hash(v) for k, v in areq.cookies.items() if k.startswith(SHARE_COOKIE_PREFIX)}
@@ -109,7 +109,7 @@ async def forward_auth(request: Request) -> Response:
     try:
         bearer = await _bearer(services, areq.bearer_token, record.name, client_address(request)) if record else None
     except RateLimited as exc:
-        return JSONResponse({"error": exc.user_message, "code": 429}, 429,
+        return JSONResponse({"error": exc.user_message, "code": 429, "reason": "rate_limited"}, 429,
                             headers={"Retry-After": str(int(exc.retry_after) + 1), "Cache-Control": "no-store"})
     decision = decide(areq, domain=settings.domain, vm=vm, shares=shares_view or ShareView(), session=identity,
                       bearer=bearer, now=now, login_url=settings.public_url(settings.domain) + LOGIN_PATH)

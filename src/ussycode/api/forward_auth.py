@@ -206,7 +206,7 @@ def _wants_html(request: AuthRequest) -> bool:
 
 
 def _json_error(status: int, outcome: Outcome, reason: str, message: str, **extra: str) -> Decision:
-    body = json.dumps({"error": message, "code": status, **extra})
+    body = json.dumps({"error": message, "code": status, "reason": reason, **extra})
     return Decision(outcome, status, reason, body=body, content_type="application/json")
 
 

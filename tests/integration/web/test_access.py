@@ -170,7 +170,8 @@ async def test_stopped_unknown_and_removed_vms(web: Web, needs_vms: None) -> Non
         r = await c.get(web.url("nosuchvm.localhost"), headers=HTML)
         assert r.status_code == 404 and "No such VM" in r.text
         r = await c.get(web.url("nosuchvm.localhost"))
-        assert r.status_code == 404 and r.json()["code"] == 404
+        assert r.status_code == 404 and r.json() == {"error": "Nothing is served at this address.", "code": 404,
+                                                     "reason": "unknown_vm"}, r.text
         assert (await web.cmd(alice, "share", "add-link", "box")).exit_status == 0
         assert (await web.cmd(alice, "rm", "box", "--yes")).exit_status == 0
         r = await c.get(web.url("box.localhost"))

@@ -412,3 +412,27 @@ async def test_exec_audits_the_address_caddy_saw_and_trusts_only_its_key(web: We
     assert await refused_from(app, {**forged, "X-Ussy-Proxy-Key": "guess",
                                     "x-ussy-proxy-key": routes.proxy_key}) == "127.0.0.1"
     assert await refused_from(app, {**forged, "X-Ussy-Proxy-Key": routes.proxy_key}) == "198.51.100.9"
+
+
+async def test_bad_tokens_on_a_vm_url_are_limited_per_address(web: Web, needs_vms: None) -> None:
+    """A VM URL answers a bad Bearer token 401 with its reason, and a flood of them from one address 429 with
+    Retry-After (20 at once, as on /exec), before any token is checked; another address is not affected."""
+    alice = await web.server.register("alice")
+    await web.new_vm(alice, "vault")
+    answers = []
+    async with browser_client() as c:
+        for i in range(24):
+            r = await c.get(web.url("vault.localhost"), headers={"Authorization": f"Bearer usy1.nosuchtok{i:03d}."
+                                                                 + "A" * 43, "Accept": "application/json"})
+            answers.append((r.status_code, r.json()["reason"], r.headers.get("retry-after")))
+    assert answers[0] == (401, "bearer_invalid", None), answers
+    assert answers[-1][:2] == (429, "rate_limited") and int(answers[-1][2] or 0) >= 1, answers
+    assert [a[0] for a in answers].count(401) == 20, answers
+    # the app port, directly, is another client only with Caddy's key: a forged address changes nothing
+    routes = web.server.app.services.routes
+    assert routes is not None
+    async with httpx.AsyncClient() as raw:
+        r = await raw.get(f"http://127.0.0.1:{web.server.app.http_port}/__ussycode/forward-auth?k={routes.auth_key}",
+                          headers={"X-Forwarded-Host": "vault.localhost", "X-Ussy-Client-Addr": "198.51.100.1",
+                                   "Authorization": "Bearer usy1.nosuchtok999." + "A" * 43})
+    assert r.status_code == 429, r.text

@@ -390,7 +390,7 @@ def test_bearer(kind: str, session: str) -> None:
         assert d.outcome is Outcome.ALLOW and d.access is Access.BEARER
     elif kind in ("bad", "unchecked"):
         assert d.status == 401 and d.content_type == "application/json"
-        assert json.loads(d.body) == {"error": "invalid or expired token", "code": 401}
+        assert json.loads(d.body) == {"error": "invalid or expired token", "code": 401, "reason": "bearer_invalid"}
     else:
         assert d.status == 403 and d.content_type == "application/json"
 
