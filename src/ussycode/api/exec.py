@@ -97,17 +97,9 @@ def _content_kind(content_type: str) -> str:
                        "{\"command\": \"...\"} as application/json (curl: -H 'Content-Type: text/plain')")
 
 
-def _check_length(length: str | None) -> None:
-    if length is not None:
-        if not length.isdigit():
-            raise _Reject(400, "invalid Content-Length")
-        if int(length) > MAX_BODY:
-            raise _Reject(413, f"body too large: at most {MAX_BODY} bytes")
-
-
 async def read_body(receive: Receive) -> bytes:
     """The body, refusing more than :data:`MAX_BODY` bytes by counting what actually arrives (the declared
-    length is checked before: :func:`_check_length`)."""
+    length is checked before it is read)."""
     chunks: list[bytes] = []
     size = 0
     while True:  # the ASGI messages themselves (Starlette's stream() costs more than a small command line)
@@ -183,7 +175,8 @@ class ExecEndpoint:
         except Forbidden as exc:  # a suspended account
             raise _Reject(403, exc.user_message) from None
         kind = _content_kind(headers.get(_CONTENT_TYPE, ""))
-        _check_length(length)
+        if length is not None and not length.isdigit():  # a digit string over the limit was refused above
+            raise _Reject(400, "invalid Content-Length")
         line = command_line(kind, await read_body(receive))
         try:
             argv = await split_async(line)
