@@ -19,7 +19,7 @@ from urllib.parse import parse_qsl
 
 import sqlalchemy as sa
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import PlainTextResponse, Response
 
 from ussycode import telemetry
 from ussycode.api.context import client_address, cookie_header, services_of, web_parts
@@ -36,7 +36,7 @@ from ussycode.api.forward_auth import (
     decide,
 )
 from ussycode.api.hostnames import HostError, parse_target
-from ussycode.api.pages import forwarder_failed_page, suspended_page, vm_state_page
+from ussycode.api.pages import error_json, forwarder_failed_page, suspended_page, vm_state_page
 from ussycode.config import TlsMode
 from ussycode.errors import RateLimited, UssyError
 from ussycode.proxy.front import UPSTREAM_HEADER
@@ -77,7 +77,7 @@ async def forward_auth(request: Request) -> Response:
     try:
         target = parse_target(areq.host, settings.domain)
     except HostError:
-        return JSONResponse({"error": "bad host", "code": 400, "reason": "bad_host"}, 400)
+        return Response(error_json(400, "bad_host", "bad host"), 400, media_type="application/json")
     session_secret = areq.cookies.get(cookie_name(settings))
     # Only the share links this request presents are read (cookies and the URL), by the hashes of their tokens.
     presented = tuple({link_token_hash(v) for k, v in areq.cookies.items() if k.startswith(SHARE_COOKIE_PREFIX)}
@@ -109,8 +109,8 @@ async def forward_auth(request: Request) -> Response:
     try:
         bearer = await _bearer(services, areq.bearer_token, record.name, client_address(request)) if record else None
     except RateLimited as exc:
-        return JSONResponse({"error": exc.user_message, "code": 429, "reason": "rate_limited"}, 429,
-                            headers={"Retry-After": str(int(exc.retry_after) + 1), "Cache-Control": "no-store"})
+        return Response(error_json(429, "rate_limited", exc.user_message), 429, media_type="application/json",
+                        headers={"Retry-After": str(int(exc.retry_after) + 1), "Cache-Control": "no-store"})
     decision = decide(areq, domain=settings.domain, vm=vm, shares=shares_view or ShareView(), session=identity,
                       bearer=bearer, now=now, login_url=settings.public_url(settings.domain) + LOGIN_PATH)
     telemetry.FORWARD_AUTH.labels(decision.outcome.value).inc()

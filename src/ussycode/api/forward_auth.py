@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import enum
 import hmac
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from html import escape
 from urllib.parse import parse_qsl, quote, urlencode
 
 from ussycode.api.hostnames import DEFAULT_PORT, HostError, parse_target, split_host_port
+from ussycode.api.pages import error_json
 from ussycode.auth.links import link_token_hash
 
 SHARE_PARAM = "ussy_share"
@@ -206,8 +206,8 @@ def _wants_html(request: AuthRequest) -> bool:
 
 
 def _json_error(status: int, outcome: Outcome, reason: str, message: str, **extra: str) -> Decision:
-    body = json.dumps({"error": message, "code": status, "reason": reason, **extra})
-    return Decision(outcome, status, reason, body=body, content_type="application/json")
+    return Decision(outcome, status, reason, body=error_json(status, reason, message, **extra),
+                    content_type="application/json")
 
 
 def _page(status: int, outcome: Outcome, reason: str, title: str, message: str) -> Decision:

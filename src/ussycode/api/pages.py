@@ -33,14 +33,19 @@ def wants_html(accept: str, method: str) -> bool:
     return method in ("GET", "HEAD") and "text/html" in accept.lower()
 
 
+def error_json(status: int, reason: str, message: str, **extra: str) -> str:
+    """The JSON body of every error the front door answers an API client: ``{"error", "code", "reason"}``
+    (and ``extra``, such as the sign-in URL)."""
+    return json.dumps({"error": message, "code": status, "reason": reason, **extra})
+
+
 def _render(html: bool, status: int, reason: str, title: str, message_html: str, message_text: str,
             headers: tuple[tuple[str, str], ...] = ()) -> Page:
     if html:
         body = (f"<!doctype html><html><head><meta charset=utf-8><title>{escape(title)}</title></head>"
                 f"<body><h1>{escape(title)}</h1><p>{message_html}</p></body></html>\n")
         return Page(status, reason, body, "text/html; charset=utf-8", headers)
-    body = json.dumps({"error": message_text, "code": status, "reason": reason})
-    return Page(status, reason, body, "application/json", headers)
+    return Page(status, reason, error_json(status, reason, message_text), "application/json", headers)
 
 
 def vm_state_page(vm_name: str, status: VmStatus, *, accept: str = "", method: str = "GET") -> Page | None:
